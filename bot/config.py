@@ -1,0 +1,84 @@
+"""config.toml, read once at the entry point into frozen dataclasses that flow down explicitly.
+
+The dataclass defaults are the shipped config.toml's values (a test keeps them equal). Secrets never live here:
+tokens and passwords come from the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.errors import StylebotError
+
+ENV_CONFIG = "STYLEBOT_CONFIG"
+
+
+class ConfigError(StylebotError, ValueError):
+    """config.toml is unreadable or names an option that does not exist."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "auto"                # auto | cpu | cuda
+    model: str = "auto"                 # auto (ffhq-1024 on a GPU, ffhq-256 on a CPU, if downloaded; else tiny) | name
+
+
+@dataclass(frozen=True)
+class WeightsConfig:
+    dir: str = "~/.cache/stylebot/weights"  # where downloaded and imported weights live
+    download_timeout: float = 15.0      # seconds to wait for a server before giving up
+
+
+@dataclass(frozen=True)
+class Config:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    source: str = "defaults"            # the file this came from (not an option)
+
+
+SECTIONS = {"engine": EngineConfig, "weights": WeightsConfig}
+
+
+def find_config(explicit: str | Path | None = None) -> Path | None:
+    """--config, else $STYLEBOT_CONFIG, else ./config.toml, else None (built-in defaults)."""
+    for candidate in (explicit, os.environ.get(ENV_CONFIG)):
+        if candidate:
+            p = Path(candidate).expanduser()
+            if not p.is_file():
+                raise ConfigError(f"config file {p} does not exist")
+            return p
+    local = Path("config.toml")
+    return local if local.is_file() else None
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    p = find_config(path)
+    if p is None:
+        return Config()
+    try:
+        with p.open("rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{p}: {e}") from None
+    sections = {name: _section(p, name, cls, data.pop(name, {})) for name, cls in SECTIONS.items()}
+    if data:
+        raise ConfigError(f"{p}: unknown section(s) {sorted(data)}")
+    return Config(**sections, source=str(p))
+
+
+def _section(path: Path, name: str, cls: type, values: dict):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown option(s) in [{name}]: {sorted(unknown)}")
+    for key, value in values.items():
+        expected = type(known[key].default)
+        if expected is float and isinstance(value, int):
+            values[key] = float(value)
+        elif not isinstance(value, expected):
+            raise ConfigError(f"{path}: [{name}] {key} must be {expected.__name__}, got {value!r}")
+    return cls(**values)

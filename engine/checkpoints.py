@@ -1,0 +1,221 @@
+"""One loader for every generator file people have: official StyleGAN2-ADA `.pkl`, rosinality `.pt`, our `.safetensors`.
+
+`load_generator(path)` sniffs the format from the file's first bytes (not its name), rebuilds the architecture
+from what the file says about itself, and loads the weights into our `Generator` with `strict=True`. Every
+failure is a `CheckpointError` whose one-line message names the file and what was wrong with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import re
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from engine import safe_pickle
+from engine.errors import StylebotError
+from engine.ops import fir_filter
+from engine.stylegan2 import Generator, StyleGAN2Config
+
+FORMATS = ("pkl", "rosinality", "safetensors")
+SAFETENSORS_FORMAT = "stylebot-generator-v1"
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."  # legacy (pre-zip) torch.save magic number
+
+
+class CheckpointError(StylebotError, ValueError):
+    """A weights file that cannot be loaded; the message names the file and the reason."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+def sniff_format(path: str | Path) -> str:
+    """'pkl' (network pickle), 'rosinality' (torch.save of a dict), or 'safetensors', from the first bytes."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
+    if len(head) < 2:
+        raise CheckpointError(path, f"file is empty or truncated ({len(head)} bytes)")
+    if head.startswith(b"PK\x03\x04") or head.startswith(_LEGACY_TORCH_MAGIC):
+        return "rosinality"
+    if head[:1] == b"\x80":
+        return "pkl"
+    if len(head) < 9:
+        raise CheckpointError(path, f"file is empty or truncated ({len(head)} bytes)")
+    header_len = struct.unpack("<Q", head[:8])[0]
+    if head[8:9] == b"{" and 0 < header_len < path.stat().st_size:
+        return "safetensors"
+    raise CheckpointError(path, "not a StyleGAN2 network pickle, a PyTorch checkpoint or a safetensors file")
+
+
+def load_generator(path: str | Path, *, model_id: str | None = None, device: str | torch.device = "cpu") -> Generator:
+    """Load any supported generator file into an eval-mode `Generator` with frozen weights."""
+    path = Path(path)
+    fmt = sniff_format(path)
+    reader = {"pkl": _read_pkl, "rosinality": _read_rosinality, "safetensors": _read_safetensors}[fmt]
+    cfg, state, stored_id = reader(path)
+    G = Generator(cfg, model_id=model_id or stored_id or path.stem)
+    try:
+        G.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(path, f"weights do not fit the architecture it declares: {_first_line(e)}") from None
+    return G.eval().requires_grad_(False).to(device)
+
+
+def save_safetensors(G: Generator, path: str | Path) -> None:
+    """Write our own format: the state dict under our names, the architecture and model id in the metadata."""
+    meta = {"format": SAFETENSORS_FORMAT, "family": G.cfg.family, "config": json.dumps(G.cfg.to_dict()),
+            "model_id": G.model_id}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in G.state_dict().items()}
+    save_file(state, str(path), metadata=meta)
+
+
+# -- official StyleGAN2-ADA network pickle ------------------------------------------------------------------------
+
+def _read_pkl(path: Path):
+    try:
+        with path.open("rb") as f:
+            data = safe_pickle.load(f)
+    except safe_pickle.UnsafePickleError as e:
+        raise CheckpointError(path, f"unsafe pickle, nothing was run: {e}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(path, f"corrupt or truncated network pickle ({type(e).__name__}: {_first_line(e)})") from None
+    if isinstance(data, tuple) and any(isinstance(x, safe_pickle.TensorFlowNetwork) for x in data):
+        raise CheckpointError(path, "a TensorFlow-era StyleGAN2 pickle; use the StyleGAN2-ADA PyTorch release "
+                                    "(stylebot weights list) or convert it with NVIDIA's legacy.py first")
+    if not isinstance(data, dict) or not isinstance(data.get("G_ema"), safe_pickle.PersistentObject):
+        raise CheckpointError(path, "a pickle, but not a StyleGAN2-ADA network pickle (no 'G_ema' network in it)")
+    G_ema = data["G_ema"]
+    return _config_from_init_kwargs(path, G_ema.init_kwargs), G_ema.state_dict(), None
+
+
+def _config_from_init_kwargs(path: Path, kw: dict) -> StyleGAN2Config:
+    mapping = dict(kw.get("mapping_kwargs") or {})
+    synthesis = dict(kw.get("synthesis_kwargs") or {})
+    arch = synthesis.get("architecture", "skip")
+    if arch != "skip":
+        raise CheckpointError(path, f"synthesis architecture {arch!r} is not supported (only 'skip', config F)")
+    try:
+        return StyleGAN2Config(
+            z_dim=int(kw["z_dim"]), c_dim=int(kw.get("c_dim", 0)), w_dim=int(kw["w_dim"]),
+            img_resolution=int(kw["img_resolution"]), img_channels=int(kw.get("img_channels", 3)),
+            mapping_layers=int(mapping.get("num_layers", 8)),
+            mapping_lr_multiplier=float(mapping.get("lr_multiplier", 0.01)),
+            channel_base=int(synthesis.get("channel_base", 32768)), channel_max=int(synthesis.get("channel_max", 512)),
+            conv_clamp=synthesis.get("conv_clamp"),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(path, f"G_ema does not describe a StyleGAN2 generator ({e})") from None
+
+
+# -- rosinality stylegan2-pytorch checkpoint ----------------------------------------------------------------------
+
+def _read_rosinality(path: Path):
+    try:
+        # rosinality's training checkpoints also hold its argparse options: plain attributes, harmless to rebuild.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(path, f"refused by torch.load(weights_only=True): {_first_line(e)}") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(path, f"corrupt or truncated PyTorch checkpoint ({_first_line(e)})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("g_ema"), dict):
+        keys = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(path, f"a PyTorch checkpoint without a 'g_ema' state dict (found {keys}); "
+                                    "expected a rosinality stylegan2-pytorch checkpoint")
+    src = ckpt["g_ema"]
+    try:
+        cfg, state = _rosinality_to_ours(src)
+    except KeyError as e:
+        raise CheckpointError(path, f"rosinality checkpoint is missing {e.args[0]!r}") from None
+    except ValueError as e:
+        raise CheckpointError(path, str(e)) from None
+    latent_avg = ckpt.get("latent_avg")
+    state["mapping.w_avg"] = latent_avg.reshape(-1).float() if latent_avg is not None else torch.zeros([cfg.w_dim])
+    return cfg, state, None
+
+
+def _rosinality_to_ours(src: dict[str, torch.Tensor]) -> tuple[StyleGAN2Config, dict[str, torch.Tensor]]:
+    """Map rosinality's names (style.N, conv1, convs.N, to_rgb1, to_rgbs.N, noises.noise_N) onto the official ones."""
+    n_mlp = len([k for k in src if re.fullmatch(r"style\.\d+\.weight", k)])
+    n_up = len({k.split(".")[1] for k in src if k.startswith("to_rgbs.")})
+    w_dim = src["style.1.weight"].shape[0]
+    resolution = 4 * 2 ** n_up
+    state: dict[str, torch.Tensor] = {}
+    for i in range(n_mlp):
+        state[f"mapping.fc{i}.weight"] = src[f"style.{i + 1}.weight"]
+        state[f"mapping.fc{i}.bias"] = src[f"style.{i + 1}.bias"]
+    state["synthesis.b4.const"] = src["input.input"][0]
+
+    def styled_conv(dst: str, name: str, noise: str) -> None:
+        state[f"{dst}.weight"] = src[f"{name}.conv.weight"][0]
+        state[f"{dst}.affine.weight"] = src[f"{name}.conv.modulation.weight"]
+        state[f"{dst}.affine.bias"] = src[f"{name}.conv.modulation.bias"]
+        state[f"{dst}.noise_strength"] = src[f"{name}.noise.weight"].reshape([])
+        state[f"{dst}.bias"] = src[f"{name}.activate.bias"]
+        state[f"{dst}.noise_const"] = src[f"noises.{noise}"][0, 0]
+
+    def to_rgb(dst: str, name: str) -> None:
+        state[f"{dst}.weight"] = src[f"{name}.conv.weight"][0]
+        state[f"{dst}.affine.weight"] = src[f"{name}.conv.modulation.weight"]
+        state[f"{dst}.affine.bias"] = src[f"{name}.conv.modulation.bias"]
+        state[f"{dst}.bias"] = src[f"{name}.bias"].reshape(-1)
+
+    styled_conv("synthesis.b4.conv1", "conv1", "noise_0")
+    to_rgb("synthesis.b4.torgb", "to_rgb1")
+    for i in range(n_up):
+        res = 8 * 2 ** i
+        styled_conv(f"synthesis.b{res}.conv0", f"convs.{2 * i}", f"noise_{2 * i + 1}")
+        styled_conv(f"synthesis.b{res}.conv1", f"convs.{2 * i + 1}", f"noise_{2 * i + 2}")
+        to_rgb(f"synthesis.b{res}.torgb", f"to_rgbs.{i}")
+
+    # Channels per resolution; ours follow min(channel_base // res, channel_max), as rosinality's table does.
+    channels = {4: state["synthesis.b4.conv1.weight"].shape[0]}
+    channels.update({8 * 2 ** i: state[f"synthesis.b{8 * 2 ** i}.conv1.weight"].shape[0] for i in range(n_up)})
+    channel_max = max(channels.values())
+    channel_base = channels[resolution] * resolution
+    cfg = StyleGAN2Config(z_dim=src["style.1.weight"].shape[1], w_dim=w_dim, img_resolution=resolution,
+                          mapping_layers=n_mlp, channel_base=channel_base, channel_max=channel_max, conv_clamp=None,
+                          img_channels=state["synthesis.b4.torgb.weight"].shape[0])
+    if any(cfg.channels(r) != c for r, c in channels.items()):
+        raise ValueError(f"channel layout {channels} is not min(base // res, max) for any base and max")
+    for res in cfg.block_resolutions:  # the blocks' FIR filters are fixed, not learned
+        for name in ([f"b{res}"] + [f"b{res}.conv{j}" for j in (0, 1) if res > 4 or j == 1]):
+            state[f"synthesis.{name}.resample_filter"] = fir_filter()
+    return cfg, state
+
+
+# -- our safetensors ----------------------------------------------------------------------------------------------
+
+def _read_safetensors(path: Path):
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(path, f"corrupt or truncated safetensors file ({_first_line(e)})") from None
+    if meta.get("format") != SAFETENSORS_FORMAT:
+        raise CheckpointError(path, "a safetensors file, but not a stylebot generator (convert it with "
+                                    "`stylebot weights convert`)")
+    if meta.get("family") != StyleGAN2Config.family:
+        raise CheckpointError(path, f"generator family {meta.get('family')!r} is not supported by this loader")
+    try:
+        cfg = StyleGAN2Config.from_dict(json.loads(meta["config"]))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(path, f"architecture metadata is unreadable ({e})") from None
+    return cfg, state, meta.get("model_id")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__

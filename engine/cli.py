@@ -1,0 +1,172 @@
+"""Engine subcommands of `stylebot`: generate, weights. Heavy imports (torch) happen inside the handlers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bot.config import Config
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="render faces from random seeds",
+                       description="Render images from random seeds (z from RandomState(seed), as NVIDIA's "
+                                   "generate.py); several seeds are tiled into one grid image.")
+    p.add_argument("--model", help="model name (see `stylebot weights list`); default: config [engine] model")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=None, help="one seed (default 0)")
+    seeds.add_argument("--seeds", type=parse_seeds, help="several seeds for a grid, e.g. 1-8 or 1,4,9-12")
+    p.add_argument("--truncation", type=float, default=1.0, metavar="PSI", help="truncation psi (default 1 = off)")
+    p.add_argument("--truncation-cutoff", type=int, default=None, metavar="N",
+                   help="truncate only the first N ws (default: all)")
+    p.add_argument("--noise-mode", choices=["const", "random", "none"], default="const")
+    p.add_argument("--class-idx", type=int, default=None, help="class label for conditional models")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
+    p.add_argument("--out", required=True, type=Path, help="output PNG")
+    p.set_defaults(handler=cmd_generate)
+
+    w = sub.add_parser("weights", help="list, download, import, verify and convert model weights",
+                       description="Manage the weights cache (config [weights] dir).")
+    wsub = w.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+    wl = wsub.add_parser("list", help="known models: format, resolution, whether cached, path")
+    wl.set_defaults(handler=cmd_weights_list)
+    wd = wsub.add_parser("download", help="download a model into the cache (resumable, checked)")
+    wd.add_argument("name")
+    wd.set_defaults(handler=cmd_weights_download)
+    wi = wsub.add_parser("import", help="add a weights file you got elsewhere (it must load first)")
+    wi.add_argument("file", type=Path)
+    wi.add_argument("--name", required=True, help="registry name (e.g. ffhq-1024) or a new name of your own")
+    wi.set_defaults(handler=cmd_weights_import)
+    wv = wsub.add_parser("verify", help="check the sha256 of every cached file")
+    wv.set_defaults(handler=cmd_weights_verify)
+    wc = wsub.add_parser("convert", help="write any supported weights file as stylebot .safetensors")
+    wc.add_argument("src", help="a .pkl / .pt / .safetensors file, or a model name")
+    wc.add_argument("out", type=Path, help="output .safetensors")
+    wc.set_defaults(handler=cmd_weights_convert)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'1-4,9' -> [1, 2, 3, 4, 9]."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must look like 1-8 or 1,4,9-12, got {text!r}") from None
+    if not seeds or len(seeds) > 256:
+        raise argparse.ArgumentTypeError("give between 1 and 256 seeds")
+    return seeds
+
+
+def _cache(cfg: Config):
+    from engine.registry import WeightsCache
+
+    return WeightsCache(cfg.weights.dir)
+
+
+def open_model(cfg: Config, name: str | None, device: str | None):
+    """The generator the user asked for (or config's choice), on the resolved device."""
+    from engine.registry import default_model, load_model, resolve_device
+
+    dev = resolve_device(device or cfg.engine.device)
+    cache = _cache(cfg)
+    name = name or cfg.engine.model
+    if name == "auto":
+        name = default_model(dev, cache)
+    return load_model(name, cache, device=dev), dev
+
+
+def cmd_generate(args: argparse.Namespace, cfg: Config) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from engine.images import grid, to_uint8
+    from engine.stylegan2 import z_from_seed
+
+    G, dev = open_model(cfg, args.model, args.device)
+    seeds = args.seeds or [0 if args.seed is None else args.seed]
+    if G.c_dim and args.class_idx is None:
+        print(f"error: {G.model_id} is conditional: pass --class-idx (0..{G.c_dim - 1})", file=sys.stderr)
+        return 2
+    images = []
+    with torch.no_grad():
+        for seed in seeds:
+            z = z_from_seed(seed, G.z_dim).to(dev)
+            c = torch.zeros([1, G.c_dim], device=dev)
+            if G.c_dim:
+                c[:, args.class_idx] = 1
+            ws = G.mapping(z, c, truncation_psi=args.truncation, truncation_cutoff=args.truncation_cutoff)
+            images.append(to_uint8(G.synthesis(ws, noise_mode=args.noise_mode))[0])
+    out = images[0] if len(images) == 1 else grid(np.stack(images))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(out, "RGB").save(args.out)
+    print(f"{args.out}: {len(seeds)} image(s) from {G.model_id} ({G.img_resolution} px) on {dev}")
+    return 0
+
+
+def cmd_weights_list(args: argparse.Namespace, cfg: Config) -> int:
+    cache = _cache(cfg)
+    rows = [("NAME", "FORMAT", "RES", "CACHED", "PATH / ABOUT")]
+    for e in cache.entries().values():
+        where = "built in: " + e.about if e.builtin else str(cache.path(e))
+        rows.append((e.name, "builtin" if e.builtin else e.format, str(e.resolution),
+                     "yes" if cache.is_cached(e) else "no", where))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(v.ljust(widths[i]) for i, v in enumerate(r[:4])) + "  " + r[4])
+    print(f"\ncache: {cache.root}")
+    return 0
+
+
+def cmd_weights_download(args: argparse.Namespace, cfg: Config) -> int:
+    from tqdm import tqdm
+
+    from engine.registry import download
+
+    bars: list[tqdm] = []  # made at the first byte, so that a refusal prints no empty bar
+
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024, desc=args.name))
+        bars[0].n = done
+        bars[0].refresh()
+
+    try:
+        path = download(args.name, _cache(cfg), timeout=cfg.weights.download_timeout, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    print(f"{args.name}: {path}")
+    return 0
+
+
+def cmd_weights_import(args: argparse.Namespace, cfg: Config) -> int:
+    from engine.registry import import_file
+
+    path = import_file(args.file, args.name, _cache(cfg))
+    print(f"{args.name}: imported {args.file} -> {path}")
+    return 0
+
+
+def cmd_weights_verify(args: argparse.Namespace, cfg: Config) -> int:
+    from engine.registry import verify
+
+    rows = verify(_cache(cfg))
+    for name, status, detail in rows:
+        print(f"{name:16} {status:15} {detail}")
+    return 1 if any(status == "MISMATCH" for _, status, _ in rows) else 0
+
+
+def cmd_weights_convert(args: argparse.Namespace, cfg: Config) -> int:
+    from engine.checkpoints import load_generator, save_safetensors
+    from engine.registry import load_model
+
+    src = Path(args.src)
+    G = load_generator(src) if src.is_file() else load_model(args.src, _cache(cfg))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(G, args.out)
+    print(f"{args.out}: {G.model_id}, {G.img_resolution} px, {sum(p.numel() for p in G.parameters())} parameters")
+    return 0

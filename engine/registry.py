@@ -1,0 +1,257 @@
+"""Known weights (engine/models.toml), the local weights cache, and the one way to get a model by name.
+
+The cache is a folder (config `[weights] dir`) holding the files under their registry `filename`, plus
+`hashes.json` (sha256 recorded at first download or import, for files whose hash nobody publishes) and
+`imported.json` (models a user imported under names of their own).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tomllib
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from engine.errors import StylebotError
+from engine.checkpoints import CheckpointError, load_generator, sniff_format
+from engine.stylegan2 import Generator, StyleGAN2Config
+
+REGISTRY_FILE = Path(__file__).with_name("models.toml")
+CHUNK = 1 << 20
+
+
+class WeightsError(StylebotError):
+    """A model that cannot be provided; the message says what to do about it."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    family: str = "stylegan2"
+    about: str = ""
+    resolution: int = 0
+    builtin: bool = False
+    seed: int = 0
+    arch: dict = field(default_factory=dict)
+    format: str = ""
+    url: str = ""
+    source: str = ""
+    filename: str = ""
+    sha256: str = ""
+
+
+def registry_entries(path: Path = REGISTRY_FILE) -> dict[str, ModelEntry]:
+    with path.open("rb") as f:
+        data = tomllib.load(f)
+    return {name: ModelEntry(name=name, **fields) for name, fields in data.items()}
+
+
+class WeightsCache:
+    """The folder of downloaded and imported weights."""
+
+    def __init__(self, root: str | Path, registry: Path = REGISTRY_FILE):
+        self.root = Path(root).expanduser()
+        self.registry = registry
+
+    def entries(self) -> dict[str, ModelEntry]:
+        """Registry entries, then models imported under names of their own."""
+        out = registry_entries(self.registry)
+        for name, fields in self._read_json("imported.json").items():
+            out.setdefault(name, ModelEntry(name=name, **fields))
+        return out
+
+    def entry(self, name: str) -> ModelEntry:
+        entries = self.entries()
+        if name not in entries:
+            raise WeightsError(f"unknown model {name!r}; known: {', '.join(entries)} (see `stylebot weights list`)")
+        return entries[name]
+
+    def path(self, entry: ModelEntry) -> Path:
+        return self.root / entry.filename
+
+    def is_cached(self, entry: ModelEntry) -> bool:
+        return entry.builtin or self.path(entry).is_file()
+
+    def expected_sha256(self, entry: ModelEntry) -> str:
+        return entry.sha256 or self._read_json("hashes.json").get(entry.filename, "")
+
+    def record_sha256(self, entry: ModelEntry, digest: str) -> None:
+        if not entry.sha256:
+            self._update_json("hashes.json", {entry.filename: digest})
+
+    def _read_json(self, name: str) -> dict:
+        p = self.root / name
+        try:
+            return json.loads(p.read_text()) if p.is_file() else {}
+        except (OSError, json.JSONDecodeError) as e:
+            raise WeightsError(f"{p}: unreadable ({e}); fix or delete it") from None
+
+    def _update_json(self, name: str, new: dict) -> None:
+        data = self._read_json(name) | new
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{name}.tmp"
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, self.root / name)
+
+
+def build_builtin(entry: ModelEntry) -> Generator:
+    """Random weights of `entry.arch`, the same for the same seed; `w_avg` is the mean w over 10,000 z."""
+    cfg = StyleGAN2Config(**entry.arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(entry.seed)
+        G = Generator(cfg, model_id=entry.name)
+        with torch.no_grad():
+            z = torch.randn([10_000, cfg.z_dim])
+            c = torch.zeros([10_000, cfg.c_dim])
+            G.mapping.w_avg.copy_(G.mapping(z, c)[:, 0].mean(dim=0))
+    return G.eval().requires_grad_(False)
+
+
+def load_model(name: str, cache: WeightsCache, *, device: str | torch.device = "cpu") -> Generator:
+    """The generator called `name`: built in, or loaded from the cache (never downloaded implicitly)."""
+    entry = cache.entry(name)
+    if entry.builtin:
+        return build_builtin(entry).to(device)
+    path = cache.path(entry)
+    if not path.is_file():
+        raise WeightsError(f"model {name!r} is not downloaded: run `stylebot weights download {name}` (or fetch it "
+                           f"by hand from {entry.url or entry.source} and run `stylebot weights import FILE --name {name}`)")
+    return load_generator(path, model_id=name, device=device)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise WeightsError("--device cuda was asked for, but PyTorch sees no CUDA GPU here")
+    return torch.device(device)
+
+
+def default_model(device: torch.device, cache: WeightsCache) -> str:
+    """'auto': the 1024 px model on a GPU, the 256 px one on a CPU, whichever is downloaded; else `tiny`."""
+    prefs = ["ffhq-1024", "ffhq-config-f", "ffhq-512", "ffhq-256"] if device.type == "cuda" else ["ffhq-256", "ffhq-512"]
+    entries = cache.entries()
+    return next((n for n in prefs if n in entries and cache.is_cached(entries[n])), "tiny")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(name: str, cache: WeightsCache, *, timeout: float = 15.0,
+             progress: Callable[[int, int], None] | None = None) -> Path:
+    """Fetch a registry model into the cache: resumable `.part` file, checked, then renamed into place."""
+    entry = cache.entry(name)
+    if entry.builtin:
+        raise WeightsError(f"{name!r} is built in: there is nothing to download")
+    dest = cache.path(entry)
+    if not entry.url:
+        raise WeightsError(f"{name!r} has no direct download link; get {entry.filename} from {entry.source}, "
+                           f"then run `stylebot weights import FILE --name {name}`")
+    cache.root.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "stylebot", **({"Range": f"bytes={offset}-"} if offset else {})}
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(entry.url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset:  # the .part file is already whole
+            resp = None
+        else:
+            raise WeightsError(f"downloading {name}: {entry.url} answered HTTP {e.code}") from None
+    except (urllib.error.URLError, socket.timeout, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise WeightsError(f"cannot reach {entry.url} ({reason}). Offline? Fetch that file on a machine with "
+                           f"internet and run `stylebot weights import FILE --name {name}`, or put it at {dest}") from None
+    if resp is not None:
+        with resp:
+            if offset and resp.status != 206:
+                offset = 0  # the server ignored the range: start again
+            total = offset + int(resp.headers.get("Content-Length") or 0)
+            with part.open("ab" if offset else "wb") as f:
+                done = offset
+                while chunk := resp.read(CHUNK):
+                    f.write(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, total)
+    _accept(part, dest, entry, cache)
+    return dest
+
+
+def import_file(src: str | Path, name: str, cache: WeightsCache) -> Path:
+    """Copy a weights file the user got elsewhere into the cache under `name`, after loading it successfully."""
+    src = Path(src)
+    entries = cache.entries()
+    G = load_generator(src)  # raises CheckpointError with the reason
+    if name in entries and entries[name].builtin:
+        raise WeightsError(f"{name!r} is a built-in model; import under another name")
+    if name in entries:
+        entry = entries[name]
+        if entry.resolution and G.img_resolution != entry.resolution:
+            raise WeightsError(f"{src}: a {G.img_resolution} px generator, but {name!r} is {entry.resolution} px")
+    else:
+        entry = ModelEntry(name=name, family=G.cfg.family, about=f"imported from {src.name}",
+                           resolution=G.img_resolution, format=sniff_format(src), filename=f"{name}{src.suffix}")
+    cache.root.mkdir(parents=True, exist_ok=True)
+    dest = cache.path(entry)
+    part = dest.with_name(dest.name + ".part")
+    shutil.copyfile(src, part)
+    _accept(part, dest, entry, cache, loaded=True)
+    if name not in entries:
+        fields = {k: getattr(entry, k) for k in ("family", "about", "resolution", "format", "filename")}
+        cache._update_json("imported.json", {name: fields})
+    return dest
+
+
+def _accept(part: Path, dest: Path, entry: ModelEntry, cache: WeightsCache, *, loaded: bool = False) -> None:
+    """Check a finished `.part` file (hash, then a real load) and only then give it its final name."""
+    digest = sha256_file(part)
+    expected = cache.expected_sha256(entry)
+    if expected and digest != expected:
+        part.unlink()
+        raise WeightsError(f"{entry.name}: sha256 {digest[:16]}... does not match the expected {expected[:16]}...; "
+                           "the file was deleted, try again")
+    if not loaded:
+        try:
+            load_generator(part)
+        except CheckpointError as e:
+            part.unlink()
+            raise WeightsError(f"{entry.name}: the downloaded file does not load ({e.reason}); it was deleted") from None
+    os.replace(part, dest)
+    cache.record_sha256(entry, digest)
+
+
+def verify(cache: WeightsCache) -> list[tuple[str, str, str]]:
+    """(name, status, detail) for every non-built-in model: ok, MISMATCH, recorded (first seen) or not downloaded."""
+    rows = []
+    for entry in cache.entries().values():
+        if entry.builtin:
+            continue
+        path = cache.path(entry)
+        if not path.is_file():
+            rows.append((entry.name, "not downloaded", str(path)))
+            continue
+        digest, expected = sha256_file(path), cache.expected_sha256(entry)
+        if not expected:
+            cache.record_sha256(entry, digest)
+            rows.append((entry.name, "recorded", f"first seen, sha256 {digest}"))
+        elif digest == expected:
+            rows.append((entry.name, "ok", f"sha256 {digest}"))
+        else:
+            rows.append((entry.name, "MISMATCH", f"sha256 {digest}, expected {expected}"))
+    return rows

@@ -1,0 +1,154 @@
+"""Loading the files people download: official .pkl (safely), rosinality .pt, our .safetensors; clear errors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.checkpoints import CheckpointError, load_generator, save_safetensors, sniff_format
+from engine.stylegan2 import Generator, StyleGAN2Config
+from official_formats import official_init_kwargs, write_official_pkl, write_rosinality_pt
+
+TOL = 1e-4
+
+
+def _reference_image(parity, G, case="a"):
+    with torch.no_grad():
+        return (G.synthesis(parity[f"{case}.ws"], noise_mode="const") - parity[f"{case}.img_const"]).abs().max()
+
+
+@pytest.fixture
+def official_pkl(tmp_path, parity) -> Path:
+    path = tmp_path / "network-snapshot.pkl"
+    cfg = StyleGAN2Config(**parity.cases["a"])
+    write_official_pkl(path, parity.state("a"), official_init_kwargs(cfg))
+    return path
+
+
+def test_official_pickle_loads_and_renders_like_the_reference(official_pkl, parity):
+    assert sniff_format(official_pkl) == "pkl"
+    G = load_generator(official_pkl)
+    assert G.cfg == StyleGAN2Config(**parity.cases["a"])  # architecture read from the pickle's own kwargs
+    assert _reference_image(parity, G) < TOL
+
+
+def test_official_pickle_module_source_is_never_executed(tmp_path, parity):
+    marker = tmp_path / "source-ran"
+    path = tmp_path / "net.pkl"
+    cfg = StyleGAN2Config(**parity.cases["a"])
+    write_official_pkl(path, parity.state("a"), official_init_kwargs(cfg),
+                       module_src=f"open({str(marker)!r}, 'w').write('ran')\n")
+    load_generator(path)
+    assert not marker.exists()
+
+
+class _Shell:
+    def __init__(self, cmd):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        return (os.system, (self.cmd,))
+
+
+class _Eval:
+    def __reduce__(self):
+        return (eval, ("__import__('os').system('true')",))
+
+
+@pytest.mark.parametrize("payload_kind", ["top-level", "inside-G_ema", "eval"])
+def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, payload_kind):
+    marker = tmp_path / "pwned"
+    shell = _Shell(f"touch {marker}")
+    payload = {"top-level": shell, "inside-G_ema": {"G_ema": {"_parameters": shell}}, "eval": _Eval()}[payload_kind]
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(payload, protocol=3))
+    with pytest.raises(CheckpointError) as err:
+        load_generator(path)
+    msg = str(err.value)
+    assert str(path) in msg and "refused global" in msg and "nothing was run" in msg
+    assert "\n" not in msg
+    assert not marker.exists()
+
+
+def test_rosinality_checkpoint_maps_onto_official_names(tmp_path, parity):
+    cfg = StyleGAN2Config(**dict(parity.cases["a"], conv_clamp=None))  # rosinality's models never clamp
+    expected = Generator(cfg).eval()
+    expected.load_state_dict(parity.state("a"))
+    path = tmp_path / "stylegan2-ffhq-config-f.pt"
+    write_rosinality_pt(path, parity.state("a"), cfg.img_resolution, cfg.mapping_layers)
+
+    assert sniff_format(path) == "rosinality"
+    G = load_generator(path)
+    assert G.cfg == cfg
+    z = torch.randn(2, cfg.z_dim)
+    with torch.no_grad():
+        assert torch.equal(G.mapping.w_avg, parity.state("a")["mapping.w_avg"])
+        assert (G(z, None, truncation_psi=0.7) - expected(z, None, truncation_psi=0.7)).abs().max() < TOL
+
+
+def test_safetensors_round_trip_keeps_weights_architecture_and_id(tmp_path, official_pkl, parity):
+    G = load_generator(official_pkl, model_id="my-faces")
+    out = tmp_path / "g.safetensors"
+    save_safetensors(G, out)
+    G2 = load_generator(out)
+    assert sniff_format(out) == "safetensors"
+    assert G2.cfg == G.cfg and G2.model_id == "my-faces"
+    assert _reference_image(parity, G2) < TOL
+
+
+def _truncate(path: Path, keep: float = 0.5) -> Path:
+    data = path.read_bytes()
+    cut = path.with_name("cut-" + path.name)
+    cut.write_bytes(data[: int(len(data) * keep)])
+    return cut
+
+
+@pytest.mark.parametrize("fmt", ["pkl", "rosinality", "safetensors"])
+def test_truncated_files_get_a_one_line_error_naming_the_file(tmp_path, parity, official_pkl, fmt):
+    if fmt == "pkl":
+        src = official_pkl
+    elif fmt == "rosinality":
+        src = tmp_path / "r.pt"
+        write_rosinality_pt(src, parity.state("a"), 32, 8)
+    else:
+        src = tmp_path / "s.safetensors"
+        save_safetensors(load_generator(official_pkl), src)
+    cut = _truncate(src)
+    with pytest.raises(CheckpointError) as err:
+        load_generator(cut)
+    msg = str(err.value)
+    assert msg.startswith(f"{cut}: ") and "\n" not in msg
+    assert "truncated" in msg or "corrupt" in msg
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "empty or truncated"),
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "not a StyleGAN2 network pickle"),
+    (pickle.dumps({"weights": [1, 2, 3]}, protocol=3), "no 'G_ema' network"),
+])
+def test_wrong_files_are_refused_with_the_reason(tmp_path, content, reason):
+    path = tmp_path / "model.pkl"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=reason):
+        load_generator(path)
+
+
+def test_checkpoint_without_g_ema_is_refused(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"model": {"w": torch.zeros(1)}}, path)
+    with pytest.raises(CheckpointError, match="without a 'g_ema' state dict"):
+        load_generator(path)
+
+
+def test_weights_that_do_not_fit_the_declared_architecture(tmp_path, parity):
+    cfg = StyleGAN2Config(**parity.cases["a"])
+    state = parity.state("a")
+    state["synthesis.b8.conv0.weight"] = state["synthesis.b8.conv0.weight"][:, :3]
+    path = tmp_path / "bad.pkl"
+    write_official_pkl(path, state, official_init_kwargs(cfg))
+    with pytest.raises(CheckpointError, match="do not fit the architecture"):
+        load_generator(path)

@@ -1,0 +1,198 @@
+"""`stylebot generate` and `stylebot weights` as a user runs them, against a real HTTP server on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bot.cli import main
+from engine.registry import WeightsCache, download, verify
+from engine.stylegan2 import StyleGAN2Config
+from official_formats import official_init_kwargs, write_official_pkl
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    """The installed console script, as a user types it."""
+    p = subprocess.run([sys.executable, "-m", "bot.cli", *args], capture_output=True, text=True, timeout=120)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_help_lists_the_subcommands():
+    rc, out, _ = run("--help")
+    assert rc == 0 and "generate" in out and "weights" in out
+
+
+def test_generate_tiny_writes_the_same_png_for_the_same_seed(tmp_path, config_file):
+    a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    assert main(["--config", str(config_file), "generate", "--model", "tiny", "--seed", "1", "--out", str(a)]) == 0
+    assert main(["--config", str(config_file), "generate", "--model", "tiny", "--seed", "1", "--out", str(b)]) == 0
+    assert main(["--config", str(config_file), "generate", "--model", "tiny", "--seed", "2", "--out", str(c)]) == 0
+    img = Image.open(a)
+    assert img.format == "PNG" and img.mode == "RGB" and img.size == (32, 32)
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+    assert np.asarray(img).std() > 5  # an image, not a flat colour
+
+
+def test_generate_grid_and_truncation(tmp_path, config_file):
+    grid = tmp_path / "grid.png"
+    assert main(["--config", str(config_file), "generate", "--seeds", "1-8", "--truncation", "0.7",
+                 "--out", str(grid)]) == 0
+    assert Image.open(grid).size == (3 * 32, 3 * 32)
+    one = tmp_path / "one.png"
+    main(["--config", str(config_file), "generate", "--seed", "1", "--truncation", "0.0", "--out", str(one)])
+    zero = tmp_path / "zero.png"
+    main(["--config", str(config_file), "generate", "--seed", "2", "--truncation", "0.0", "--out", str(zero)])
+    assert one.read_bytes() == zero.read_bytes()  # psi 0 renders w_avg whatever the seed
+
+
+def test_unknown_model_is_one_line(tmp_path, config_file, capsys):
+    assert main(["--config", str(config_file), "generate", "--model", "nope", "--out", str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown model 'nope'") and "\n" not in err
+
+
+def test_weights_list_shows_registry_and_cache(config_file, capsys):
+    assert main(["--config", str(config_file), "weights", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("tiny", "ffhq-1024", "ffhq-256", "ffhq-config-f"):
+        assert name in out
+    assert "ffhq.pkl" in out and str(config_file.parent / "weights") in out
+
+
+def test_download_offline_fails_within_seconds_and_says_what_to_do(config_file):
+    t0 = time.monotonic()
+    rc, _, err = run("--config", str(config_file), "weights", "download", "ffhq-256")
+    assert rc == 1 and time.monotonic() - t0 < 30
+    assert "ffhq-res256-mirror-paper256-noaug.pkl" in err and "stylebot weights import" in err
+    assert not list((config_file.parent / "weights").glob("*.pkl"))
+
+
+# -- a real download from a local server -----------------------------------------------------------------------------
+
+class _Files(http.server.BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+    ranges: list[str] = []
+
+    def do_GET(self):  # noqa: N802
+        body = self.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        start = 0
+        rng = self.headers.get("Range")
+        self.ranges.append(rng or "")
+        if rng:
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    _Files.files, _Files.ranges = {}, []
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", _Files
+    httpd.shutdown()
+
+
+def _registry(tmp_path: Path, url: str, sha256: str = "") -> Path:
+    p = tmp_path / "models.toml"
+    p.write_text(f'[mini]\nfamily = "stylegan2"\nresolution = 32\nformat = "pkl"\nurl = "{url}"\n'
+                 f'source = "test"\nfilename = "mini.pkl"\nsha256 = "{sha256}"\n')
+    return p
+
+
+@pytest.fixture
+def mini_pkl(tmp_path, parity) -> bytes:
+    path = tmp_path / "src.pkl"
+    write_official_pkl(path, parity.state("a"), official_init_kwargs(StyleGAN2Config(**parity.cases["a"])))
+    return path.read_bytes()
+
+
+def test_download_resumes_checks_and_records_the_hash(tmp_path, server, mini_pkl):
+    base, handler = server
+    handler.files["/mini.pkl"] = mini_pkl
+    cache = WeightsCache(tmp_path / "w", registry=_registry(tmp_path, base + "/mini.pkl"))
+    cache.root.mkdir()
+    (cache.root / "mini.pkl.part").write_bytes(mini_pkl[:1000])  # an interrupted earlier download
+
+    path = download("mini", cache)
+    assert path.read_bytes() == mini_pkl
+    assert handler.ranges == ["bytes=1000-"]
+    assert not (cache.root / "mini.pkl.part").exists()
+    assert cache.expected_sha256(cache.entry("mini")) == hashlib.sha256(mini_pkl).hexdigest()
+    assert verify(cache) == [("mini", "ok", f"sha256 {hashlib.sha256(mini_pkl).hexdigest()}")]
+
+    path.write_bytes(mini_pkl[:-1] + b"\0")  # the file changes on disk later
+    assert verify(cache)[0][1] == "MISMATCH"
+
+
+def test_download_of_a_wrong_file_leaves_nothing_that_looks_complete(tmp_path, server):
+    base, handler = server
+    handler.files["/mini.pkl"] = b"<html>not found</html>" * 10
+    cache = WeightsCache(tmp_path / "w", registry=_registry(tmp_path, base + "/mini.pkl"))
+    with pytest.raises(Exception, match="does not load"):
+        download("mini", cache)
+    assert not list(cache.root.iterdir())
+
+
+def test_download_with_a_published_hash_refuses_a_different_file(tmp_path, server, mini_pkl):
+    base, handler = server
+    handler.files["/mini.pkl"] = mini_pkl
+    cache = WeightsCache(tmp_path / "w", registry=_registry(tmp_path, base + "/mini.pkl", sha256="0" * 64))
+    with pytest.raises(Exception, match="does not match"):
+        download("mini", cache)
+    assert not (cache.root / "mini.pkl").exists()
+
+
+def test_import_loads_first_then_the_model_is_usable_by_name(tmp_path, config_file, mini_pkl, capsys):
+    src = tmp_path / "my-model.pkl"
+    src.write_bytes(mini_pkl)
+    cfg = ["--config", str(config_file)]
+    assert main([*cfg, "weights", "import", str(src), "--name", "ffhq-256"]) == 1  # 32 px is not ffhq-256
+    assert "is 256 px" in capsys.readouterr().err
+    assert main([*cfg, "weights", "import", str(src), "--name", "mine"]) == 0
+    out = tmp_path / "mine.png"
+    assert main([*cfg, "generate", "--model", "mine", "--seed", "3", "--out", str(out)]) == 0
+    assert Image.open(out).size == (32, 32)
+    capsys.readouterr()
+    assert main([*cfg, "weights", "verify"]) == 0
+    assert "mine" in capsys.readouterr().out
+
+    junk = tmp_path / "junk.pkl"
+    junk.write_bytes(b"\x80\x03}q\x00.")  # a pickled empty dict
+    assert main([*cfg, "weights", "import", str(junk), "--name", "junk"]) == 1
+    assert "no 'G_ema'" in capsys.readouterr().err
+
+
+def test_convert_to_safetensors_renders_the_same(tmp_path, config_file, mini_pkl):
+    src = tmp_path / "m.pkl"
+    src.write_bytes(mini_pkl)
+    out = tmp_path / "m.safetensors"
+    cfg = ["--config", str(config_file)]
+    assert main([*cfg, "weights", "convert", str(src), str(out)]) == 0
+    assert main([*cfg, "weights", "import", str(out), "--name", "m2"]) == 0
+    assert main([*cfg, "weights", "import", str(src), "--name", "m1"]) == 0
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    main([*cfg, "generate", "--model", "m1", "--seed", "5", "--out", str(a)])
+    main([*cfg, "generate", "--model", "m2", "--seed", "5", "--out", str(b)])
+    assert a.read_bytes() == b.read_bytes()
