@@ -89,7 +89,7 @@ def modulated_conv2d(
     demodulate: bool = True,            # rescale each output feature map to unit expected variance
     up: int = 1,                        # 1, or 2 for a transposed convolution followed by the FIR filter
     resample_kernel: torch.Tensor | None = None,  # FIR filter [k, k] used when up > 1
-    fused: bool | None = None,          # one grouped conv with per-sample weights; None = when batch is 1
+    fused: bool | None = None,          # one grouped conv with per-sample weights; None = on CUDA only
 ) -> torch.Tensor:
     """StyleGAN2 weight modulation / demodulation (Karras et al. 2020, eq. 1-3), as a true convolution."""
     n, in_ch = styles.shape
@@ -97,7 +97,9 @@ def modulated_conv2d(
     if x.shape[:2] != (n, in_ch):
         raise ValueError(f"modulated_conv2d: x {tuple(x.shape)} does not match styles {tuple(styles.shape)}")
     if fused is None:
-        fused = n == 1
+        # Scaling activations around one shared conv is the same maths; on 2 CPU cores it measured 1.7x faster
+        # forward and 2x faster forward+backward at 256 px, batch 1. On a GPU the official eval default (fused) stays.
+        fused = x.device.type == "cuda"
 
     w = weight.unsqueeze(0) * styles.reshape(n, 1, in_ch, 1, 1)          # [N, O, I, kh, kw]
     dcoefs = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt() if demodulate else None  # [N, O]
