@@ -26,6 +26,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output PNG")
     p.set_defaults(handler=cmd_generate)
 
+    p = sub.add_parser("invert", help="find the W+ latent of the face in a photo (Image2StyleGAN)",
+                       description="Align the largest face in PHOTO (FFHQ recipe) and optimise its W+ latent.")
+    p.add_argument("photo", type=Path)
+    p.add_argument("--out", required=True, type=Path, help="latent file to write (.npz)")
+    p.add_argument("--image", type=Path, help="also write the reconstruction (PNG)")
+    p.add_argument("--aligned", type=Path, help="also write the aligned input face (PNG)")
+    p.add_argument("--recipe", choices=["default", "seed"], default="default",
+                   help="default: ours (375 steps); seed: the seed notebook's exact recipe (1500 steps)")
+    p.add_argument("--steps", type=int, help="override the recipe's number of steps")
+    p.add_argument("--model", help="model name; default: config [engine] model")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
+    p.set_defaults(handler=cmd_invert)
+
     w = sub.add_parser("weights", help="list, download, import, verify and convert model weights",
                        description="Manage the weights cache (config [weights] dir).")
     wsub = w.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
@@ -104,6 +117,61 @@ def cmd_generate(args: argparse.Namespace, cfg: Config) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(out, "RGB").save(args.out)
     print(f"{args.out}: {len(seeds)} image(s) from {G.model_id} ({G.img_resolution} px) on {dev}")
+    return 0
+
+
+def open_photo(path: Path):
+    """A photo as a PIL image, or a one-line refusal."""
+    from PIL import Image, UnidentifiedImageError
+
+    from engine.errors import StylebotError
+
+    try:
+        img = Image.open(path)
+        img.load()
+        return img
+    except (UnidentifiedImageError, OSError) as e:
+        raise StylebotError(f"{path}: not an image we can read ({e.__class__.__name__}); send a JPEG or PNG photo") from None
+
+
+def cmd_invert(args: argparse.Namespace, cfg: Config) -> int:
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+
+    from engine.align import align, likeness
+    from engine.invert import RECIPES, invert
+    from engine.latents import Latent, save_latent
+    from engine.registry import load_vgg
+
+    photo = open_photo(args.photo)
+    G, dev = open_model(cfg, args.model, args.device)
+    face = align(photo, G.img_resolution)
+    for warning in face.warnings:
+        print(f"note: {warning}", file=sys.stderr)
+    vgg, vgg_warning = load_vgg(_cache(cfg), G)
+    if vgg_warning:
+        print(f"note: {vgg_warning}", file=sys.stderr)
+    steps = args.steps or RECIPES[args.recipe].steps
+    with tqdm(total=steps, desc=f"inverting ({args.recipe})", unit="step") as bar:
+        def progress(step: int, total: int, losses: list[float]) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[0]:.4f}")
+
+        result = invert(G, vgg, face.image[None], recipe=args.recipe, steps=steps, progress=progress)
+    distance = likeness(face.image, result.images[0])
+    settings = {"operation": "invert", "recipe": args.recipe, "steps": steps, "psnr": round(result.psnr[0], 2),
+                "likeness": None if distance is None else round(distance, 3), "warnings": face.warnings,
+                "photo": args.photo.name}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_latent(args.out, Latent(ws=result.ws[0].numpy(), model_id=G.model_id, settings=settings))
+    for path, img in ((args.image, result.images[0]), (args.aligned, face.image)):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.asarray(img), "RGB").save(path)
+    close = ("no face found in the reconstruction" if distance is None
+             else f"face distance {distance:.2f} ({'same person' if distance < 0.6 else 'not yet the same person'} by dlib's 0.6)")
+    print(f"{args.out}: {G.model_id}, {steps} steps, PSNR {result.psnr[0]:.1f} dB, {close}")
     return 0
 
 

@@ -24,7 +24,7 @@ def from_uint8(images: np.ndarray, device: str | torch.device = "cpu") -> torch.
         raise ValueError(f"expected uint8 RGB [H, W, 3] or [N, H, W, 3], got {a.dtype} {a.shape}")
     if a.ndim == 3:
         a = a[None]
-    t = torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    t = torch.from_numpy(np.array(a, copy=True)).to(device)
     return t.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1
 
 

@@ -82,7 +82,8 @@ class WeightsCache:
         return entry.builtin or self.path(entry).is_file()
 
     def expected_sha256(self, entry: ModelEntry) -> str:
-        return entry.sha256 or self._read_json("hashes.json").get(entry.filename, "")
+        """The whole recorded hash when there is one, else the published hash or prefix, else ''."""
+        return self._read_json("hashes.json").get(entry.filename, "") or entry.sha256
 
     def record_sha256(self, entry: ModelEntry, digest: str) -> None:
         if not entry.sha256:
@@ -119,6 +120,8 @@ def build_builtin(entry: ModelEntry) -> Generator:
 def load_model(name: str, cache: WeightsCache, *, device: str | torch.device = "cpu") -> Generator:
     """The generator called `name`: built in, or loaded from the cache (never downloaded implicitly)."""
     entry = cache.entry(name)
+    if entry.family != "stylegan2":
+        raise WeightsError(f"{name!r} is a {entry.family} network, not a generator")
     if entry.builtin:
         return build_builtin(entry).to(device)
     path = cache.path(entry)
@@ -135,6 +138,24 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise WeightsError("--device cuda was asked for, but PyTorch sees no CUDA GPU here")
     return torch.device(device)
+
+
+def load_vgg(cache: WeightsCache, G: Generator):
+    """The perceptual network for inverting with G, and a warning when it is not the pretrained one.
+
+    `tiny` gets a narrow random VGG16 (width 1/8): it is for CPUs and tests. Real models get torchvision's
+    ImageNet VGG16 when downloaded, else random weights of the full architecture with a warning.
+    """
+    from engine.perceptual import load_vgg16
+
+    device = G.mapping.w_avg.device
+    entry = cache.entry("vgg16")
+    if cache.entries().get(G.model_id, ModelEntry(name="")).builtin:
+        return load_vgg16(width=0.125).to(device), None
+    if cache.is_cached(entry):
+        return load_vgg16(cache.path(entry)).to(device), None
+    return load_vgg16().to(device), ("VGG16 weights are not downloaded (`stylebot weights download vgg16`): "
+                                     "the perceptual loss uses random features, expect a weaker likeness")
 
 
 def default_model(device: torch.device, cache: WeightsCache) -> str:
@@ -222,18 +243,34 @@ def _accept(part: Path, dest: Path, entry: ModelEntry, cache: WeightsCache, *, l
     """Check a finished `.part` file (hash, then a real load) and only then give it its final name."""
     digest = sha256_file(part)
     expected = cache.expected_sha256(entry)
-    if expected and digest != expected:
+    if expected and not digest.startswith(expected):
         part.unlink()
         raise WeightsError(f"{entry.name}: sha256 {digest[:16]}... does not match the expected {expected[:16]}...; "
                            "the file was deleted, try again")
     if not loaded:
         try:
-            load_generator(part)
+            validate(entry, part)
         except CheckpointError as e:
             part.unlink()
             raise WeightsError(f"{entry.name}: the downloaded file does not load ({e.reason}); it was deleted") from None
     os.replace(part, dest)
-    cache.record_sha256(entry, digest)
+    if entry.sha256 and entry.sha256 != digest:  # a published prefix: remember the whole hash
+        cache._update_json("hashes.json", {entry.filename: digest})
+    else:
+        cache.record_sha256(entry, digest)
+
+
+def validate(entry: ModelEntry, path: Path) -> None:
+    """Load a file the way it will be used; raises CheckpointError if it does not."""
+    if entry.family == "vgg16":
+        from engine.perceptual import load_vgg16
+
+        try:
+            load_vgg16(path)
+        except Exception as e:  # noqa: BLE001 - any failure means the file is not the VGG16 we need
+            raise CheckpointError(path, f"not torchvision VGG16 weights ({type(e).__name__})") from None
+    else:
+        load_generator(path)
 
 
 def verify(cache: WeightsCache) -> list[tuple[str, str, str]]:
@@ -250,7 +287,7 @@ def verify(cache: WeightsCache) -> list[tuple[str, str, str]]:
         if not expected:
             cache.record_sha256(entry, digest)
             rows.append((entry.name, "recorded", f"first seen, sha256 {digest}"))
-        elif digest == expected:
+        elif digest.startswith(expected):
             rows.append((entry.name, "ok", f"sha256 {digest}"))
         else:
             rows.append((entry.name, "MISMATCH", f"sha256 {digest}, expected {expected}"))

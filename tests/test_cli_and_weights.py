@@ -196,3 +196,33 @@ def test_convert_to_safetensors_renders_the_same(tmp_path, config_file, mini_pkl
     main([*cfg, "generate", "--model", "m1", "--seed", "5", "--out", str(a)])
     main([*cfg, "generate", "--model", "m2", "--seed", "5", "--out", str(b)])
     assert a.read_bytes() == b.read_bytes()
+
+
+FACES = Path(__file__).parent / "fixtures" / "faces"
+
+
+def test_invert_cli_writes_latent_and_images(tmp_path, config_file, capsys):
+    out, img, aligned = tmp_path / "me.npz", tmp_path / "me.png", tmp_path / "aligned.png"
+    rc = main(["--config", str(config_file), "invert", str(FACES / "obama.jpg"), "--model", "tiny", "--steps", "30",
+               "--out", str(out), "--image", str(img), "--aligned", str(aligned)])
+    assert rc == 0
+    from engine.latents import load_latent
+
+    lat = load_latent(out)
+    assert lat.ws.shape == (8, 64) and lat.model_id == "tiny"
+    assert lat.settings["steps"] == 30 and lat.settings["recipe"] == "default"
+    assert Image.open(img).size == (32, 32) and Image.open(aligned).size == (32, 32)
+    assert "PSNR" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_text("hello"), "not an image we can read"),
+    (lambda p: Image.new("RGB", (200, 200), (90, 90, 90)).save(p, "PNG"), "no face found"),
+])
+def test_invert_cli_bad_photos_get_one_line(tmp_path, config_file, capsys, make, message):
+    photo = tmp_path / "photo.png"
+    make(photo)
+    rc = main(["--config", str(config_file), "invert", str(photo), "--model", "tiny", "--out", str(tmp_path / "x.npz")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and message in err and "\n" not in err
+    assert not (tmp_path / "x.npz").exists()

@@ -1,0 +1,46 @@
+"""The latent file (`.npz`): `ws` float32 [num_ws, w_dim], `model_id`, `created`, and the settings that made it."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import StylebotError
+
+
+class LatentError(StylebotError):
+    """A latent file that is unreadable or belongs to another model."""
+
+
+@dataclass
+class Latent:
+    ws: np.ndarray                      # float32 [num_ws, w_dim]
+    model_id: str                       # the generator it belongs to
+    settings: dict = field(default_factory=dict)  # how it was made (operation, recipe, steps, psnr, ...)
+    created: float = field(default_factory=time.time)
+
+    def check_model(self, G) -> None:
+        if self.model_id != G.model_id:
+            raise LatentError(f"this latent belongs to model {self.model_id!r}, not {G.model_id!r}: "
+                              f"use --model {self.model_id} or invert the photo again")
+        if self.ws.shape != (G.num_ws, G.w_dim):
+            raise LatentError(f"latent shape {self.ws.shape} does not fit {G.model_id} ({G.num_ws}, {G.w_dim})")
+
+
+def save_latent(path: str | Path, latent: Latent) -> None:
+    np.savez(path, ws=latent.ws.astype(np.float32), model_id=np.array(latent.model_id),
+             created=np.array(latent.created), settings=np.array(json.dumps(latent.settings)))
+
+
+def load_latent(path: str | Path) -> Latent:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return Latent(ws=f["ws"].astype(np.float32), model_id=str(f["model_id"]),
+                          settings=json.loads(str(f["settings"])) if "settings" in f else {},
+                          created=float(f["created"]) if "created" in f else 0.0)
+    except (OSError, KeyError, ValueError) as e:
+        raise LatentError(f"{path}: not a stylebot latent file ({e})") from None

@@ -1,0 +1,84 @@
+"""VGG16 feature distances for inversion: the Image2StyleGAN perceptual loss and an LPIPS-style normalised one.
+
+The network is torchvision's VGG16 `features` (ImageNet weights through the weights registry; `width < 1` builds
+the same architecture with fewer channels, with random weights, for tests and the tiny model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.vgg import cfgs, make_layers
+
+# Index of each named ReLU in torchvision's vgg16().features.
+RELU = {"relu1_1": 1, "relu1_2": 3, "relu2_2": 8, "relu3_2": 13, "relu3_3": 15, "relu4_2": 20, "relu4_3": 22,
+        "relu5_3": 29}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class VGG16Features(nn.Module):
+    """Activations of chosen VGG16 layers for images in [-1, 1] (ImageNet normalisation happens inside)."""
+
+    def __init__(self, width: float = 1.0):
+        super().__init__()
+        cfg = [c if c == "M" else max(1, int(c * width)) for c in cfgs["D"]]
+        self.features = make_layers(cfg)
+        self.width = width
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1))
+
+    def forward(self, img: torch.Tensor, layers: list[str]) -> list[torch.Tensor]:
+        x = ((img + 1) / 2 - self.mean) / self.std
+        wanted = {RELU[name]: name for name in layers}
+        out: dict[str, torch.Tensor] = {}
+        last = max(wanted)
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in wanted:
+                out[wanted[i]] = x
+            if i == last:
+                break
+        return [out[name] for name in layers]
+
+
+def load_vgg16(path: str | Path | None = None, *, width: float = 1.0, seed: int = 0) -> VGG16Features:
+    """torchvision's ImageNet VGG16 from `path` (vgg16-397923af.pth), or random weights from `seed` when None."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vgg = VGG16Features(width)
+    if path is not None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+        vgg.features.load_state_dict(features, strict=True)
+    return vgg.eval().requires_grad_(False)
+
+
+def resize(img: torch.Tensor, size: int) -> torch.Tensor:
+    """Area-downsample (or bilinear-upsample) square images to `size`."""
+    if img.shape[-1] == size:
+        return img
+    mode = "area" if img.shape[-1] > size else "bilinear"
+    return F.interpolate(img, size=(size, size), mode=mode, **({} if mode == "area" else {"align_corners": False}))
+
+
+def image2stylegan_loss(vgg: VGG16Features, img: torch.Tensor, target_feats: list[torch.Tensor], size: int,
+                        layers: list[str]) -> torch.Tensor:
+    """Per-sample sum over layers of the MSE between VGG activations (Abdal et al. 2019): [N]."""
+    feats = vgg(resize(img, size), layers)
+    return sum((f - t).square().flatten(1).mean(1) for f, t in zip(feats, target_feats))
+
+
+def lpips_like_loss(vgg: VGG16Features, img: torch.Tensor, target_feats: list[torch.Tensor], size: int,
+                    layers: list[str]) -> torch.Tensor:
+    """Per-sample LPIPS distance without the learned weights: channel-normalised features, squared difference
+    summed over channels, averaged over positions, summed over layers: [N]."""
+    feats = vgg(resize(img, size), layers)
+    return sum((_unit(f) - _unit(t)).square().sum(1).flatten(1).mean(1) for f, t in zip(feats, target_feats))
+
+
+def _unit(f: torch.Tensor) -> torch.Tensor:
+    return f / (f.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)

@@ -1,0 +1,74 @@
+"""Face detection and FFHQ alignment on real photos with dlib's pretrained models."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FIXTURES
+from engine.align import AlignError, align, likeness
+
+FACES = FIXTURES / "faces"
+
+
+def test_one_aligned_face_from_obama():
+    face = align(Image.open(FACES / "obama.jpg"), 128)
+    assert face.image.shape == (128, 128, 3) and face.image.dtype == np.uint8
+    assert face.faces_found == 1
+    assert face.landmarks.shape == (68, 2) and face.quad.shape == (4, 2)
+    # FFHQ places the eyes at fixed places: find them again in the aligned image
+    again = align(face.image, 128)
+    eyes = (again.landmarks[36:42].mean(0), again.landmarks[42:48].mean(0))
+    assert abs(eyes[0][1] - eyes[1][1]) < 4, "eyes are level after alignment"
+    assert 0.3 * 128 < eyes[0][0] < 0.45 * 128 and 0.55 * 128 < eyes[1][0] < 0.7 * 128
+
+
+def test_the_largest_of_two_faces_is_used_and_reported():
+    face = align(Image.open(FACES / "two_faces.jpg"), 128)
+    assert face.faces_found == 2
+    assert any("2 faces found: used the largest" in w for w in face.warnings)
+    obama = align(Image.open(FACES / "obama.jpg"), 128)
+    assert likeness(face.image, obama.image) < 0.6  # the largest face in two_faces.jpg is Obama's
+
+
+def test_likeness_tells_people_apart():
+    obama = align(Image.open(FACES / "obama.jpg"), 256).image
+    biden = align(Image.open(FACES / "biden.jpg"), 256).image
+    assert likeness(obama, biden) > 0.6
+    assert likeness(obama, obama) < 0.05
+
+
+def test_exif_orientation_is_applied():
+    img = Image.open(FACES / "obama.jpg")
+    rotated = img.rotate(90, expand=True)  # stored sideways; EXIF orientation 6 says "turn 90 degrees clockwise to view"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    rotated.save(buf, "JPEG", exif=exif.tobytes())
+    face = align(Image.open(io.BytesIO(buf.getvalue())), 128)
+    assert face.faces_found == 1
+
+
+def test_no_face_says_what_kind_of_photo_works():
+    gray = np.full((300, 300, 3), 128, np.uint8)
+    with pytest.raises(AlignError, match="no face found: send a well-lit photo"):
+        align(gray, 64)
+
+
+def test_tiny_faces_are_refused_and_small_ones_warned():
+    img = Image.open(FACES / "obama.jpg")
+    small = img.resize((img.width * 2 // 5, img.height * 2 // 5), Image.LANCZOS)  # about 21 px between the eyes
+    face = align(small, 64)
+    assert any("small face" in w for w in face.warnings)
+    with pytest.raises(AlignError, match="too small"):
+        align(small, 64, min_eye_distance=40)
+
+
+def test_without_exif_the_sideways_photo_has_no_upright_face():
+    """Control for the EXIF test: the same pixels without the orientation tag are not detected."""
+    rotated = Image.open(FACES / "obama.jpg").rotate(90, expand=True)
+    with pytest.raises(AlignError):
+        align(rotated, 128)

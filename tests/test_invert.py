@@ -1,0 +1,83 @@
+"""Inversion on the tiny model: it finds latents that reproduce the target, batched runs equal single runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.images import to_uint8
+from engine.invert import RECIPES, invert, learning_rate
+from engine.latents import Latent, LatentError, load_latent, save_latent
+from engine.perceptual import load_vgg16
+from engine.registry import build_builtin, registry_entries
+
+
+@pytest.fixture(scope="module")
+def G():
+    return build_builtin(registry_entries()["tiny"])
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    return load_vgg16(width=0.125)
+
+
+@pytest.fixture(scope="module")
+def targets(G):
+    torch.manual_seed(3)
+    with torch.no_grad():
+        return to_uint8(G.synthesis(G.mapping(torch.randn(2, G.z_dim), None, truncation_psi=0.7)))
+
+
+def test_self_inversion_reproduces_the_target(G, vgg, targets):
+    seen = []
+    result = invert(G, vgg, targets[:1], steps=150, progress=lambda s, t, l: seen.append((s, t)))
+    assert seen[0] == (1, 150) and seen[-1] == (150, 150)
+    assert result.ws.shape == (1, G.num_ws, G.w_dim)
+    assert result.losses[-1, 0] < 0.2 * result.losses[0, 0]
+    assert result.psnr[0] > 24, result.psnr
+    start_psnr = invert(G, vgg, targets[:1], steps=1).psnr[0]
+    assert result.psnr[0] > start_psnr + 6
+
+
+def test_batch_equals_single_runs(G, vgg, targets):
+    batch = invert(G, vgg, targets, steps=20)
+    singles = [invert(G, vgg, targets[i:i + 1], steps=20) for i in range(2)]
+    for i, single in enumerate(singles):
+        assert torch.allclose(batch.ws[i], single.ws[0], atol=1e-4)
+        assert np.allclose(batch.losses[:, i], single.losses[:, 0], rtol=1e-4, atol=1e-6)
+
+
+def test_seed_recipe_is_the_notebooks(G, vgg, targets):
+    r = RECIPES["seed"]
+    assert (r.steps, r.lr, r.init, r.layers) == (1500, 0.02, "zeros", ("relu1_1", "relu1_2", "relu3_2", "relu4_2"))
+    assert all(learning_rate(s, 1500, r) == 0.02 for s in (0, 700, 1499))
+    result = invert(G, vgg, targets[:1], recipe="seed", steps=3)
+    assert result.recipe == "seed" and result.losses.shape == (3, 1)
+
+
+def test_refine_continues_from_a_stored_latent(G, vgg, targets):
+    first = invert(G, vgg, targets[:1], steps=60)
+    more = invert(G, vgg, targets[:1], steps=60, init_ws=first.ws)
+    assert more.psnr[0] > first.psnr[0]
+
+
+def test_wrong_size_target_is_refused(G, vgg):
+    with pytest.raises(ValueError, match="must be 32x32"):
+        invert(G, vgg, np.zeros((64, 64, 3), np.uint8), steps=1)
+
+
+def test_latent_file_round_trip_and_model_check(tmp_path, G):
+    lat = Latent(ws=np.random.randn(G.num_ws, G.w_dim).astype(np.float32), model_id=G.model_id,
+                 settings={"recipe": "default", "psnr": 31.2})
+    save_latent(tmp_path / "me.npz", lat)
+    back = load_latent(tmp_path / "me.npz")
+    assert np.array_equal(back.ws, lat.ws) and back.model_id == "tiny" and back.settings["psnr"] == 31.2
+    back.check_model(G)
+    other = Latent(ws=lat.ws, model_id="ffhq-1024")
+    with pytest.raises(LatentError, match="belongs to model 'ffhq-1024', not 'tiny'"):
+        other.check_model(G)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(LatentError, match="not a stylebot latent file"):
+        load_latent(tmp_path / "bad.npz")
