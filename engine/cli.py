@@ -39,6 +39,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
     p.set_defaults(handler=cmd_invert)
 
+    p = sub.add_parser("morph", help="animate from one latent to another (GIF or MP4)",
+                       description="Interpolate two latents with weights that sum to 1 and write a looping animation.")
+    p.add_argument("a", type=Path, help="first latent (.npz)")
+    p.add_argument("b", type=Path, help="second latent (.npz)")
+    p.add_argument("--frames", type=int, default=24, help="frames from A to B (default 24, at most 120)")
+    p.add_argument("--easing", choices=["cosine", "linear"], default="cosine")
+    p.add_argument("--no-pingpong", action="store_true", help="do not play back from B to A")
+    p.add_argument("--layers", choices=["all", "coarse", "middle", "fine"], default="all",
+                   help="morph only these layers (style mixing); default all")
+    p.add_argument("--fps", type=float, default=12)
+    p.add_argument("--max-mib", type=float, default=10.0, help="size budget; frames shrink to fit (default 10)")
+    p.add_argument("--model", help="model name; default: the latents' model")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
+    p.add_argument("--out", required=True, type=Path, help="output .gif or .mp4")
+    p.set_defaults(handler=cmd_morph)
+
     w = sub.add_parser("weights", help="list, download, import, verify and convert model weights",
                        description="Manage the weights cache (config [weights] dir).")
     wsub = w.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
@@ -172,6 +188,35 @@ def cmd_invert(args: argparse.Namespace, cfg: Config) -> int:
     close = ("no face found in the reconstruction" if distance is None
              else f"face distance {distance:.2f} ({'same person' if distance < 0.6 else 'not yet the same person'} by dlib's 0.6)")
     print(f"{args.out}: {G.model_id}, {steps} steps, PSNR {result.psnr[0]:.1f} dB, {close}")
+    return 0
+
+
+def cmd_morph(args: argparse.Namespace, cfg: Config) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from engine.errors import StylebotError
+    from engine.latents import load_latent
+    from engine.morph import encode_gif, encode_mp4, morph
+
+    if not 2 <= args.frames <= 120:
+        raise StylebotError("--frames must be between 2 and 120")
+    if args.out.suffix.lower() not in (".gif", ".mp4"):
+        raise StylebotError(f"{args.out}: write a .gif or an .mp4")
+    la, lb = load_latent(args.a), load_latent(args.b)
+    G, _ = open_model(cfg, args.model or la.model_id, args.device)
+    la.check_model(G)
+    lb.check_model(G)
+    with tqdm(total=args.frames, desc="rendering", unit="frame") as bar:
+        video = morph(G, torch.from_numpy(la.ws), torch.from_numpy(lb.ws), frames=args.frames, easing=args.easing,
+                      pingpong=not args.no_pingpong, layers=args.layers,
+                      progress=lambda done, total: bar.update(done - bar.n))
+    budget = int(args.max_mib * 2**20)
+    encode = encode_gif if args.out.suffix.lower() == ".gif" else encode_mp4
+    data = encode(video, fps=args.fps, max_bytes=budget)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(data)
+    print(f"{args.out}: {len(video)} frames, {len(data) / 1024:.0f} KiB, {G.model_id}")
     return 0
 
 

@@ -226,3 +226,22 @@ def test_invert_cli_bad_photos_get_one_line(tmp_path, config_file, capsys, make,
     err = capsys.readouterr().err.strip()
     assert rc == 1 and message in err and "\n" not in err
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_morph_cli_writes_gif_and_mp4_and_refuses_other_models_latents(tmp_path, config_file, capsys):
+    from engine.latents import Latent, save_latent
+
+    rng = np.random.default_rng(0)
+    a, b, other = tmp_path / "a.npz", tmp_path / "b.npz", tmp_path / "other.npz"
+    save_latent(a, Latent(ws=rng.standard_normal((8, 64)).astype(np.float32), model_id="tiny"))
+    save_latent(b, Latent(ws=rng.standard_normal((8, 64)).astype(np.float32), model_id="tiny"))
+    save_latent(other, Latent(ws=rng.standard_normal((18, 512)).astype(np.float32), model_id="ffhq-1024"))
+    cfg = ["--config", str(config_file)]
+    assert main([*cfg, "morph", str(a), str(b), "--frames", "6", "--out", str(tmp_path / "ab.gif")]) == 0
+    gif = Image.open(tmp_path / "ab.gif")
+    assert gif.n_frames == 10 and gif.info["loop"] == 0
+    assert main([*cfg, "morph", str(a), str(b), "--frames", "6", "--out", str(tmp_path / "ab.mp4")]) == 0
+    assert (tmp_path / "ab.mp4").read_bytes()[4:8] == b"ftyp"
+    capsys.readouterr()
+    assert main([*cfg, "morph", str(a), str(other), "--model", "tiny", "--out", str(tmp_path / "x.gif")]) == 1
+    assert "belongs to model 'ffhq-1024', not 'tiny'" in capsys.readouterr().err
