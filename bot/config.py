@@ -34,13 +34,23 @@ class WeightsConfig:
 
 
 @dataclass(frozen=True)
+class EditConfig:
+    clip_model: str = "ViT-B-32"        # open_clip architecture for /edit ("stylebot-tiny-clip" = tiny, random)
+    clip_pretrained: str = "openai"     # open_clip pretrained tag (downloaded once into open_clip's cache)
+    max_prompt_chars: int = 200         # longer prompts are refused
+    stronger: float = 1.5               # factor per "stronger" step: w0 + k (w - w0)
+    weaker: float = 0.67                # factor per "weaker" step
+
+
+@dataclass(frozen=True)
 class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
+    edit: EditConfig = field(default_factory=EditConfig)
     source: str = "defaults"            # the file this came from (not an option)
 
 
-SECTIONS = {"engine": EngineConfig, "weights": WeightsConfig}
+SECTIONS = {"engine": EngineConfig, "weights": WeightsConfig, "edit": EditConfig}
 
 
 def find_config(explicit: str | Path | None = None) -> Path | None:

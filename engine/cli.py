@@ -55,6 +55,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output .gif or .mp4")
     p.set_defaults(handler=cmd_morph)
 
+    p = sub.add_parser("edit", help="move a latent toward a text prompt with CLIP (StyleCLIP)",
+                       description="StyleCLIP latent optimisation: CLIP loss + L2 to the start latent.")
+    p.add_argument("latent", type=Path, help="start latent (.npz)")
+    p.add_argument("prompt", help='what to change, e.g. "really angry face"')
+    p.add_argument("--out", required=True, type=Path, help="edited image (PNG)")
+    p.add_argument("--save", type=Path, help="also write the edited latent (.npz, keeps the start latent)")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="scale the edit afterwards: w0 + k (w - w0) (1.5 = stronger, 0.67 = weaker)")
+    p.add_argument("--recipe", choices=["default", "seed"], default="default",
+                   help="default: StyleCLIP's 300 steps, l2 0.008; seed: 150 steps, l2 0.005")
+    p.add_argument("--steps", type=int, help="override the recipe's number of steps")
+    p.add_argument("--clip", help="open_clip model, or 'tiny'; default: config [edit] (tiny with --model tiny)")
+    p.add_argument("--model", help="model name; default: the latent's model")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
+    p.set_defaults(handler=cmd_edit)
+
     w = sub.add_parser("weights", help="list, download, import, verify and convert model weights",
                        description="Manage the weights cache (config [weights] dir).")
     wsub = w.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
@@ -217,6 +233,40 @@ def cmd_morph(args: argparse.Namespace, cfg: Config) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(data)
     print(f"{args.out}: {len(video)} frames, {len(data) / 1024:.0f} KiB, {G.model_id}")
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace, cfg: Config) -> int:
+    import torch
+    from PIL import Image
+    from tqdm import tqdm
+
+    from engine.edit import EDIT_RECIPES, TINY_CLIP, ClipScorer, check_prompt, edit, restyle
+    from engine.latents import Latent, load_latent, save_latent
+
+    prompt = check_prompt(args.prompt, cfg.edit.max_prompt_chars)
+    start = load_latent(args.latent)
+    G, dev = open_model(cfg, args.model or start.model_id, args.device)
+    start.check_model(G)
+    clip_name = args.clip or (TINY_CLIP if G.model_id == "tiny" else cfg.edit.clip_model)
+    clip_name = TINY_CLIP if clip_name == "tiny" else clip_name
+    clip = ClipScorer(clip_name, cfg.edit.clip_pretrained, device=dev)
+    steps = args.steps or EDIT_RECIPES[args.recipe].steps
+    w0 = torch.from_numpy(start.ws)[None]
+    with tqdm(total=steps, desc=f"editing: {prompt[:30]}", unit="step") as bar:
+        result = edit(G, clip, w0, prompt, recipe=args.recipe, steps=steps,
+                      progress=lambda s, t, losses: (bar.update(1), bar.set_postfix(loss=f"{losses[0]:.3f}")))
+    ws, images = result.ws, result.images
+    if args.strength != 1.0:
+        ws, images = restyle(G, result.w0, result.ws, args.strength)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(images[0], "RGB").save(args.out)
+    if args.save:
+        settings = {"operation": "edit", "prompt": prompt, "recipe": args.recipe, "steps": steps,
+                    "strength": args.strength, "clip": f"{clip_name}/{clip.pretrained}"}
+        save_latent(args.save, Latent(ws=ws[0].numpy(), model_id=G.model_id, settings=settings, w0=start.ws))
+    print(f"{args.out}: {G.model_id}, {steps} steps, CLIP similarity {result.similarity[0]:.3f}, "
+          f"strength {args.strength}")
     return 0
 
 

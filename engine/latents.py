@@ -1,4 +1,5 @@
-"""The latent file (`.npz`): `ws` float32 [num_ws, w_dim], `model_id`, `created`, and the settings that made it."""
+"""The latent file (`.npz`): `ws` float32 [num_ws, w_dim], `model_id`, `created`, the settings that made it, and for
+an edit its start latent `w0` (so that it can be made stronger or weaker later)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class Latent:
     model_id: str                       # the generator it belongs to
     settings: dict = field(default_factory=dict)  # how it was made (operation, recipe, steps, psnr, ...)
     created: float = field(default_factory=time.time)
+    w0: np.ndarray | None = None        # float32 [num_ws, w_dim]: an edit's start latent
 
     def check_model(self, G) -> None:
         if self.model_id != G.model_id:
@@ -32,8 +34,9 @@ class Latent:
 
 
 def save_latent(path: str | Path, latent: Latent) -> None:
+    extra = {} if latent.w0 is None else {"w0": latent.w0.astype(np.float32)}
     np.savez(path, ws=latent.ws.astype(np.float32), model_id=np.array(latent.model_id),
-             created=np.array(latent.created), settings=np.array(json.dumps(latent.settings)))
+             created=np.array(latent.created), settings=np.array(json.dumps(latent.settings)), **extra)
 
 
 def load_latent(path: str | Path) -> Latent:
@@ -41,6 +44,7 @@ def load_latent(path: str | Path) -> Latent:
         with np.load(path, allow_pickle=False) as f:
             return Latent(ws=f["ws"].astype(np.float32), model_id=str(f["model_id"]),
                           settings=json.loads(str(f["settings"])) if "settings" in f else {},
-                          created=float(f["created"]) if "created" in f else 0.0)
+                          created=float(f["created"]) if "created" in f else 0.0,
+                          w0=f["w0"].astype(np.float32) if "w0" in f else None)
     except (OSError, KeyError, ValueError) as e:
         raise LatentError(f"{path}: not a stylebot latent file ({e})") from None

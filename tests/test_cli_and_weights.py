@@ -245,3 +245,20 @@ def test_morph_cli_writes_gif_and_mp4_and_refuses_other_models_latents(tmp_path,
     capsys.readouterr()
     assert main([*cfg, "morph", str(a), str(other), "--model", "tiny", "--out", str(tmp_path / "x.gif")]) == 1
     assert "belongs to model 'ffhq-1024', not 'tiny'" in capsys.readouterr().err
+
+
+def test_edit_cli_writes_image_and_a_latent_that_remembers_its_start(tmp_path, config_file, capsys):
+    from engine.latents import Latent, load_latent, save_latent
+
+    start = tmp_path / "me.npz"
+    ws = np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32)
+    save_latent(start, Latent(ws=ws, model_id="tiny"))
+    cfg = ["--config", str(config_file)]
+    rc = main([*cfg, "edit", str(start), "really angry face", "--steps", "5", "--strength", "1.5",
+               "--out", str(tmp_path / "angry.png"), "--save", str(tmp_path / "angry.npz")])
+    assert rc == 0 and Image.open(tmp_path / "angry.png").size == (32, 32)
+    edited = load_latent(tmp_path / "angry.npz")
+    assert np.array_equal(edited.w0, ws) and edited.settings["prompt"] == "really angry face"
+    capsys.readouterr()
+    assert main([*cfg, "edit", str(start), "", "--out", str(tmp_path / "x.png")]) == 1
+    assert "prompt is empty" in capsys.readouterr().err

@@ -1,0 +1,66 @@
+"""StyleCLIP edits on the tiny generator with a tiny open_clip model (same code path as ViT-B-32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.edit import EDIT_RECIPES, TINY_CLIP, ClipScorer, EditError, check_prompt, edit, restyle
+from engine.registry import build_builtin, registry_entries
+
+
+@pytest.fixture(scope="module")
+def G():
+    return build_builtin(registry_entries()["tiny"])
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return ClipScorer(TINY_CLIP, None)
+
+
+@pytest.fixture(scope="module")
+def w0(G):
+    torch.manual_seed(11)
+    with torch.no_grad():
+        return G.mapping(torch.randn(2, G.z_dim), None, truncation_psi=0.7)
+
+
+def test_edit_moves_the_image_toward_the_prompt(G, clip, w0):
+    before = (clip.encode_image(G.synthesis(w0[:1])) * clip.encode_text(["really angry face"])).sum().item()
+    result = edit(G, clip, w0[:1], "really angry face", steps=40)
+    assert result.similarity[0] > before + 0.02
+    assert result.losses[-1, 0] < result.losses[0, 0]
+    assert not torch.equal(result.ws, result.w0)
+    assert result.images.shape == (1, 32, 32, 3)
+
+
+def test_l2_keeps_the_edit_near_the_start(G, clip, w0):
+    loose = edit(G, clip, w0[:1], "a smiling face", steps=30, l2=0.0)
+    tight = edit(G, clip, w0[:1], "a smiling face", steps=30, l2=1.0)
+    assert (tight.ws - tight.w0).norm() < (loose.ws - loose.w0).norm()
+
+
+def test_batched_edits_equal_single_ones(G, clip, w0):
+    batch = edit(G, clip, w0, ["angry", "smiling"], steps=10)
+    single = edit(G, clip, w0[1:], "smiling", steps=10)
+    assert torch.allclose(batch.ws[1], single.ws[0], atol=1e-4)
+
+
+def test_stronger_is_one_pass_along_the_same_direction(G, clip, w0):
+    result = edit(G, clip, w0[:1], "angry", steps=10)
+    same, img = restyle(G, result.w0, result.ws, 1.0)
+    assert torch.allclose(same, result.ws) and np.array_equal(img, result.images)
+    strong, _ = restyle(G, result.w0, result.ws, 1.5)
+    assert torch.allclose(strong - result.w0, 1.5 * (result.ws - result.w0), atol=1e-6)
+
+
+def test_recipes_and_prompt_limits():
+    assert (EDIT_RECIPES["default"].steps, EDIT_RECIPES["default"].l2) == (300, 0.008)
+    assert (EDIT_RECIPES["seed"].steps, EDIT_RECIPES["seed"].l2) == (150, 0.005)
+    assert check_prompt("  really   angry face ") == "really angry face"
+    with pytest.raises(EditError, match="prompt is empty"):
+        check_prompt("   ")
+    with pytest.raises(EditError, match="keep it under 200"):
+        check_prompt("x" * 201)
