@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
+import redis.asyncio as redis
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -39,6 +42,21 @@ class ParityFixture:
 @pytest.fixture(scope="session")
 def parity() -> ParityFixture:
     return ParityFixture()
+
+
+REDIS_URL = os.environ.get("STYLEBOT_TEST_REDIS", "redis://127.0.0.1:6379/15")
+
+
+@pytest_asyncio.fixture
+async def client():
+    """A client of the real Redis the tests run against (scripts/ensure-redis starts one)."""
+    r = redis.from_url(REDIS_URL)
+    try:
+        await r.ping()
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"these tests need a Redis server at {REDIS_URL} (scripts/ensure-redis starts one): {e}")
+    yield r
+    await r.aclose()
 
 
 @pytest.fixture

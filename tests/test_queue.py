@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 
-import pytest
 import pytest_asyncio
-import redis.asyncio as redis
 
 from storage.keys import Keys
 from storage.queue import Job, JobQueue
-
-REDIS_URL = os.environ.get("STYLEBOT_TEST_REDIS", "redis://127.0.0.1:6379/15")
-
-
-@pytest_asyncio.fixture
-async def client():
-    r = redis.from_url(REDIS_URL)
-    try:
-        await r.ping()
-    except Exception as e:  # noqa: BLE001
-        pytest.fail(f"these tests need a Redis server at {REDIS_URL} (.ci/run starts one): {e}")
-    yield r
-    await r.aclose()
 
 
 @pytest_asyncio.fixture

@@ -1,0 +1,88 @@
+"""Per-user latents in Redis: the user's current face, the latents behind their recent results, consent to share.
+
+Latents are stored as raw little-endian float32 bytes with their shape and model id, never pickled; no torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis.asyncio as redis
+
+from storage.keys import Keys
+
+
+@dataclass
+class StoredLatent:
+    ws: np.ndarray                      # float32 [num_ws, w_dim]
+    model_id: str
+    created: float = field(default_factory=time.time)
+    meta: dict = field(default_factory=dict)  # e.g. recipe, psnr, likeness, prompt
+    w0: np.ndarray | None = None        # an edit's start latent (for stronger / weaker)
+
+
+def _pack(lat: StoredLatent) -> dict[str, bytes | str]:
+    d: dict[str, bytes | str] = {"ws": np.ascontiguousarray(lat.ws, dtype="<f4").tobytes(),
+                                 "shape": json.dumps(list(lat.ws.shape)), "model_id": lat.model_id,
+                                 "created": repr(lat.created), "meta": json.dumps(lat.meta)}
+    if lat.w0 is not None:
+        d["w0"] = np.ascontiguousarray(lat.w0, dtype="<f4").tobytes()
+    return d
+
+
+def _unpack(h: dict) -> StoredLatent | None:
+    if not h:
+        return None
+    h = {k.decode() if isinstance(k, bytes) else k: v for k, v in h.items()}
+    shape = json.loads(h["shape"])
+    ws = np.frombuffer(h["ws"], dtype="<f4").reshape(shape).copy()
+    w0 = np.frombuffer(h["w0"], dtype="<f4").reshape(shape).copy() if "w0" in h else None
+    text = lambda v: v.decode() if isinstance(v, bytes) else v  # noqa: E731
+    return StoredLatent(ws, text(h["model_id"]), float(text(h["created"])), json.loads(text(h["meta"])), w0)
+
+
+class LatentStore:
+    def __init__(self, client: redis.Redis, keys: Keys = Keys(), *, latent_ttl_s: int = 30 * 86_400,
+                 result_ttl_s: int = 7 * 86_400):
+        self.r, self.keys = client, keys
+        self.latent_ttl_s, self.result_ttl_s = latent_ttl_s, result_ttl_s
+
+    async def set_face(self, user_id: str, latent: StoredLatent) -> None:
+        key = self.keys.latent(user_id)
+        async with self.r.pipeline(transaction=True) as p:
+            p.delete(key)
+            p.hset(key, mapping=_pack(latent))
+            p.expire(key, self.latent_ttl_s)
+            await p.execute()
+
+    async def face(self, user_id: str) -> StoredLatent | None:
+        return _unpack(await self.r.hgetall(self.keys.latent(user_id)))
+
+    async def set_result(self, user_id: str, result_id: str, latent: StoredLatent) -> None:
+        key = self.keys.result_latent(user_id, result_id)
+        async with self.r.pipeline(transaction=True) as p:
+            p.hset(key, mapping=_pack(latent))
+            p.expire(key, self.result_ttl_s)
+            await p.execute()
+
+    async def result(self, user_id: str, result_id: str) -> StoredLatent | None:
+        return _unpack(await self.r.hgetall(self.keys.result_latent(user_id, result_id)))
+
+    async def share(self, user_id: str, on: bool) -> None:
+        if on:
+            await self.r.set(self.keys.shared(user_id), "1", ex=self.latent_ttl_s)
+        else:
+            await self.r.delete(self.keys.shared(user_id))
+
+    async def is_shared(self, user_id: str) -> bool:
+        return bool(await self.r.exists(self.keys.shared(user_id)))
+
+    async def forget(self, user_id: str) -> int:
+        """Delete every key that belongs to the user; returns how many."""
+        deleted = 0
+        async for key in self.r.scan_iter(match=f"{self.keys.user(user_id)}*", count=500):
+            deleted += await self.r.delete(key)
+        return deleted
