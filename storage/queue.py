@@ -49,7 +49,11 @@ class Job:
 _FINISH = """
 local first = redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1])
 if first then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[3])
+  if ARGV[7] ~= '' then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[3], 'payload', ARGV[7])
+  else
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[3])
+  end
 end
 redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
 redis.call('DEL', KEYS[4])
@@ -125,14 +129,15 @@ class JobQueue:
     async def photo(self, job: Job) -> bytes | None:
         return await self.r.get(self.keys.photo(job.job_id))
 
-    async def finish(self, job: Job, event: dict, status: str = "done") -> bool:
-        """Store the result event once, acknowledge the job, drop its photo. True if this call stored it."""
+    async def finish(self, job: Job, event: dict, status: str = "done", payload: bytes = b"") -> bool:
+        """Store the result event (and its image / GIF payload) once, acknowledge the job, drop its photo.
+        True if this call stored it."""
         stored = await self._finish(
             keys=[self.keys.done(job.job_id), self.keys.results(job.adapter), self.keys.jobs,
                   self.keys.photo(job.job_id), self.keys.job(job.job_id)],
             args=[self.result_ttl_s, self.stream_maxlen, json.dumps({"job_id": job.job_id, "user_id": job.user_id,
                                                                      "type": status, **event}),
-                  ENGINE_GROUP, job.message_id, status])
+                  ENGINE_GROUP, job.message_id, status, payload])
         await self.r.srem(self.keys.user_jobs(job.user_id), job.job_id)
         return bool(stored)
 
@@ -158,8 +163,9 @@ class JobQueue:
                 for mid, fields in entries:
                     fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()}
                     event = json.loads(fields["event"])
-                    if "preview" in fields:
-                        event["preview"] = fields["preview"]
+                    for name in ("preview", "payload"):
+                        if name in fields:
+                            event[name] = fields[name]
                     out.append((mid.decode() if isinstance(mid, bytes) else mid, event))
             if out:
                 break

@@ -1,0 +1,147 @@
+"""The engine worker (`stylebot engine`): a thin loop over the job queue.
+
+Claim a batch, group jobs that can share a forward pass (same operation and settings), run them in a thread (so the
+heartbeat keeps beating), store each result, then acknowledge it: a job is acknowledged only after its result is
+stored, and `JobQueue.finish` stores it at most once, so a job reclaimed after a crash is posted once.
+Several engines (one per GPU, any machines) share one queue through its consumer group with no other coordination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import socket
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from engine.align import align
+from engine.errors import StylebotError
+from engine.invert import invert
+from storage.latents import LatentStore, StoredLatent
+from storage.queue import Job, JobQueue
+
+log = logging.getLogger("stylebot.engine")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    name: str = ""                      # consumer name; default host:pid
+    batch_size: int = 8                 # jobs claimed at once
+    heartbeat_ttl_s: int = 15           # the bot says "engine offline" when no heartbeat is this fresh
+    invert_steps: int | None = None     # override the recipe's steps (tests, CPUs)
+    progress_every: int = 25            # steps between progress events
+
+
+class Worker:
+    def __init__(self, G, queue: JobQueue, store: LatentStore, *, vgg, settings: WorkerSettings = WorkerSettings()):
+        self.G, self.queue, self.store, self.vgg = G, queue, store, vgg
+        self.settings = settings
+        self.name = settings.name or f"{socket.gethostname()}:{os.getpid()}"
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def heartbeat(self) -> None:
+        await self.queue.r.set(self.queue.keys.heartbeat(self.name),
+                               f"{self.G.model_id} {time.time():.0f}", ex=self.settings.heartbeat_ttl_s)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until `stop` is set: claim, run, store, acknowledge. A batch in flight is finished before returning."""
+        self.loop = asyncio.get_running_loop()
+        await self.queue.ensure_groups()
+        log.info("engine %s serving %s", self.name, self.G.model_id)
+        while not stop.is_set():
+            await self.heartbeat()
+            jobs, exhausted = await self.queue.claim(self.name, self.settings.batch_size, block_ms=500)
+            for job in exhausted:
+                await self.queue.fail(job, "this job failed on the engine several times; try another photo or prompt")
+            for group in group_jobs(jobs):
+                beat = asyncio.create_task(self._beat_while_busy())
+                try:
+                    await self.run_group(group)
+                finally:
+                    beat.cancel()
+        await self.queue.r.delete(self.queue.keys.heartbeat(self.name))
+
+    async def _beat_while_busy(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_ttl_s / 3)
+            await self.heartbeat()
+
+    async def run_group(self, jobs: list[Job]) -> None:
+        op = jobs[0].op
+        try:
+            if op == "invert":
+                await self._invert(jobs)
+            else:
+                for job in jobs:
+                    await self.queue.fail(job, f"unknown operation {op!r}")
+        except Exception:  # noqa: BLE001 - a bug must not take the engine down; the job is retried, then failed
+            log.exception("%s batch of %d failed; leaving it for a retry", op, len(jobs))
+
+    def _progress(self, jobs: list[Job]):
+        every = self.settings.progress_every
+
+        def report(step: int, total: int, losses: list[float]) -> None:
+            if step % every == 0 or step == total:
+                for job in jobs:
+                    asyncio.run_coroutine_threadsafe(self.queue.progress(job, step, total), self.loop)
+        return report
+
+    async def _invert(self, jobs: list[Job]) -> None:
+        ready: list[tuple[Job, Any]] = []
+        for job in jobs:
+            photo = await self.queue.photo(job)
+            try:
+                face = await asyncio.to_thread(_align_photo, photo, self.G.img_resolution)
+            except StylebotError as e:
+                await self.queue.fail(job, str(e))
+                continue
+            ready.append((job, face))
+        if not ready:
+            return
+        targets = np.stack([face.image for _, face in ready])
+        result = await asyncio.to_thread(invert, self.G, self.vgg, targets, steps=self.settings.invert_steps,
+                                         progress=self._progress([j for j, _ in ready]))
+        for i, (job, face) in enumerate(ready):
+            meta = {"op": "invert", "psnr": round(result.psnr[i], 2), "steps": result.steps,
+                    "warnings": face.warnings}
+            latent = StoredLatent(result.ws[i].numpy(), self.G.model_id, meta=meta)
+            await self.store.set_face(job.user_id, latent)
+            await self.store.set_result(job.user_id, job.job_id, latent)
+            text = f"your face in {self.G.model_id}: PSNR {result.psnr[i]:.1f} dB" + "".join(
+                f"; {w}" for w in face.warnings)
+            await self.queue.finish(job, {"text": text, "kind": "image", "result_id": job.job_id},
+                                    payload=_png(result.images[i]))
+
+
+def group_jobs(jobs: list[Job]) -> list[list[Job]]:
+    """Jobs that can share one forward/backward pass: same operation and same settings."""
+    groups: dict[tuple, list[Job]] = defaultdict(list)
+    for job in jobs:
+        key = (job.op, tuple(sorted((k, str(v)) for k, v in job.params.items() if k not in ("prompt", "a", "b"))))
+        groups[key].append(job)
+    return list(groups.values())
+
+
+def _align_photo(photo: bytes | None, resolution: int):
+    if not photo:
+        raise StylebotError("the photo for this job has expired; send it again")
+    try:
+        img = Image.open(io.BytesIO(photo))
+        img.load()
+    except (UnidentifiedImageError, OSError):
+        raise StylebotError("that file is not an image I can read; send a JPEG or PNG photo") from None
+    return align(img, resolution)
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image, "RGB").save(buf, "PNG")
+    return buf.getvalue()
+
