@@ -43,14 +43,31 @@ class EditConfig:
 
 
 @dataclass(frozen=True)
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"  # without a password: set STYLEBOT_REDIS_PASSWORD in the environment
+    prefix: str = "stylebot:"           # every key this product writes starts with this
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    batch_size: int = 8                 # jobs an engine claims and runs together
+    max_deliveries: int = 3             # a job handed out more often than this is failed with a reason
+    reclaim_idle_s: float = 30.0        # a job whose engine has not touched it for this long is taken over
+    heartbeat_ttl_s: int = 15           # an engine without a heartbeat this fresh counts as offline
+
+
+@dataclass(frozen=True)
 class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     edit: EditConfig = field(default_factory=EditConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
     source: str = "defaults"            # the file this came from (not an option)
 
 
-SECTIONS = {"engine": EngineConfig, "weights": WeightsConfig, "edit": EditConfig}
+SECTIONS = {"engine": EngineConfig, "weights": WeightsConfig, "edit": EditConfig, "redis": RedisConfig,
+            "queue": QueueConfig}
 
 
 def find_config(explicit: str | Path | None = None) -> Path | None:

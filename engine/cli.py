@@ -71,6 +71,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
     p.set_defaults(handler=cmd_edit)
 
+    p = sub.add_parser("engine", help="run the engine worker: take jobs from the Redis queue until stopped",
+                       description="Load the model once, then claim, run, store and acknowledge jobs. SIGTERM or "
+                                   "Ctrl-C finishes the batch in hand and exits 0. Run one per GPU.")
+    p.add_argument("--model", help="model name; default: config [engine] model")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
+    p.add_argument("--name", default="", help="consumer name in the queue (default host:pid)")
+    p.add_argument("--invert-steps", type=int, help="override the inversion recipe's steps (slow CPUs, tests)")
+    p.set_defaults(handler=cmd_engine)
+
     w = sub.add_parser("weights", help="list, download, import, verify and convert model weights",
                        description="Manage the weights cache (config [weights] dir).")
     wsub = w.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
@@ -267,6 +276,44 @@ def cmd_edit(args: argparse.Namespace, cfg: Config) -> int:
         save_latent(args.save, Latent(ws=ws[0].numpy(), model_id=G.model_id, settings=settings, w0=start.ws))
     print(f"{args.out}: {G.model_id}, {steps} steps, CLIP similarity {result.similarity[0]:.3f}, "
           f"strength {args.strength}")
+    return 0
+
+
+def cmd_engine(args: argparse.Namespace, cfg: Config) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from engine.registry import load_vgg
+    from engine.worker import Worker, WorkerSettings
+    from storage.connect import connect
+    from storage.keys import Keys
+    from storage.latents import LatentStore
+    from storage.queue import JobQueue
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    G, dev = open_model(cfg, args.model, args.device)
+    vgg, warning = load_vgg(_cache(cfg), G)
+    if warning:
+        logging.getLogger("stylebot.engine").warning(warning)
+    settings = WorkerSettings(name=args.name, batch_size=cfg.queue.batch_size,
+                              heartbeat_ttl_s=cfg.queue.heartbeat_ttl_s, invert_steps=args.invert_steps)
+
+    async def serve() -> None:
+        client = connect(cfg.redis.url)
+        keys = Keys(cfg.redis.prefix)
+        queue = JobQueue(client, keys, max_deliveries=cfg.queue.max_deliveries,
+                         reclaim_idle_ms=int(cfg.queue.reclaim_idle_s * 1000))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await Worker(G, queue, LatentStore(client, keys), vgg=vgg, settings=settings).run(stop)
+        finally:
+            await client.aclose()
+
+    asyncio.run(serve())
     return 0
 
 

@@ -61,17 +61,19 @@ class Worker:
             for job in exhausted:
                 await self.queue.fail(job, "this job failed on the engine several times; try another photo or prompt")
             for group in group_jobs(jobs):
-                beat = asyncio.create_task(self._beat_while_busy())
+                beat = asyncio.create_task(self._beat_while_busy(group))
                 try:
                     await self.run_group(group)
                 finally:
                     beat.cancel()
         await self.queue.r.delete(self.queue.keys.heartbeat(self.name))
 
-    async def _beat_while_busy(self) -> None:
+    async def _beat_while_busy(self, jobs: list[Job]) -> None:
+        """Heartbeat, and keep this batch's jobs claimed (their idle time reset) while they run."""
         while True:
-            await asyncio.sleep(self.settings.heartbeat_ttl_s / 3)
+            await asyncio.sleep(min(self.settings.heartbeat_ttl_s, self.queue.reclaim_idle_ms / 1000) / 3)
             await self.heartbeat()
+            await self.queue.touch(self.name, jobs)
 
     async def run_group(self, jobs: list[Job]) -> None:
         op = jobs[0].op

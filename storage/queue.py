@@ -122,6 +122,11 @@ class JobQueue:
             (exhausted if deliveries > self.max_deliveries else jobs).append(job)
         return jobs, exhausted
 
+    async def touch(self, consumer: str, jobs: list[Job]) -> None:
+        """Reset the idle time of jobs this consumer is still working on (XCLAIM JUSTID keeps the delivery count)."""
+        if jobs:
+            await self.r.xclaim(self.keys.jobs, ENGINE_GROUP, consumer, 0, [j.message_id for j in jobs], justid=True)
+
     async def _deliveries(self, message_id: str) -> int:
         info = await self.r.xpending_range(self.keys.jobs, ENGINE_GROUP, min=message_id, max=message_id, count=1)
         return int(info[0]["times_delivered"]) if info else 1

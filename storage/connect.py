@@ -1,0 +1,19 @@
+"""One way to open the Redis client, with the password from the environment (never from config)."""
+
+from __future__ import annotations
+
+import os
+
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError, TimeoutError
+
+ENV_PASSWORD = "STYLEBOT_REDIS_PASSWORD"
+
+
+def connect(url: str) -> redis.Redis:
+    """A client that retries with exponential backoff (0.1 s up to 5 s) when Redis restarts."""
+    return redis.from_url(url, password=os.environ.get(ENV_PASSWORD) or None,
+                          retry=Retry(ExponentialBackoff(cap=5, base=0.1), retries=20),
+                          retry_on_error=[ConnectionError, TimeoutError], health_check_interval=30)

@@ -1,0 +1,87 @@
+"""`stylebot engine` as a process on a real Redis: SIGKILL mid-batch loses nothing, SIGTERM exits cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest_asyncio
+
+from conftest import FIXTURES, REDIS_URL
+from storage.keys import Keys
+from storage.queue import Job, JobQueue
+
+
+@pytest_asyncio.fixture
+async def setup(client, tmp_path):
+    prefix = f"test-{uuid.uuid4().hex[:8]}:"
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[engine]\ndevice = "cpu"\nmodel = "tiny"\n\n[weights]\ndir = "{tmp_path / "w"}"\n\n'
+                   f'[redis]\nurl = "{REDIS_URL}"\nprefix = "{prefix}"\n\n'
+                   "[queue]\nbatch_size = 4\nmax_deliveries = 3\nreclaim_idle_s = 1.0\nheartbeat_ttl_s = 3\n")
+    queue = JobQueue(client, Keys(prefix))
+    await queue.ensure_groups(adapters=("web",))
+    yield cfg, queue
+    async for key in client.scan_iter(match=f"{prefix}*"):
+        await client.delete(key)
+
+
+def start_engine(cfg, name: str, steps: int = 40) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bot.cli", "--config", str(cfg), "engine", "--name", name,
+                             "--invert-steps", str(steps)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+async def collect(queue: JobQueue, done: list, until, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not until() and time.monotonic() < deadline:
+        for entry_id, event in await queue.read_events("web", "web-test", block_ms=200):
+            await queue.ack_event("web", entry_id)
+            if event["type"] != "progress":
+                done.append(event)
+
+
+async def test_sigkill_mid_batch_then_another_engine_every_job_answered_once(setup):
+    cfg, queue = setup
+    photo = (FIXTURES / "faces" / "obama.jpg").read_bytes()
+    jobs = [Job(op="invert", user_id=f"user{i}", adapter="web") for i in range(20)]
+    for job in jobs:
+        await queue.enqueue(job, photo=photo)
+
+    answers: list[dict] = []
+    first = start_engine(cfg, "engine-a")
+    await collect(queue, answers, lambda: len(answers) >= 4, timeout=90)  # one batch done, the next in flight
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    assert 4 <= len(answers) < 20, "the kill should land mid-run"
+
+    second = start_engine(cfg, "engine-b")
+    try:
+        await collect(queue, answers, lambda: len(answers) >= 20, timeout=120)
+        await collect(queue, answers, lambda: False, timeout=2)  # nothing more may arrive
+    finally:
+        second.terminate()
+        second.wait(30)
+    counts = collections.Counter(a["job_id"] for a in answers)
+    assert set(counts) == {j.job_id for j in jobs}
+    assert max(counts.values()) == 1, f"posted twice: {[k for k, v in counts.items() if v > 1]}"
+    assert all(a["type"] == "done" for a in answers)
+    assert await queue.pending_count() == 0
+
+
+async def test_sigterm_exits_zero_and_drops_the_heartbeat(setup, client):
+    cfg, queue = setup
+    engine = start_engine(cfg, "engine-t")
+    key = queue.keys.heartbeat("engine-t")
+    for _ in range(200):
+        if await client.exists(key):
+            break
+        await asyncio.sleep(0.1)
+    assert await client.exists(key), engine.stderr.read1().decode() if engine.poll() is not None else "no heartbeat"
+    engine.send_signal(signal.SIGTERM)
+    assert engine.wait(30) == 0
+    assert not await client.exists(key)
