@@ -296,6 +296,13 @@ def cmd_engine(args: argparse.Namespace, cfg: Config) -> int:
     vgg, warning = load_vgg(_cache(cfg), G)
     if warning:
         logging.getLogger("stylebot.engine").warning(warning)
+    from engine.edit import TINY_CLIP, ClipScorer
+
+    clip_name = TINY_CLIP if G.model_id == "tiny" else cfg.edit.clip_model
+
+    def clip_factory():
+        return ClipScorer(clip_name, cfg.edit.clip_pretrained, device=dev)
+
     settings = WorkerSettings(name=args.name, batch_size=cfg.queue.batch_size,
                               heartbeat_ttl_s=cfg.queue.heartbeat_ttl_s, invert_steps=args.invert_steps)
 
@@ -309,7 +316,8 @@ def cmd_engine(args: argparse.Namespace, cfg: Config) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await Worker(G, queue, LatentStore(client, keys), vgg=vgg, settings=settings).run(stop)
+            await Worker(G, queue, LatentStore(client, keys), vgg=vgg, clip_factory=clip_factory,
+                         settings=settings).run(stop)
         finally:
             await client.aclose()
 

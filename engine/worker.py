@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from engine.align import align
@@ -36,12 +37,16 @@ class WorkerSettings:
     batch_size: int = 8                 # jobs claimed at once
     heartbeat_ttl_s: int = 15           # the bot says "engine offline" when no heartbeat is this fresh
     invert_steps: int | None = None     # override the recipe's steps (tests, CPUs)
+    edit_steps: int | None = None       # override the edit recipe's steps
+    max_upload_bytes: int = 10 * 2**20  # GIFs shrink to fit (Discord's default upload limit)
     progress_every: int = 25            # steps between progress events
 
 
 class Worker:
-    def __init__(self, G, queue: JobQueue, store: LatentStore, *, vgg, settings: WorkerSettings = WorkerSettings()):
+    def __init__(self, G, queue: JobQueue, store: LatentStore, *, vgg, clip_factory=None,
+                 settings: WorkerSettings = WorkerSettings()):
         self.G, self.queue, self.store, self.vgg = G, queue, store, vgg
+        self.clip_factory, self._clip = clip_factory, None
         self.settings = settings
         self.name = settings.name or f"{socket.gethostname()}:{os.getpid()}"
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -80,6 +85,14 @@ class Worker:
         try:
             if op == "invert":
                 await self._invert(jobs)
+            elif op == "morph":
+                for job in jobs:
+                    await self._morph(job)
+            elif op == "edit":
+                await self._edit(jobs)
+            elif op == "restyle":
+                for job in jobs:
+                    await self._restyle(job)
             else:
                 for job in jobs:
                     await self.queue.fail(job, f"unknown operation {op!r}")
@@ -120,6 +133,76 @@ class Worker:
                 f"; {w}" for w in face.warnings)
             await self.queue.finish(job, {"text": text, "kind": "image", "result_id": job.job_id},
                                     payload=_png(result.images[i]))
+
+
+    async def _latent(self, job: Job, user_id: str, result_id: str | None = None) -> StoredLatent | None:
+        """A stored latent usable with this engine's model, or None after failing the job with the reason."""
+        lat = await (self.store.result(user_id, result_id) if result_id else self.store.face(user_id))
+        who = "you" if user_id == job.user_id else job.params.get("names", {}).get(user_id, user_id)
+        if lat is None:
+            await self.queue.fail(job, "that result has expired; react to a newer one" if result_id else
+                                  f"there is no face for {who} yet: send a photo with /invert first")
+            return None
+        if lat.model_id != self.G.model_id or lat.ws.shape != (self.G.num_ws, self.G.w_dim):
+            await self.queue.fail(job, f"the face of {who} was made with model {lat.model_id}, the engine now runs "
+                                       f"{self.G.model_id}: send the photo again with /invert")
+            return None
+        return lat
+
+    async def _morph(self, job: Job) -> None:
+        from engine.morph import encode_gif, morph
+
+        a, b = job.params["a"], job.params["b"]
+        la = await self._latent(job, a)
+        lb = la and await self._latent(job, b)
+        if lb is None:
+            return
+        frames = int(job.params.get("frames", 24))
+        video = await asyncio.to_thread(morph, self.G, torch.from_numpy(la.ws), torch.from_numpy(lb.ws),
+                                        frames=frames, layers=job.params.get("layers", "all"))
+        gif = await asyncio.to_thread(encode_gif, video, max_bytes=self.settings.max_upload_bytes)
+        await self.queue.finish(job, {"text": f"morph, {frames} frames", "kind": "animation"}, payload=gif)
+
+    async def _edit(self, jobs: list[Job]) -> None:
+        from engine.edit import edit
+
+        if self._clip is None:
+            self._clip = await asyncio.to_thread(self.clip_factory)
+        ready = []
+        for job in jobs:
+            lat = await self._latent(job, job.user_id, job.params.get("result_id"))
+            if lat is not None:
+                ready.append((job, lat))
+        if not ready:
+            return
+        w0 = torch.from_numpy(np.stack([lat.ws for _, lat in ready]))
+        prompts = [job.params["prompt"] for job, _ in ready]
+        result = await asyncio.to_thread(edit, self.G, self._clip, w0, prompts, steps=self.settings.edit_steps,
+                                         progress=self._progress([j for j, _ in ready]))
+        for i, (job, _) in enumerate(ready):
+            meta = {"op": "edit", "prompt": prompts[i], "strength": 1.0}
+            await self.store.set_result(job.user_id, job.job_id, StoredLatent(result.ws[i].numpy(), self.G.model_id,
+                                                                              meta=meta, w0=result.w0[i].numpy()))
+            await self.queue.finish(job, {"text": f"edited: {prompts[i]}", "kind": "image", "result_id": job.job_id},
+                                    payload=_png(result.images[i]))
+
+    async def _restyle(self, job: Job) -> None:
+        from engine.edit import restyle
+
+        lat = await self._latent(job, job.user_id, job.params["result_id"])
+        if lat is None:
+            return
+        if lat.w0 is None:
+            await self.queue.fail(job, "only edits can be made stronger or weaker")
+            return
+        strength = float(lat.meta.get("strength", 1.0)) * float(job.params["factor"])
+        ws, images = await asyncio.to_thread(restyle, self.G, torch.from_numpy(lat.w0),
+                                             torch.from_numpy(lat.ws), float(job.params["factor"]))
+        meta = dict(lat.meta, strength=round(strength, 3))
+        await self.store.set_result(job.user_id, job.job_id, StoredLatent(ws[0].numpy(), self.G.model_id, meta=meta,
+                                                                          w0=lat.w0))
+        await self.queue.finish(job, {"text": f"{meta.get('prompt', 'edit')} x{strength:.2f}", "kind": "image",
+                                      "result_id": job.job_id}, payload=_png(images[0]))
 
 
 def group_jobs(jobs: list[Job]) -> list[list[Job]]:

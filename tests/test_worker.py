@@ -72,3 +72,36 @@ async def test_invert_jobs_get_an_image_and_bad_photos_a_reason(parts):
     assert await store.face("bob") is None
     assert await queue.pending_count() == 0
     assert await queue.photo(jobs["good"]) is None  # input photos are kept only until the job finishes
+
+
+async def test_morph_edit_and_stronger_jobs(parts):
+    from engine.edit import TINY_CLIP, ClipScorer
+    from storage.latents import StoredLatent
+
+    queue, store = parts
+    G = build_builtin(registry_entries()["tiny"])
+    worker = Worker(G, queue, store, vgg=load_vgg16(width=0.125), clip_factory=lambda: ClipScorer(TINY_CLIP, None),
+                    settings=WorkerSettings(name="e2", edit_steps=5))
+    rng = np.random.default_rng(0)
+    for user in ("alice", "bob"):
+        await store.set_face(user, StoredLatent(rng.standard_normal((8, 64)).astype(np.float32), "tiny"))
+    await store.set_face("old", StoredLatent(rng.standard_normal((18, 512)).astype(np.float32), "ffhq-1024"))
+    morph_job = Job(op="morph", user_id="alice", adapter="web", params={"a": "alice", "b": "bob", "frames": 4})
+    stale = Job(op="morph", user_id="alice", adapter="web", params={"a": "alice", "b": "old", "frames": 4})
+    edit_job = Job(op="edit", user_id="alice", adapter="web", params={"prompt": "angry"})
+    nobody = Job(op="edit", user_id="carol", adapter="web", params={"prompt": "angry"})
+    for job in (morph_job, stale, edit_job, nobody):
+        await queue.enqueue(job)
+    answers = {a["job_id"]: a for a in await _run_until_answered(worker, queue, 4)}
+    gif = Image.open(io.BytesIO(answers[morph_job.job_id]["payload"]))
+    assert gif.format == "GIF" and gif.n_frames == 6
+    assert "made with model ffhq-1024" in answers[stale.job_id]["error"]
+    assert answers[nobody.job_id]["error"] == "there is no face for you yet: send a photo with /invert first"
+    assert answers[edit_job.job_id]["result_id"] == edit_job.job_id
+
+    stronger = Job(op="restyle", user_id="alice", adapter="web", params={"result_id": edit_job.job_id, "factor": 1.5})
+    await queue.enqueue(stronger)
+    answer = (await _run_until_answered(worker, queue, 1))[0]
+    assert answer["type"] == "done" and "x1.50" in answer["text"]
+    edited, strong = await store.result("alice", edit_job.job_id), await store.result("alice", stronger.job_id)
+    assert np.allclose(strong.ws - strong.w0, 1.5 * (edited.ws - edited.w0), atol=1e-5)
