@@ -57,17 +57,28 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    max_photo_bytes: int = 15728640     # 15 MiB; bigger uploads are refused before they are read whole
+    max_photo_pixels: int = 40000000    # width x height, read from the header before decoding
+    max_frames: int = 120               # most frames a /morph may ask for
+    default_frames: int = 24            # frames when /morph names none
+    max_jobs_per_user: int = 3          # queued + running per user
+    max_queue: int = 200                # whole queue; beyond it: "busy, try again in a few minutes"
+
+
+@dataclass(frozen=True)
 class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     edit: EditConfig = field(default_factory=EditConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     source: str = "defaults"            # the file this came from (not an option)
 
 
 SECTIONS = {"engine": EngineConfig, "weights": WeightsConfig, "edit": EditConfig, "redis": RedisConfig,
-            "queue": QueueConfig}
+            "queue": QueueConfig, "limits": LimitsConfig}
 
 
 def find_config(explicit: str | Path | None = None) -> Path | None:

@@ -55,6 +55,14 @@ class Keys:
         """String present while the user allows others to /morph with their face."""
         return f"{self.user(user_id)}shared"
 
+    def display_name(self, user_id: str) -> str:
+        """String: the name the user is known by (so that /forget also removes the name index entry)."""
+        return f"{self.user(user_id)}name"
+
+    def name_index(self, adapter: str, name: str) -> str:
+        """String: user id of the user called `name` on an adapter (to resolve @name in /morph)."""
+        return f"{self.prefix}name:{adapter}:{name.lower()}"
+
     def user_jobs(self, user_id: str) -> str:
         """Set of the user's unfinished job ids (per-user limits)."""
         return f"{self.user(user_id)}jobs"

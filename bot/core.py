@@ -1,0 +1,195 @@
+"""The bot core: every platform's commands decided once. Adapters turn platform events into `Command`s and
+`Reaction`s and post the `Reply`s; the engine's results come back through `JobQueue.read_events`.
+
+No torch here: the core checks input, limits and consent, enqueues jobs and answers at once.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass, field
+
+from PIL import Image, UnidentifiedImageError
+
+from bot.config import EditConfig, LimitsConfig
+from storage.keys import Keys
+from storage.latents import LatentStore
+from storage.queue import Job, JobQueue
+
+Image.MAX_IMAGE_PIXELS = None  # we check dimensions ourselves, before decoding, with our own limit
+
+
+@dataclass
+class Command:
+    adapter: str                        # "telegram" | "discord" | "web"
+    user_id: str                        # stable per platform, e.g. "telegram:12345"
+    user_name: str                      # what others type after @ to name this user
+    text: str                           # the message, e.g. "/edit really angry face"
+    photo: bytes | None = None
+    mentions: dict[str, str] = field(default_factory=dict)  # @name -> user id, when the platform resolved it
+
+
+@dataclass
+class Reaction:
+    adapter: str
+    user_id: str
+    result_id: str                      # the job id behind the result message
+    action: str                         # "stronger" | "weaker"
+
+
+@dataclass
+class Reply:
+    text: str
+    job_id: str | None = None           # set when a job was queued: its result will follow
+
+
+class BotCore:
+    def __init__(self, queue: JobQueue, store: LatentStore, limits: LimitsConfig = LimitsConfig(),
+                 edit: EditConfig = EditConfig()):
+        self.queue, self.store, self.limits, self.edit = queue, store, limits, edit
+        self.keys: Keys = queue.keys
+
+    async def handle(self, cmd: Command) -> Reply:
+        """Answer a command at once: queued (with position), or a one-line reason."""
+        await self.queue.r.set(self.keys.name_index(cmd.adapter, cmd.user_name), cmd.user_id)
+        await self.queue.r.set(self.keys.display_name(cmd.user_id), f"{cmd.adapter}:{cmd.user_name}")
+        name, _, rest = cmd.text.strip().partition(" ")
+        handler = COMMANDS.get(name.lower().split("@")[0])
+        if handler is None:
+            return Reply(f"unknown command {name!r}: try /help")
+        return await handler(self, cmd, rest.strip())
+
+    async def react(self, reaction: Reaction) -> Reply:
+        """Rerun a result stronger or weaker."""
+        if reaction.action not in ("stronger", "weaker"):
+            return Reply(f"unknown reaction {reaction.action!r}")
+        result = await self.store.result(reaction.user_id, reaction.result_id)
+        if result is None:
+            return Reply("that result has expired, or it is not yours to rerun")
+        if result.w0 is None:
+            return Reply("only edits can be made stronger or weaker")
+        factor = self.edit.stronger if reaction.action == "stronger" else self.edit.weaker
+        return await self._enqueue(Command(reaction.adapter, reaction.user_id, "", ""), "restyle",
+                                   {"result_id": reaction.result_id, "factor": factor})
+
+    # -- commands --------------------------------------------------------------------------------------------
+
+    async def cmd_invert(self, cmd: Command, rest: str) -> Reply:
+        """/invert (with a photo): find your face's latent and show its reconstruction"""
+        if cmd.photo is None:
+            return Reply("send a photo with /invert as its caption")
+        problem = check_photo(cmd.photo, self.limits)
+        if problem:
+            return Reply(problem)
+        return await self._enqueue(cmd, "invert", {}, photo=cmd.photo)
+
+    async def cmd_morph(self, cmd: Command, rest: str) -> Reply:
+        """/morph @a @b [frames]: a GIF from one face to another (@me is you)"""
+        m = re.fullmatch(r"@(\S+)\s+@(\S+)(?:\s+(\d+))?", rest)
+        if not m:
+            return Reply("usage: /morph @me @friend [frames]")
+        frames = int(m.group(3) or self.limits.default_frames)
+        if not 2 <= frames <= self.limits.max_frames:
+            return Reply(f"frames must be between 2 and {self.limits.max_frames}")
+        users, names = [], {}
+        for name in (m.group(1), m.group(2)):
+            uid = cmd.user_id if name.lower() == "me" else cmd.mentions.get(name) or await self._user_called(cmd, name)
+            if uid is None:
+                return Reply(f"I don't know @{name}: they need to talk to me once (for example /help)")
+            if uid != cmd.user_id and not await self.store.is_shared(uid):
+                return Reply(f"@{name} has not allowed morphs with their face: they can send /share to allow it")
+            if await self.store.face(uid) is None:
+                who = "you" if uid == cmd.user_id else f"@{name}"
+                return Reply(f"there is no face for {who} yet: send a photo with /invert first")
+            users.append(uid)
+            names[uid] = "you" if uid == cmd.user_id else f"@{name}"
+        return await self._enqueue(cmd, "morph", {"a": users[0], "b": users[1], "frames": frames, "names": names})
+
+    async def cmd_edit(self, cmd: Command, rest: str) -> Reply:
+        """/edit <text>: change your face toward a description, e.g. /edit really angry face"""
+        prompt = " ".join(rest.split())
+        if not prompt:
+            return Reply("the prompt is empty: describe the edit, e.g. /edit really angry face")
+        if len(prompt) > self.edit.max_prompt_chars:
+            return Reply(f"the prompt is {len(prompt)} characters long; keep it under {self.edit.max_prompt_chars}")
+        if await self.store.face(cmd.user_id) is None:
+            return Reply("there is no face for you yet: send a photo with /invert first")
+        return await self._enqueue(cmd, "edit", {"prompt": prompt})
+
+    async def cmd_share(self, cmd: Command, rest: str) -> Reply:
+        """/share: allow others to /morph with your face"""
+        await self.store.share(cmd.user_id, True)
+        return Reply("others can now /morph with your face; /unshare stops it")
+
+    async def cmd_unshare(self, cmd: Command, rest: str) -> Reply:
+        """/unshare: stop others from using your face"""
+        await self.store.share(cmd.user_id, False)
+        return Reply("others can no longer /morph with your face")
+
+    async def cmd_forget(self, cmd: Command, rest: str) -> Reply:
+        """/forget: delete your face, your results and everything else I keep about you"""
+        name = await self.queue.r.get(self.keys.display_name(cmd.user_id))
+        if name:
+            adapter, _, user_name = (name.decode() if isinstance(name, bytes) else name).partition(":")
+            await self.queue.r.delete(self.keys.name_index(adapter, user_name))
+        for job_id in await self.queue.r.smembers(self.keys.user_jobs(cmd.user_id)):  # photos of unfinished jobs
+            await self.queue.r.delete(self.keys.photo(job_id.decode() if isinstance(job_id, bytes) else job_id))
+        n = await self.store.forget(cmd.user_id)
+        return Reply(f"done: deleted everything I kept about you ({n} items)")
+
+    async def cmd_status(self, cmd: Command, rest: str) -> Reply:
+        """/status: the queue, the engine, and your face"""
+        engines = [k async for k in self.queue.r.scan_iter(match=self.keys.heartbeat_pattern)]
+        face = await self.store.face(cmd.user_id)
+        return Reply(f"engines online: {len(engines)}; jobs in the queue: {await self.queue.pending_count()}; "
+                     + (f"your face: {face.model_id}" if face else "no face for you yet"))
+
+    async def cmd_help(self, cmd: Command, rest: str) -> Reply:
+        """/help: this list"""
+        lines = [f.__doc__ for f in COMMANDS.values()]
+        return Reply("\n".join(lines + ["react to an edit to make it stronger or weaker"]))
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+
+    async def _user_called(self, cmd: Command, name: str) -> str | None:
+        uid = await self.queue.r.get(self.keys.name_index(cmd.adapter, name))
+        return uid.decode() if isinstance(uid, bytes) else uid
+
+    async def _enqueue(self, cmd: Command, op: str, params: dict, photo: bytes | None = None) -> Reply:
+        if await self.queue.pending_count() >= self.limits.max_queue:
+            return Reply("I'm busy right now: try again in a few minutes")
+        if await self.queue.r.scard(self.keys.user_jobs(cmd.user_id)) >= self.limits.max_jobs_per_user:
+            return Reply(f"you already have {self.limits.max_jobs_per_user} jobs waiting: wait for one to finish")
+        job = Job(op=op, user_id=cmd.user_id, adapter=cmd.adapter, params=params)
+        position = await self.queue.enqueue(job, photo=photo)
+        engines = [k async for k in self.queue.r.scan_iter(match=self.keys.heartbeat_pattern)]
+        note = "" if engines else " (the engine is offline right now: your job waits for it)"
+        return Reply(f"queued {op}, position {position}{note}", job_id=job.job_id)
+
+
+COMMANDS = {
+    "/invert": BotCore.cmd_invert, "/morph": BotCore.cmd_morph, "/edit": BotCore.cmd_edit,
+    "/share": BotCore.cmd_share, "/unshare": BotCore.cmd_unshare, "/forget": BotCore.cmd_forget,
+    "/status": BotCore.cmd_status, "/help": BotCore.cmd_help,
+}
+
+
+def check_photo(data: bytes, limits: LimitsConfig) -> str | None:
+    """A one-line reason why a photo cannot be used, or None. Dimensions are read before any decoding."""
+    if len(data) > limits.max_photo_bytes:
+        return f"that photo is {len(data) / 2**20:.1f} MiB; send one under {limits.max_photo_bytes / 2**20:.0f} MiB"
+    try:
+        img = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError):
+        return "that file is not an image I can read; send a JPEG or PNG photo"
+    w, h = img.size
+    if w * h > limits.max_photo_pixels:
+        return f"that photo is {w}x{h} pixels; send one under {limits.max_photo_pixels / 1e6:.0f} megapixels"
+    if getattr(img, "n_frames", 1) > 1:
+        return "that is an animation; send a still photo"
+    try:
+        img.load()
+    except (OSError, SyntaxError):
+        return "that image is damaged or cut off; send it again"
+    return None
