@@ -64,7 +64,7 @@ class Worker:
             await self.heartbeat()
             jobs, exhausted = await self.queue.claim(self.name, self.settings.batch_size, block_ms=500)
             for job in exhausted:
-                await self.queue.fail(job, "this job failed on the engine several times; try another photo or prompt")
+                await self._fail(job, "this job failed on the engine several times; try another photo or prompt")
             for group in group_jobs(jobs):
                 beat = asyncio.create_task(self._beat_while_busy(group))
                 try:
@@ -72,6 +72,12 @@ class Worker:
                 finally:
                     beat.cancel()
         await self.queue.r.delete(self.queue.keys.heartbeat(self.name))
+
+    async def _finish(self, job: Job, event: dict, payload: bytes = b"") -> None:
+        await self.queue.finish(job, event, payload=payload, engine=self.name)
+
+    async def _fail(self, job: Job, reason: str) -> None:
+        await self.queue.fail(job, reason, engine=self.name)
 
     async def _beat_while_busy(self, jobs: list[Job]) -> None:
         """Heartbeat, and keep this batch's jobs claimed (their idle time reset) while they run."""
@@ -95,7 +101,7 @@ class Worker:
                     await self._restyle(job)
             else:
                 for job in jobs:
-                    await self.queue.fail(job, f"unknown operation {op!r}")
+                    await self._fail(job, f"unknown operation {op!r}")
         except Exception:  # noqa: BLE001 - a bug must not take the engine down; the job is retried, then failed
             log.exception("%s batch of %d failed; leaving it for a retry", op, len(jobs))
 
@@ -115,7 +121,7 @@ class Worker:
             try:
                 face = await asyncio.to_thread(_align_photo, photo, self.G.img_resolution)
             except StylebotError as e:
-                await self.queue.fail(job, str(e))
+                await self._fail(job, str(e))
                 continue
             ready.append((job, face))
         if not ready:
@@ -131,7 +137,7 @@ class Worker:
             await self.store.set_result(job.user_id, job.job_id, latent)
             text = f"your face in {self.G.model_id}: PSNR {result.psnr[i]:.1f} dB" + "".join(
                 f"; {w}" for w in face.warnings)
-            await self.queue.finish(job, {"text": text, "kind": "image", "result_id": job.job_id},
+            await self._finish(job, {"text": text, "kind": "image", "result_id": job.job_id},
                                     payload=_png(result.images[i]))
 
 
@@ -140,11 +146,11 @@ class Worker:
         lat = await (self.store.result(user_id, result_id) if result_id else self.store.face(user_id))
         who = "you" if user_id == job.user_id else job.params.get("names", {}).get(user_id, user_id)
         if lat is None:
-            await self.queue.fail(job, "that result has expired; react to a newer one" if result_id else
+            await self._fail(job, "that result has expired; react to a newer one" if result_id else
                                   f"there is no face for {who} yet: send a photo with /invert first")
             return None
         if lat.model_id != self.G.model_id or lat.ws.shape != (self.G.num_ws, self.G.w_dim):
-            await self.queue.fail(job, f"the face of {who} was made with model {lat.model_id}, the engine now runs "
+            await self._fail(job, f"the face of {who} was made with model {lat.model_id}, the engine now runs "
                                        f"{self.G.model_id}: send the photo again with /invert")
             return None
         return lat
@@ -161,7 +167,7 @@ class Worker:
         video = await asyncio.to_thread(morph, self.G, torch.from_numpy(la.ws), torch.from_numpy(lb.ws),
                                         frames=frames, layers=job.params.get("layers", "all"))
         gif = await asyncio.to_thread(encode_gif, video, max_bytes=self.settings.max_upload_bytes)
-        await self.queue.finish(job, {"text": f"morph, {frames} frames", "kind": "animation"}, payload=gif)
+        await self._finish(job, {"text": f"morph, {frames} frames", "kind": "animation"}, payload=gif)
 
     async def _edit(self, jobs: list[Job]) -> None:
         from engine.edit import edit
@@ -183,7 +189,7 @@ class Worker:
             meta = {"op": "edit", "prompt": prompts[i], "strength": 1.0}
             await self.store.set_result(job.user_id, job.job_id, StoredLatent(result.ws[i].numpy(), self.G.model_id,
                                                                               meta=meta, w0=result.w0[i].numpy()))
-            await self.queue.finish(job, {"text": f"edited: {prompts[i]}", "kind": "image", "result_id": job.job_id},
+            await self._finish(job, {"text": f"edited: {prompts[i]}", "kind": "image", "result_id": job.job_id},
                                     payload=_png(result.images[i]))
 
     async def _restyle(self, job: Job) -> None:
@@ -193,7 +199,7 @@ class Worker:
         if lat is None:
             return
         if lat.w0 is None:
-            await self.queue.fail(job, "only edits can be made stronger or weaker")
+            await self._fail(job, "only edits can be made stronger or weaker")
             return
         strength = float(lat.meta.get("strength", 1.0)) * float(job.params["factor"])
         ws, images = await asyncio.to_thread(restyle, self.G, torch.from_numpy(lat.w0),
@@ -201,7 +207,7 @@ class Worker:
         meta = dict(lat.meta, strength=round(strength, 3))
         await self.store.set_result(job.user_id, job.job_id, StoredLatent(ws[0].numpy(), self.G.model_id, meta=meta,
                                                                           w0=lat.w0))
-        await self.queue.finish(job, {"text": f"{meta.get('prompt', 'edit')} x{strength:.2f}", "kind": "image",
+        await self._finish(job, {"text": f"{meta.get('prompt', 'edit')} x{strength:.2f}", "kind": "image",
                                       "result_id": job.job_id}, payload=_png(images[0]))
 
 

@@ -134,21 +134,22 @@ class JobQueue:
     async def photo(self, job: Job) -> bytes | None:
         return await self.r.get(self.keys.photo(job.job_id))
 
-    async def finish(self, job: Job, event: dict, status: str = "done", payload: bytes = b"") -> bool:
+    async def finish(self, job: Job, event: dict, status: str = "done", payload: bytes = b"",
+                     engine: str = "") -> bool:
         """Store the result event (and its image / GIF payload) once, acknowledge the job, drop its photo.
         True if this call stored it."""
         stored = await self._finish(
             keys=[self.keys.done(job.job_id), self.keys.results(job.adapter), self.keys.jobs,
                   self.keys.photo(job.job_id), self.keys.job(job.job_id)],
             args=[self.result_ttl_s, self.stream_maxlen, json.dumps({"job_id": job.job_id, "user_id": job.user_id,
-                                                                     "type": status, **event}),
+                                                                     "type": status, "engine": engine, **event}),
                   ENGINE_GROUP, job.message_id, status, payload])
         await self.r.srem(self.keys.user_jobs(job.user_id), job.job_id)
         return bool(stored)
 
-    async def fail(self, job: Job, reason: str) -> bool:
+    async def fail(self, job: Job, reason: str, engine: str = "") -> bool:
         """Answer the user with a one-line reason and acknowledge the job."""
-        return await self.finish(job, {"error": reason}, status="failed")
+        return await self.finish(job, {"error": reason}, status="failed", engine=engine)
 
     async def progress(self, job: Job, step: int, total: int, preview: bytes | None = None) -> None:
         """A progress event (not idempotent, not required: adapters show the latest)."""

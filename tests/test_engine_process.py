@@ -85,3 +85,23 @@ async def test_sigterm_exits_zero_and_drops_the_heartbeat(setup, client):
     engine.send_signal(signal.SIGTERM)
     assert engine.wait(30) == 0
     assert not await client.exists(key)
+
+
+async def test_two_engines_share_one_queue(setup, client):
+    cfg, queue = setup
+    photo = (FIXTURES / "faces" / "obama.jpg").read_bytes()
+    jobs = [Job(op="invert", user_id=f"user{i}", adapter="web") for i in range(16)]
+    for job in jobs:
+        await queue.enqueue(job, photo=photo)
+    engines = [start_engine(cfg, "engine-1", steps=200), start_engine(cfg, "engine-2", steps=200)]
+    answers: list[dict] = []
+    try:
+        await collect(queue, answers, lambda: len(answers) >= 16, timeout=120)
+    finally:
+        for e in engines:
+            e.terminate()
+        for e in engines:
+            assert e.wait(30) == 0
+    counts = collections.Counter(a["job_id"] for a in answers)
+    assert set(counts) == {j.job_id for j in jobs} and max(counts.values()) == 1
+    assert {a["engine"] for a in answers} == {"engine-1", "engine-2"}  # both took part, with no coordination
