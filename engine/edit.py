@@ -123,6 +123,8 @@ def edit(
     steps: int | None = None,
     l2: float | None = None,
     progress: Callable[[int, int, list[float]], None] | None = None,
+    preview: Callable[[int, np.ndarray], None] | None = None,  # (step, uint8 [N, R, R, 3]) now and then
+    preview_every: int = 100,
 ) -> EditResult:
     r = EDIT_RECIPES[recipe]
     total, l2 = steps or r.steps, r.l2 if l2 is None else l2
@@ -146,6 +148,8 @@ def edit(
         history[step] = per_sample.detach().cpu().numpy()
         if progress:
             progress(step + 1, total, history[step].tolist())
+        if preview and (step + 1) % preview_every == 0 and step + 1 < total:
+            preview(step + 1, to_uint8(img.detach()))
     with torch.no_grad():
         img = G.synthesis(w, noise_mode="const")
         sim = (clip.encode_image(img) * text).sum(-1)

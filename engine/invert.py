@@ -87,6 +87,8 @@ def invert(
     steps: int | None = None,           # override the recipe's step count
     init_ws: torch.Tensor | None = None,  # [N, num_ws, w_dim] start here instead (refining a stored latent)
     progress: Progress | None = None,
+    preview: Callable[[int, np.ndarray], None] | None = None,  # (step, uint8 [N, R, R, 3]) now and then
+    preview_every: int = 100,
 ) -> InversionResult:
     r = RECIPES[recipe]
     total = r.steps if steps is None else steps
@@ -129,6 +131,8 @@ def invert(
         history[step] = per_sample.detach().cpu().numpy()
         if progress:
             progress(step + 1, total, history[step].tolist())
+        if preview and (step + 1) % preview_every == 0 and step + 1 < total:
+            preview(step + 1, to_uint8(img.detach()))
 
     with torch.no_grad():
         ws = (w if w.shape[1] == G.num_ws else w.expand(-1, G.num_ws, -1)).detach()

@@ -24,7 +24,9 @@ from PIL import Image, UnidentifiedImageError
 
 from engine.align import align
 from engine.errors import StylebotError
-from engine.invert import invert
+from engine.edit import EDIT_RECIPES, edit, restyle
+from engine.invert import RECIPES, invert
+from engine.morph import encode_gif, morph
 from storage.latents import LatentStore, StoredLatent
 from storage.queue import Job, JobQueue
 
@@ -40,6 +42,8 @@ class WorkerSettings:
     edit_steps: int | None = None       # override the edit recipe's steps
     max_upload_bytes: int = 10 * 2**20  # GIFs shrink to fit (Discord's default upload limit)
     progress_every: int = 25            # steps between progress events
+    preview_every: int = 100            # steps between low-resolution previews
+    preview_size: int = 64              # preview side in pixels
 
 
 class Worker:
@@ -114,6 +118,17 @@ class Worker:
                     asyncio.run_coroutine_threadsafe(self.queue.progress(job, step, total), self.loop)
         return report
 
+    def _preview(self, jobs: list[Job], total: int):
+        size = self.settings.preview_size
+
+        def send(step: int, images: np.ndarray) -> None:
+            for job, image in zip(jobs, images):
+                small = Image.fromarray(image).resize((size, size), Image.BILINEAR)
+                buf = io.BytesIO()
+                small.save(buf, "JPEG", quality=80)
+                asyncio.run_coroutine_threadsafe(self.queue.progress(job, step, total, preview=buf.getvalue()), self.loop)
+        return send
+
     async def _invert(self, jobs: list[Job]) -> None:
         ready: list[tuple[Job, Any]] = []
         for job in jobs:
@@ -127,8 +142,11 @@ class Worker:
         if not ready:
             return
         targets = np.stack([face.image for _, face in ready])
+        batch = [j for j, _ in ready]
         result = await asyncio.to_thread(invert, self.G, self.vgg, targets, steps=self.settings.invert_steps,
-                                         progress=self._progress([j for j, _ in ready]))
+                                         progress=self._progress(batch),
+                                         preview=self._preview(batch, self.settings.invert_steps or RECIPES["default"].steps),
+                                         preview_every=self.settings.preview_every)
         for i, (job, face) in enumerate(ready):
             meta = {"op": "invert", "psnr": round(result.psnr[i], 2), "steps": result.steps,
                     "warnings": face.warnings}
@@ -156,8 +174,6 @@ class Worker:
         return lat
 
     async def _morph(self, job: Job) -> None:
-        from engine.morph import encode_gif, morph
-
         a, b = job.params["a"], job.params["b"]
         la = await self._latent(job, a)
         lb = la and await self._latent(job, b)
@@ -170,8 +186,6 @@ class Worker:
         await self._finish(job, {"text": f"morph, {frames} frames", "kind": "animation"}, payload=gif)
 
     async def _edit(self, jobs: list[Job]) -> None:
-        from engine.edit import edit
-
         if self._clip is None:
             self._clip = await asyncio.to_thread(self.clip_factory)
         ready = []
@@ -183,8 +197,11 @@ class Worker:
             return
         w0 = torch.from_numpy(np.stack([lat.ws for _, lat in ready]))
         prompts = [job.params["prompt"] for job, _ in ready]
+        batch = [j for j, _ in ready]
         result = await asyncio.to_thread(edit, self.G, self._clip, w0, prompts, steps=self.settings.edit_steps,
-                                         progress=self._progress([j for j, _ in ready]))
+                                         progress=self._progress(batch),
+                                         preview=self._preview(batch, self.settings.edit_steps or EDIT_RECIPES["default"].steps),
+                                         preview_every=self.settings.preview_every)
         for i, (job, _) in enumerate(ready):
             meta = {"op": "edit", "prompt": prompts[i], "strength": 1.0}
             await self.store.set_result(job.user_id, job.job_id, StoredLatent(result.ws[i].numpy(), self.G.model_id,
@@ -193,8 +210,6 @@ class Worker:
                                     payload=_png(result.images[i]))
 
     async def _restyle(self, job: Job) -> None:
-        from engine.edit import restyle
-
         lat = await self._latent(job, job.user_id, job.params["result_id"])
         if lat is None:
             return

@@ -29,7 +29,8 @@ async def parts(client):
         await client.delete(key)
 
 
-async def _run_until_answered(worker: Worker, queue: JobQueue, n: int, timeout: float = 60) -> list[dict]:
+async def _run_until_answered(worker: Worker, queue: JobQueue, n: int, timeout: float = 60,
+                              progress: list | None = None) -> list[dict]:
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     answers: list[dict] = []
@@ -39,6 +40,8 @@ async def _run_until_answered(worker: Worker, queue: JobQueue, n: int, timeout: 
             await queue.ack_event("web", entry_id)
             if event["type"] != "progress":
                 answers.append(event)
+            elif progress is not None:
+                progress.append(event)
     stop.set()
     await asyncio.wait_for(task, 30)
     return answers
@@ -48,7 +51,7 @@ async def test_invert_jobs_get_an_image_and_bad_photos_a_reason(parts):
     queue, store = parts
     G = build_builtin(registry_entries()["tiny"])
     worker = Worker(G, queue, store, vgg=load_vgg16(width=0.125),
-                    settings=WorkerSettings(name="e1", invert_steps=10, progress_every=5))
+                    settings=WorkerSettings(name="e1", invert_steps=10, progress_every=5, preview_every=4))
     obama = (FIXTURES / "faces" / "obama.jpg").read_bytes()
     buf = io.BytesIO()
     Image.new("RGB", (200, 200), (80, 80, 80)).save(buf, "PNG")
@@ -61,8 +64,13 @@ async def test_invert_jobs_get_an_image_and_bad_photos_a_reason(parts):
     await queue.enqueue(jobs["noface"], photo=buf.getvalue())
     await queue.enqueue(jobs["notimage"], photo=b"%PDF-1.4 not a photo")
 
-    answers = {a["job_id"]: a for a in await _run_until_answered(worker, queue, 3)}
+    progress: list[dict] = []
+    answers = {a["job_id"]: a for a in await _run_until_answered(worker, queue, 3, progress=progress)}
     good = answers[jobs["good"].job_id]
+    steps = [(p["step"], p["total"]) for p in progress if "preview" not in p]
+    assert (5, 10) in steps and (10, 10) in steps
+    previews = [p for p in progress if "preview" in p]
+    assert previews and Image.open(io.BytesIO(previews[0]["preview"])).size == (64, 64)
     assert good["type"] == "done" and "PSNR" in good["text"]
     assert Image.open(io.BytesIO(good["payload"])).size == (32, 32)
     assert answers[jobs["noface"].job_id]["error"].startswith("no face found")
