@@ -8,11 +8,9 @@ w0 + k (w - w0), one synthesis pass, no new optimisation.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -20,6 +18,7 @@ import torch.nn.functional as F
 
 from engine.errors import StylebotError
 from engine.images import to_uint8
+from engine.optim import Preview, Progress, adam_step, lr_schedule, report
 
 TINY_CLIP = "stylebot-tiny-clip"    # a tiny open_clip architecture (engine/clip_configs/), random weights, for tests
 MAX_PROMPT_CHARS = 200
@@ -103,14 +102,9 @@ def check_prompt(prompt: str, max_chars: int = MAX_PROMPT_CHARS) -> str:
     return prompt
 
 
-def learning_rate(step: int, total: int, lr: float, rampdown: float = 0.25, rampup: float = 0.05) -> float:
+def learning_rate(step: int, total: int, lr: float) -> float:
     """StyleCLIP's schedule: linear ramp-up over the first 5 %, cosine ramp-down over the last 25 %."""
-    t = step / max(total, 1)
-    return lr * _cos_ramp(t, rampdown) * min(1.0, t / rampup)
-
-
-def _cos_ramp(t: float, rampdown: float) -> float:
-    return 0.5 - 0.5 * math.cos(min(1.0, (1 - t) / rampdown) * math.pi)
+    return lr_schedule(step, total, lr, rampup=0.05, rampdown=0.25)
 
 
 def edit(
@@ -122,8 +116,8 @@ def edit(
     recipe: str = "default",
     steps: int | None = None,
     l2: float | None = None,
-    progress: Callable[[int, int, list[float]], None] | None = None,
-    preview: Callable[[int, np.ndarray], None] | None = None,  # (step, uint8 [N, R, R, 3]) now and then
+    progress: Progress | None = None,
+    preview: Preview | None = None,     # low-resolution look at the current images, every preview_every steps
     preview_every: int = 100,
 ) -> EditResult:
     r = EDIT_RECIPES[recipe]
@@ -137,19 +131,11 @@ def edit(
     opt = torch.optim.Adam([w], lr=r.lr)
     history = np.zeros([total, n], dtype=np.float32)
     for step in range(total):
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(step, total, r.lr)
         img = G.synthesis(w, noise_mode="const")
         sim = (clip.encode_image(img) * text).sum(-1)
         per_sample = (1 - sim) + l2 * (w - w0).square().flatten(1).sum(1)
-        opt.zero_grad(set_to_none=True)
-        per_sample.sum().backward()
-        opt.step()
-        history[step] = per_sample.detach().cpu().numpy()
-        if progress:
-            progress(step + 1, total, history[step].tolist())
-        if preview and (step + 1) % preview_every == 0 and step + 1 < total:
-            preview(step + 1, to_uint8(img.detach()))
+        history[step] = adam_step(opt, per_sample, learning_rate(step, total, r.lr))
+        report(step + 1, total, history[step], img, progress, preview, preview_every)
     with torch.no_grad():
         img = G.synthesis(w, noise_mode="const")
         sim = (clip.encode_image(img) * text).sum(-1)

@@ -15,14 +15,13 @@ Recipes:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
 from engine.images import from_uint8, to_uint8
+from engine.optim import Preview, Progress, adam_step, lr_schedule, report
 from engine.perceptual import VGG16Features, image2stylegan_loss, lpips_like_loss, resize
 
 
@@ -48,8 +47,6 @@ RECIPES = {
                       pixel_weight=30.0, rampup=0.05, rampdown=0.75),
 }
 
-Progress = Callable[[int, int, list[float]], None]  # (step, total, per-sample losses)
-
 
 @dataclass
 class InversionResult:
@@ -63,14 +60,7 @@ class InversionResult:
 
 
 def learning_rate(step: int, total: int, r: Recipe) -> float:
-    """Linear ramp-up, flat, cosine ramp-down (as in NVIDIA's projector); constant when both are 0."""
-    t = step / max(total, 1)
-    scale = 1.0
-    if r.rampdown > 0:
-        scale = 0.5 - 0.5 * math.cos(min(1.0, (1.0 - t) / r.rampdown) * math.pi)
-    if r.rampup > 0:
-        scale *= min(1.0, t / r.rampup)
-    return r.lr * scale
+    return lr_schedule(step, total, r.lr, r.rampup, r.rampdown)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -87,7 +77,7 @@ def invert(
     steps: int | None = None,           # override the recipe's step count
     init_ws: torch.Tensor | None = None,  # [N, num_ws, w_dim] start here instead (refining a stored latent)
     progress: Progress | None = None,
-    preview: Callable[[int, np.ndarray], None] | None = None,  # (step, uint8 [N, R, R, 3]) now and then
+    preview: Preview | None = None,     # low-resolution look at the current images, every preview_every steps
     preview_every: int = 100,
 ) -> InversionResult:
     r = RECIPES[recipe]
@@ -119,20 +109,12 @@ def invert(
         if step == w_only_steps and w_only_steps:
             w = w.detach().repeat(1, G.num_ws, 1).requires_grad_(True)
             opt = torch.optim.Adam([w], lr=r.lr, betas=(0.9, 0.999), eps=1e-8)
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(step, total, r)
         ws = w if w.shape[1] == G.num_ws else w.expand(-1, G.num_ws, -1)
         img = G.synthesis(ws, noise_mode="const")
         per_sample = (img - target).square().flatten(1).mean(1) * r.pixel_weight
         per_sample = per_sample + feature_loss(vgg, img, target_feats, vgg_size, layers)
-        opt.zero_grad(set_to_none=True)
-        per_sample.sum().backward()
-        opt.step()
-        history[step] = per_sample.detach().cpu().numpy()
-        if progress:
-            progress(step + 1, total, history[step].tolist())
-        if preview and (step + 1) % preview_every == 0 and step + 1 < total:
-            preview(step + 1, to_uint8(img.detach()))
+        history[step] = adam_step(opt, per_sample, learning_rate(step, total, r))
+        report(step + 1, total, history[step], img, progress, preview, preview_every)
 
     with torch.no_grad():
         ws = (w if w.shape[1] == G.num_ws else w.expand(-1, G.num_ws, -1)).detach()
