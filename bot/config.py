@@ -67,6 +67,41 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class ChatConfig:
+    progress_interval_s: float = 3.0    # at most one progress edit per job this often (platform rate limits)
+    stronger_emoji: str = "🔥 👍 💯 ⚡"  # reactions on an edit that rerun it stronger (space-separated)
+    weaker_emoji: str = "👎 🥱 😐"       # reactions that rerun it weaker
+    refine_emoji: str = "👌 ✍ 🤩"        # reactions that continue the optimisation for more steps
+    redo_emoji: str = "🤔 🤨 🔁"         # reactions that run the command again on your current face
+    result_ttl_s: int = 604800          # results (and the messages that show them) can be rerun this long: 7 days
+
+    def action(self, emoji: str) -> str | None:
+        """The rerun an emoji asks for (variation selectors ignored), or None."""
+        bare = emoji.replace("\ufe0f", "")
+        for action in ("stronger", "weaker", "refine", "redo"):
+            if bare in getattr(self, f"{action}_emoji").replace("\ufe0f", "").split():
+                return action
+        return None
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    host: str = "127.0.0.1"             # the local web chat listens here; 0.0.0.0 exposes it to your network
+    port: int = 8080                    # and on this port
+
+
+@dataclass(frozen=True)
+class TelegramConfig:
+    api_url: str = "https://api.telegram.org/bot"  # Bot API base (a local Bot API server or a test peer)
+    file_url: str = "https://api.telegram.org/file/bot"  # file download base
+
+
+@dataclass(frozen=True)
+class DiscordConfig:
+    api_url: str = "https://discord.com/api/v10"  # REST base; the gateway URL comes from its /gateway/bot
+
+
+@dataclass(frozen=True)
 class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
@@ -74,11 +109,16 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    telegram: TelegramConfig = field(default_factory=TelegramConfig)
+    discord: DiscordConfig = field(default_factory=DiscordConfig)
     source: str = "defaults"            # the file this came from (not an option)
 
 
 SECTIONS = {"engine": EngineConfig, "weights": WeightsConfig, "edit": EditConfig, "redis": RedisConfig,
-            "queue": QueueConfig, "limits": LimitsConfig}
+            "queue": QueueConfig, "limits": LimitsConfig, "chat": ChatConfig, "web": WebConfig,
+            "telegram": TelegramConfig, "discord": DiscordConfig}
 
 
 def find_config(explicit: str | Path | None = None) -> Path | None:

@@ -7,12 +7,13 @@ No torch here: the core checks input, limits and consent, enqueues jobs and answ
 from __future__ import annotations
 
 import io
+import json
 import re
 from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
 
-from bot.config import EditConfig, LimitsConfig
+from bot.config import ChatConfig, EditConfig, LimitsConfig
 from storage.keys import Keys
 from storage.latents import LatentStore
 from storage.queue import Job, JobQueue
@@ -28,6 +29,7 @@ class Command:
     text: str                           # the message, e.g. "/edit really angry face"
     photo: bytes | None = None
     mentions: dict[str, str] = field(default_factory=dict)  # @name -> user id, when the platform resolved it
+    origin: dict = field(default_factory=dict)  # where the answer goes (chat id, message to reply to): JSON-able
 
 
 @dataclass
@@ -35,7 +37,16 @@ class Reaction:
     adapter: str
     user_id: str
     result_id: str                      # the job id behind the result message
-    action: str                         # "stronger" | "weaker"
+    action: str                         # "stronger" | "weaker" | "refine" | "redo"
+    origin: dict = field(default_factory=dict)
+
+
+ACTIONS = {
+    "stronger": "make an edit stronger",
+    "weaker": "make an edit weaker",
+    "refine": "optimise a face or an edit for more steps",
+    "redo": "run the command again on your current face",
+}
 
 
 @dataclass
@@ -46,9 +57,18 @@ class Reply:
 
 class BotCore:
     def __init__(self, queue: JobQueue, store: LatentStore, limits: LimitsConfig = LimitsConfig(),
-                 edit: EditConfig = EditConfig()):
-        self.queue, self.store, self.limits, self.edit = queue, store, limits, edit
+                 edit: EditConfig = EditConfig(), chat: ChatConfig = ChatConfig()):
+        self.queue, self.store, self.limits, self.edit, self.chat = queue, store, limits, edit, chat
         self.keys: Keys = queue.keys
+
+    @classmethod
+    def from_config(cls, cfg, client) -> "BotCore":
+        """The core as `stylebot` runs it: queue and store on `client` with the config's prefix and limits."""
+        keys = Keys(cfg.redis.prefix)
+        queue = JobQueue(client, keys, max_deliveries=cfg.queue.max_deliveries,
+                         reclaim_idle_ms=int(cfg.queue.reclaim_idle_s * 1000), result_ttl_s=cfg.chat.result_ttl_s)
+        store = LatentStore(client, keys, result_ttl_s=cfg.chat.result_ttl_s)
+        return cls(queue, store, cfg.limits, cfg.edit, cfg.chat)
 
     async def handle(self, cmd: Command) -> Reply:
         """Answer a command at once: queued (with position), or a one-line reason."""
@@ -61,17 +81,76 @@ class BotCore:
         return await handler(self, cmd, rest.strip())
 
     async def react(self, reaction: Reaction) -> Reply:
-        """Rerun a result stronger or weaker."""
-        if reaction.action not in ("stronger", "weaker"):
+        """Rerun a result: stronger or weaker (edits), refine (more steps), redo (same command, current face)."""
+        if reaction.action not in ACTIONS:
             return Reply(f"unknown reaction {reaction.action!r}")
         result = await self.store.result(reaction.user_id, reaction.result_id)
         if result is None:
             return Reply("that result has expired, or it is not yours to rerun")
-        if result.w0 is None:
-            return Reply("only edits can be made stronger or weaker")
-        factor = self.edit.stronger if reaction.action == "stronger" else self.edit.weaker
-        return await self._enqueue(Command(reaction.adapter, reaction.user_id, "", ""), "restyle",
-                                   {"result_id": reaction.result_id, "factor": factor})
+        cmd = Command(reaction.adapter, reaction.user_id, "", "", origin=reaction.origin)
+        op = result.meta.get("op")
+        if reaction.action in ("stronger", "weaker"):
+            if result.w0 is None:
+                return Reply("only edits can be made stronger or weaker")
+            factor = self.edit.stronger if reaction.action == "stronger" else self.edit.weaker
+            return await self._enqueue(cmd, "restyle", {"result_id": reaction.result_id, "factor": factor})
+        if reaction.action == "refine":
+            if op not in ("invert", "edit"):
+                return Reply("only faces and edits can be refined")
+            return await self._enqueue(cmd, "refine", {"result_id": reaction.result_id})
+        redo = result.meta.get("redo")
+        if not redo:
+            return Reply("that result cannot be redone; send the command again")
+        if redo["op"] in ("edit", "morph") and await self.store.face(reaction.user_id) is None:
+            return Reply("there is no face for you yet: send a photo with /invert first")
+        if redo["op"] == "morph":
+            for uid in (redo["params"]["a"], redo["params"]["b"]):
+                if uid != reaction.user_id and not await self.store.is_shared(uid):
+                    return Reply("the other person no longer allows morphs with their face")
+        if redo["op"] == "invert":
+            redo = {"op": "refine", "params": {"result_id": reaction.result_id, "restart": True}}
+        return await self._enqueue(cmd, redo["op"], dict(redo["params"]))
+
+    async def react_emoji(self, adapter: str, user_id: str, message_ref: str, emoji: str,
+                          origin: dict | None = None) -> Reply | None:
+        """A reaction on a platform message: None when the emoji means nothing to us (stay quiet), else a reply."""
+        action = self.chat.action(emoji)
+        if action is None:
+            return None
+        found = await self.result_at(adapter, message_ref)
+        if found is None:
+            return Reply("that message is not one of my results, or it has expired")
+        owner, result_id = found
+        if owner != user_id:
+            return Reply("only the person who asked for a result can rerun it")
+        return await self.react(Reaction(adapter, user_id, result_id, action, origin or {}))
+
+    # -- where answers go: origins of jobs, messages that show results ---------------------------------------
+
+    async def origin(self, user_id: str, job_id: str) -> dict | None:
+        """Where a job's answer goes, as the adapter gave it (plus "op" and, once posted, "status")."""
+        raw = await self.queue.r.get(self.keys.origin(user_id, job_id))
+        return json.loads(raw) if raw else None
+
+    async def set_status_message(self, user_id: str, job_id: str, ref: str) -> None:
+        """Remember the message that acknowledged a job: progress edits it."""
+        origin = await self.origin(user_id, job_id)
+        if origin is not None:
+            origin["status"] = ref
+            await self.queue.r.set(self.keys.origin(user_id, job_id), json.dumps(origin), keepttl=True)
+
+    async def remember_result(self, adapter: str, message_ref: str, user_id: str, result_id: str) -> None:
+        """A platform message now shows a result: reactions on it rerun that result."""
+        await self.queue.r.set(self.keys.message(adapter, message_ref), f"{user_id} {result_id}",
+                               ex=self.chat.result_ttl_s)
+
+    async def result_at(self, adapter: str, message_ref: str) -> tuple[str, str] | None:
+        """(owner user id, result id) of the result a message shows, or None."""
+        raw = await self.queue.r.get(self.keys.message(adapter, message_ref))
+        if not raw:
+            return None
+        owner, _, result_id = (raw.decode() if isinstance(raw, bytes) else raw).rpartition(" ")
+        return owner, result_id
 
     # -- commands --------------------------------------------------------------------------------------------
 
@@ -148,7 +227,9 @@ class BotCore:
     async def cmd_help(self, cmd: Command, rest: str) -> Reply:
         """/help: this list"""
         lines = [f.__doc__ for f in COMMANDS.values()]
-        return Reply("\n".join(lines + ["react to an edit to make it stronger or weaker"]))
+        lines.append("react to a result to rerun it: " + "; ".join(
+            f"{getattr(self.chat, f'{a}_emoji').split()[0]} {what}" for a, what in ACTIONS.items()))
+        return Reply("\n".join(lines))
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -162,6 +243,8 @@ class BotCore:
         if await self.queue.r.scard(self.keys.user_jobs(cmd.user_id)) >= self.limits.max_jobs_per_user:
             return Reply(f"you already have {self.limits.max_jobs_per_user} jobs waiting: wait for one to finish")
         job = Job(op=op, user_id=cmd.user_id, adapter=cmd.adapter, params=params)
+        await self.queue.r.set(self.keys.origin(cmd.user_id, job.job_id), json.dumps({**cmd.origin, "op": op}),
+                               ex=self.chat.result_ttl_s)
         position = await self.queue.enqueue(job, photo=photo)
         engines = [k async for k in self.queue.r.scan_iter(match=self.keys.heartbeat_pattern)]
         note = "" if engines else " (the engine is offline right now: your job waits for it)"

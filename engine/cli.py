@@ -310,13 +310,13 @@ def cmd_engine(args: argparse.Namespace, cfg: Config) -> int:
         client = connect(cfg.redis.url)
         keys = Keys(cfg.redis.prefix)
         queue = JobQueue(client, keys, max_deliveries=cfg.queue.max_deliveries,
-                         reclaim_idle_ms=int(cfg.queue.reclaim_idle_s * 1000))
+                         reclaim_idle_ms=int(cfg.queue.reclaim_idle_s * 1000), result_ttl_s=cfg.chat.result_ttl_s)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await Worker(G, queue, LatentStore(client, keys), vgg=vgg, clip_factory=clip_factory,
+            await Worker(G, queue, LatentStore(client, keys, result_ttl_s=cfg.chat.result_ttl_s), vgg=vgg, clip_factory=clip_factory,
                          settings=settings).run(stop)
         finally:
             await client.aclose()

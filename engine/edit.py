@@ -116,6 +116,7 @@ def edit(
     recipe: str = "default",
     steps: int | None = None,
     l2: float | None = None,
+    init_ws: torch.Tensor | None = None,  # [N, num_ws, w_dim] start here instead of w0 (refining an edit); L2 stays to w0
     progress: Progress | None = None,
     preview: Preview | None = None,     # low-resolution look at the current images, every preview_every steps
     preview_every: int = 100,
@@ -127,7 +128,8 @@ def edit(
     n = w0.shape[0]
     prompts = [prompts] * n if isinstance(prompts, str) else list(prompts)
     text = clip.encode_text([check_prompt(p) for p in prompts])          # [N, D]
-    w = w0.clone().requires_grad_(True)
+    start = w0 if init_ws is None else init_ws.to(device, torch.float32).reshape(w0.shape)
+    w = start.clone().requires_grad_(True)
     opt = torch.optim.Adam([w], lr=r.lr)
     history = np.zeros([total, n], dtype=np.float32)
     for step in range(total):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from engine.align import align
+from engine.align import align, likeness
 from engine.errors import StylebotError
 from engine.edit import EDIT_RECIPES, edit, restyle
 from engine.invert import RECIPES, invert
@@ -40,6 +40,7 @@ class WorkerSettings:
     heartbeat_ttl_s: int = 15           # the bot says "engine offline" when no heartbeat is this fresh
     invert_steps: int | None = None     # override the recipe's steps (tests, CPUs)
     edit_steps: int | None = None       # override the edit recipe's steps
+    refine_fraction: float = 0.5        # a refine runs this fraction of the recipe's steps more
     max_upload_bytes: int = 10 * 2**20  # GIFs shrink to fit (Discord's default upload limit)
     progress_every: int = 25            # steps between progress events
     preview_every: int = 100            # steps between low-resolution previews
@@ -103,6 +104,9 @@ class Worker:
             elif op == "restyle":
                 for job in jobs:
                     await self._restyle(job)
+            elif op == "refine":
+                for job in jobs:
+                    await self._refine(job)
             else:
                 for job in jobs:
                     await self._fail(job, f"unknown operation {op!r}")
@@ -148,16 +152,28 @@ class Worker:
                                          preview=self._preview(batch, self.settings.invert_steps or RECIPES["default"].steps),
                                          preview_every=self.settings.preview_every)
         for i, (job, face) in enumerate(ready):
-            meta = {"op": "invert", "psnr": round(result.psnr[i], 2), "steps": result.steps,
-                    "warnings": face.warnings}
-            latent = StoredLatent(result.ws[i].numpy(), self.G.model_id, meta=meta)
-            await self.store.set_face(job.user_id, latent)
-            await self.store.set_result(job.user_id, job.job_id, latent)
-            text = f"your face in {self.G.model_id}: PSNR {result.psnr[i]:.1f} dB" + "".join(
-                f"; {w}" for w in face.warnings)
-            await self._finish(job, {"text": text, "kind": "image", "result_id": job.job_id},
-                                    payload=_png(result.images[i]))
+            await self._store_face(job, face.image, result.ws[i], result.images[i], result.psnr[i], result.steps,
+                                   face.warnings)
 
+    async def _store_face(self, job: Job, target: np.ndarray, ws: torch.Tensor, image: np.ndarray, psnr: float,
+                          steps: int, warnings: list[str], refined: int = 0) -> None:
+        """An inversion's result: the user's face, a rerunnable result with its aligned crop, the reply."""
+        distance = await asyncio.to_thread(likeness, target, image)
+        meta = {"op": "invert", "psnr": round(psnr, 2), "steps": steps, "refined": refined, "warnings": warnings,
+                "likeness": None if distance is None else round(distance, 3), "redo": {"op": "invert", "params": {}}}
+        latent = StoredLatent(ws.numpy(), self.G.model_id, meta=meta)
+        await self.store.set_face(job.user_id, latent)
+        await self.store.set_result(job.user_id, job.job_id, latent)
+        await self.queue.r.set(self.queue.keys.target(job.user_id, job.job_id), _png(target),
+                               ex=self.store.result_ttl_s)
+        text = f"your face in {self.G.model_id}: PSNR {psnr:.1f} dB"
+        if distance is not None:
+            text += f", likeness {distance:.2f} ({'same person' if distance < 0.6 else 'not quite you yet'}"
+            text += " by dlib's 0.6 rule)"
+        if refined:
+            text += f", refined {refined}x"
+        text += "".join(f"; {w}" for w in warnings)
+        await self._finish(job, {"text": text, "kind": "image", "result_id": job.job_id}, payload=_png(image))
 
     async def _latent(self, job: Job, user_id: str, result_id: str | None = None) -> StoredLatent | None:
         """A stored latent usable with this engine's model, or None after failing the job with the reason."""
@@ -183,7 +199,10 @@ class Worker:
         video = await asyncio.to_thread(morph, self.G, torch.from_numpy(la.ws), torch.from_numpy(lb.ws),
                                         frames=frames, layers=job.params.get("layers", "all"))
         gif = await asyncio.to_thread(encode_gif, video, max_bytes=self.settings.max_upload_bytes)
-        await self._finish(job, {"text": f"morph, {frames} frames", "kind": "animation"}, payload=gif)
+        meta = {"op": "morph", "frames": frames, "redo": {"op": "morph", "params": job.params}}
+        await self.store.set_result(job.user_id, job.job_id, StoredLatent(la.ws, self.G.model_id, meta=meta))
+        await self._finish(job, {"text": f"morph, {frames} frames", "kind": "animation", "result_id": job.job_id},
+                           payload=gif)
 
     async def _edit(self, jobs: list[Job]) -> None:
         if self._clip is None:
@@ -203,7 +222,8 @@ class Worker:
                                          preview=self._preview(batch, self.settings.edit_steps or EDIT_RECIPES["default"].steps),
                                          preview_every=self.settings.preview_every)
         for i, (job, _) in enumerate(ready):
-            meta = {"op": "edit", "prompt": prompts[i], "strength": 1.0}
+            meta = {"op": "edit", "prompt": prompts[i], "strength": 1.0,
+                    "redo": {"op": "edit", "params": {"prompt": prompts[i]}}}
             await self.store.set_result(job.user_id, job.job_id, StoredLatent(result.ws[i].numpy(), self.G.model_id,
                                                                               meta=meta, w0=result.w0[i].numpy()))
             await self._finish(job, {"text": f"edited: {prompts[i]}", "kind": "image", "result_id": job.job_id},
@@ -224,6 +244,60 @@ class Worker:
                                                                           w0=lat.w0))
         await self._finish(job, {"text": f"{meta.get('prompt', 'edit')} x{strength:.2f}", "kind": "image",
                                       "result_id": job.job_id}, payload=_png(images[0]))
+
+    async def _refine(self, job: Job) -> None:
+        """More optimisation steps for an inversion (against its kept aligned crop) or an edit (same prompt)."""
+        restart = bool(job.params.get("restart"))
+        result_id = job.params["result_id"]
+        if restart:  # a redo of an inversion: from scratch, on whatever model the engine runs now
+            lat = await self.store.result(job.user_id, result_id)
+            if lat is None:
+                await self._fail(job, "that result has expired; send the photo again with /invert")
+                return
+        else:
+            lat = await self._latent(job, job.user_id, result_id)
+            if lat is None:
+                return
+        op = lat.meta.get("op")
+        if op == "invert":
+            png = await self.queue.r.get(self.queue.keys.target(job.user_id, result_id))
+            if png is None:
+                await self._fail(job, "the face behind that result has expired; send the photo again with /invert")
+                return
+            target = Image.open(io.BytesIO(png)).convert("RGB")
+            res = self.G.img_resolution
+            if target.size != (res, res):  # the same FFHQ crop, at this model's resolution
+                target = target.resize((res, res), Image.LANCZOS)
+            target = np.asarray(target)
+            steps = self.settings.invert_steps or RECIPES["default"].steps
+            if not restart:
+                steps = max(1, int(steps * self.settings.refine_fraction))
+            result = await asyncio.to_thread(
+                invert, self.G, self.vgg, target[None], steps=steps,
+                init_ws=None if restart else torch.from_numpy(lat.ws)[None],
+                progress=self._progress([job]), preview=self._preview([job], steps),
+                preview_every=self.settings.preview_every)
+            refined = 0 if restart else int(lat.meta.get("refined", 0)) + 1
+            await self._store_face(job, target, result.ws[0], result.images[0], result.psnr[0],
+                                   int(lat.meta.get("steps", 0)) * (not restart) + steps, lat.meta.get("warnings", []),
+                                   refined)
+        elif op == "edit" and lat.w0 is not None:
+            if self._clip is None:
+                self._clip = await asyncio.to_thread(self.clip_factory)
+            steps = max(1, int((self.settings.edit_steps or EDIT_RECIPES["default"].steps)
+                               * self.settings.refine_fraction))
+            prompt = lat.meta["prompt"]
+            result = await asyncio.to_thread(edit, self.G, self._clip, torch.from_numpy(lat.w0)[None], [prompt],
+                                             steps=steps, init_ws=torch.from_numpy(lat.ws)[None],
+                                             progress=self._progress([job]), preview=self._preview([job], steps),
+                                             preview_every=self.settings.preview_every)
+            meta = dict(lat.meta, refined=int(lat.meta.get("refined", 0)) + 1)
+            await self.store.set_result(job.user_id, job.job_id, StoredLatent(result.ws[0].numpy(), self.G.model_id,
+                                                                              meta=meta, w0=lat.w0))
+            await self._finish(job, {"text": f"edited: {prompt} (refined {meta['refined']}x)", "kind": "image",
+                                     "result_id": job.job_id}, payload=_png(result.images[0]))
+        else:
+            await self._fail(job, "only faces and edits can be refined")
 
 
 def group_jobs(jobs: list[Job]) -> list[list[Job]]:

@@ -63,6 +63,18 @@ class Keys:
         """String: user id of the user called `name` on an adapter (to resolve @name in /morph)."""
         return f"{self.prefix}name:{adapter}:{name.lower()}"
 
+    def origin(self, user_id: str, job_id: str) -> str:
+        """Hash: where a job's answer goes on its platform (chat, message to reply to, status message), as JSON."""
+        return f"{self.user(user_id)}origin:{job_id}"
+
+    def target(self, user_id: str, result_id: str) -> str:
+        """The aligned face crop (PNG) behind an inversion result, kept with the result so it can be refined."""
+        return f"{self.user(user_id)}target:{result_id}"
+
+    def message(self, adapter: str, ref: str) -> str:
+        """String: "user_id result_id" of the result shown by a platform message (so a reaction can rerun it)."""
+        return f"{self.prefix}message:{adapter}:{ref}"
+
     def user_jobs(self, user_id: str) -> str:
         """Set of the user's unfinished job ids (per-user limits)."""
         return f"{self.user(user_id)}jobs"

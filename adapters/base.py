@@ -1,0 +1,151 @@
+"""What every chat adapter shares: the loop that carries the engine's answers back to the platform.
+
+An adapter does two things and decides nothing:
+1. platform event -> `bot.core.Command` / reaction -> `BotCore.handle` / `BotCore.react_emoji`, then posts the
+   `Reply` (and tells the core which message acknowledged the job: `BotCore.set_status_message`);
+2. implements `Platform` (two methods) so that `EventPump` can show progress and post results.
+
+`EventPump` reads the adapter's results stream through its consumer group, so results that finished while the
+adapter was down are posted when it comes back. An event is acknowledged only after the platform accepted it;
+a result the platform keeps refusing is given up after `max_attempts` (logged), so one bad chat cannot block all.
+Progress is throttled per job (`ChatConfig.progress_interval_s`): only the newest step is shown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from bot.core import ACTIONS, BotCore
+
+log = logging.getLogger("stylebot.adapters")
+
+VERBS = {"invert": "finding your face", "edit": "editing", "morph": "morphing", "restyle": "rerunning",
+         "refine": "refining"}
+
+
+@dataclass
+class Result:
+    """An engine answer, ready to post."""
+
+    job_id: str
+    user_id: str
+    ok: bool                            # False: `text` is the reason it failed
+    text: str                           # caption, or the one-line reason
+    kind: str = ""                      # "image" (PNG) | "animation" (GIF) | "" (text only)
+    payload: bytes = b""
+    result_id: str | None = None        # set when reactions on the posted message can rerun it
+    engine: str = ""
+
+    @property
+    def filename(self) -> str:
+        return f"stylebot-{self.job_id[:8]}." + ("gif" if self.kind == "animation" else "png")
+
+
+class Platform(Protocol):
+    name: str                           # "telegram" | "discord" | "web": the results stream it reads
+
+    async def show_progress(self, origin: dict, text: str, preview: bytes | None) -> None:
+        """Show how far a job is (edit the status message `origin.get("status")`, if any). May drop updates."""
+
+    async def show_result(self, origin: dict, result: Result) -> str | None:
+        """Post a result (or its failure) where `origin` says; return the posted message's ref for reactions."""
+
+
+def progress_text(op: str, step: int, total: int) -> str:
+    filled = round(10 * step / max(total, 1))
+    return f"{VERBS.get(op, op)}: step {step}/{total} [{'#' * filled}{'.' * (10 - filled)}]"
+
+
+def rerun_hint(core: BotCore) -> str:
+    """One line under a result: which emoji rerun it how."""
+    return "react " + ", ".join(f"{getattr(core.chat, f'{a}_emoji').split()[0]} {a}" for a in ACTIONS)
+
+
+class EventPump:
+    def __init__(self, core: BotCore, platform: Platform, *, consumer: str = "main", max_attempts: int = 3):
+        self.core, self.platform, self.consumer = core, platform, consumer
+        self.max_attempts = max_attempts
+        self._last_progress: dict[str, float] = {}
+        self._attempts: dict[str, int] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.core.queue.ensure_groups(adapters=(self.platform.name,))
+        while not stop.is_set():
+            try:
+                await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - Redis down, a platform outage: keep pumping, events stay pending
+                log.exception("%s: event pump hiccup; retrying", self.platform.name)
+                await asyncio.sleep(1)
+
+    async def step(self, block_ms: int = 500) -> int:
+        """Handle one batch of events; returns how many were acknowledged."""
+        events = await self.core.queue.read_events(self.platform.name, self.consumer, block_ms=block_ms)
+        latest_progress: dict[str, tuple[str, dict]] = {}
+        done = 0
+        for entry_id, event in events:
+            if event["type"] == "progress":
+                stale = latest_progress.get(event["job_id"])
+                if stale is not None:
+                    await self.core.queue.ack_event(self.platform.name, stale[0])
+                    done += 1
+                latest_progress[event["job_id"]] = (entry_id, event)
+                continue
+            latest_progress.pop(event["job_id"], (None,))
+            if await self._post_result(event):
+                await self.core.queue.ack_event(self.platform.name, entry_id)
+                done += 1
+        for entry_id, event in latest_progress.values():
+            await self._show_progress(event)
+            await self.core.queue.ack_event(self.platform.name, entry_id)
+            done += 1
+        if events and not done:
+            await asyncio.sleep(0.5)  # only results the platform refused: do not spin on them
+        return done
+
+    async def _show_progress(self, event: dict) -> None:
+        job_id, now = event["job_id"], time.monotonic()
+        preview = event.get("preview")
+        final = event["step"] >= event["total"]
+        if not final and now - self._last_progress.get(job_id, 0.0) < self.core.chat.progress_interval_s:
+            return
+        origin = await self.core.origin(event["user_id"], job_id)
+        if origin is None:
+            return
+        self._last_progress[job_id] = now
+        try:
+            await self.platform.show_progress(origin, progress_text(origin.get("op", ""), event["step"],
+                                                                    event["total"]), preview)
+        except Exception:  # noqa: BLE001 - progress is best effort
+            log.warning("%s: could not show progress of %s", self.platform.name, job_id, exc_info=True)
+
+    async def _post_result(self, event: dict) -> bool:
+        """True when the event is dealt with (posted, or given up on)."""
+        job_id = event["job_id"]
+        self._last_progress.pop(job_id, None)
+        origin = await self.core.origin(event["user_id"], job_id)
+        if origin is None:  # the user said /forget, or the origin expired: nobody to answer
+            return True
+        ok = event["type"] == "done"
+        result = Result(job_id, event["user_id"], ok, event.get("text", "") if ok else event.get("error", "failed"),
+                        kind=event.get("kind", "") if ok else "", payload=event.get("payload", b"") if ok else b"",
+                        result_id=event.get("result_id") if ok else None, engine=event.get("engine", ""))
+        try:
+            ref = await self.platform.show_result(origin, result)
+        except Exception:  # noqa: BLE001 - a platform error: retry a few times, then give up loudly
+            attempts = self._attempts[job_id] = self._attempts.get(job_id, 0) + 1
+            log.warning("%s: posting result of %s failed (attempt %d)", self.platform.name, job_id, attempts,
+                        exc_info=True)
+            if attempts < self.max_attempts:
+                return False
+            log.error("%s: gave up posting result of %s", self.platform.name, job_id)
+            return True
+        self._attempts.pop(job_id, None)
+        if ref is not None and result.result_id:
+            await self.core.remember_result(self.platform.name, ref, result.user_id, result.result_id)
+        return True
