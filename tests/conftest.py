@@ -66,3 +66,58 @@ def config_file(tmp_path: Path) -> Path:
     p.write_text(f'[engine]\ndevice = "cpu"\nmodel = "tiny"\n\n[weights]\ndir = "{tmp_path / "weights"}"\n'
                  "download_timeout = 5.0\n")
     return p
+
+
+class Stack:
+    """A bot core and a running in-process engine (tiny models) on a fresh key prefix of the test Redis."""
+
+    def __init__(self, client, *, chat=None, limits=None, invert_steps: int = 20, edit_steps: int = 10):
+        import uuid
+
+        from bot.config import ChatConfig, LimitsConfig
+        from bot.core import BotCore
+        from engine.edit import TINY_CLIP, ClipScorer
+        from engine.perceptual import load_vgg16
+        from engine.registry import build_builtin, registry_entries
+        from engine.worker import Worker, WorkerSettings
+        from storage.keys import Keys
+        from storage.latents import LatentStore
+        from storage.queue import JobQueue
+
+        self.client = client
+        self.keys = Keys(prefix=f"test-{uuid.uuid4().hex[:8]}:")
+        self.queue = JobQueue(client, self.keys, reclaim_idle_ms=60_000)
+        self.store = LatentStore(client, self.keys)
+        chat = chat or ChatConfig(progress_interval_s=0.0)
+        self.core = BotCore(self.queue, self.store, limits or LimitsConfig(), chat=chat)
+        G = build_builtin(registry_entries()["tiny"])
+        self.worker = Worker(G, self.queue, self.store, vgg=load_vgg16(width=0.125),
+                             clip_factory=lambda: ClipScorer(TINY_CLIP, None),
+                             settings=WorkerSettings(name="test-engine", invert_steps=invert_steps,
+                                                     edit_steps=edit_steps, progress_every=5, preview_every=10))
+        self._stop = None
+        self._task = None
+
+    async def start_engine(self) -> None:
+        import asyncio
+
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self.worker.run(self._stop))
+
+    async def close(self) -> None:
+        import asyncio
+
+        if self._task is not None:
+            self._stop.set()
+            await asyncio.wait_for(self._task, 60)
+        async for key in self.client.scan_iter(match=f"{self.keys.prefix}*"):
+            await self.client.delete(key)
+
+
+@pytest_asyncio.fixture
+async def stack(client):
+    """`Stack` with its engine running; adapters under test talk to `stack.core`."""
+    s = Stack(client)
+    await s.start_engine()
+    yield s
+    await s.close()

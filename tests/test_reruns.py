@@ -1,0 +1,107 @@
+"""Reactions on results, end to end through the core, a real engine (tiny models) and the adapters' event pump:
+refine continues an inversion, stronger reruns an edit, redo runs the command again, strangers are turned away."""
+
+from __future__ import annotations
+
+import asyncio
+
+from adapters.base import EventPump, Result
+from bot.core import Command
+from conftest import FIXTURES
+
+OBAMA = (FIXTURES / "faces" / "obama.jpg").read_bytes()
+
+
+class Recorder:
+    """A platform that keeps what it was asked to show; message refs are counters."""
+
+    name = "web"
+
+    def __init__(self):
+        self.results: list[tuple[dict, Result, str]] = []
+        self.progress: list[tuple[dict, str]] = []
+
+    async def show_progress(self, origin: dict, text: str, preview: bytes | None) -> None:
+        self.progress.append((origin, text))
+
+    async def show_result(self, origin: dict, result: Result) -> str | None:
+        ref = f"m{len(self.results) + 1}"
+        self.results.append((origin, result, ref))
+        return ref
+
+
+async def answer(pump: EventPump, rec: Recorder, n: int, timeout: float = 90) -> list[tuple[dict, Result, str]]:
+    """Pump events until `n` more results were posted."""
+    want = len(rec.results) + n
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(rec.results) < want:
+        assert asyncio.get_running_loop().time() < deadline, "no answer from the engine"
+        await pump.step(block_ms=200)
+    return rec.results[-n:]
+
+
+def say(text: str, user: str = "alice", photo: bytes | None = None, chat: str = "c1") -> Command:
+    return Command("web", f"web:{user}", user, text, photo=photo, origin={"chat": chat})
+
+
+async def test_refine_stronger_redo_through_reactions(stack):
+    rec = Recorder()
+    pump = EventPump(stack.core, rec)
+    await stack.queue.ensure_groups(adapters=("web",))
+    core = stack.core
+
+    ack = await core.handle(say("/invert", photo=OBAMA))
+    assert ack.job_id and ack.text.startswith("queued invert")
+    [(origin, face, face_ref)] = await answer(pump, rec, 1)
+    assert origin["chat"] == "c1" and face.ok and "PSNR" in face.text and "likeness" in face.text
+    assert rec.progress and rec.progress[-1][1].startswith("finding your face: step 20/20")
+    psnr0 = float(face.text.split("PSNR ")[1].split(" dB")[0])
+
+    # refine: more steps from the stored latent, against the kept aligned face
+    reply = await core.react_emoji("web", "web:alice", face_ref, "👌", origin={"chat": "c1"})
+    assert reply.text.startswith("queued refine")
+    [(_, refined, _)] = await answer(pump, rec, 1)
+    assert refined.ok and "refined 1x" in refined.text
+    assert float(refined.text.split("PSNR ")[1].split(" dB")[0]) > psnr0 - 0.5
+    assert (await stack.store.face("web:alice")).meta["steps"] == 30  # 20 + half of 20
+
+    # stronger is for edits; on a face it says so
+    assert (await core.react_emoji("web", "web:alice", face_ref, "🔥")).text == \
+        "only edits can be made stronger or weaker"
+
+    await core.handle(say("/edit smiling"))
+    [(_, edited, edit_ref)] = await answer(pump, rec, 1)
+    assert edited.ok and edited.text == "edited: smiling"
+    reply = await core.react_emoji("web", "web:alice", edit_ref, "🔥")
+    assert reply.text.startswith("queued restyle")
+    [(_, stronger, stronger_ref)] = await answer(pump, rec, 1)
+    assert stronger.ok and stronger.text == "smiling x1.50" and stronger.payload != edited.payload
+    await core.react_emoji("web", "web:alice", stronger_ref, "🔥")
+    [(_, twice, _)] = await answer(pump, rec, 1)
+    assert twice.text == "smiling x2.25"
+
+    # redo: the same /edit again, on the current face
+    reply = await core.react_emoji("web", "web:alice", edit_ref, "🔁")
+    assert reply.text.startswith("queued edit")
+    [(_, again, _)] = await answer(pump, rec, 1)
+    assert again.ok and again.text == "edited: smiling"
+
+    # strangers, unknown messages, emoji that mean nothing
+    assert (await core.react_emoji("web", "web:bob", edit_ref, "🔥")).text == \
+        "only the person who asked for a result can rerun it"
+    assert (await core.react_emoji("web", "web:alice", "m999", "🔥")).text == \
+        "that message is not one of my results, or it has expired"
+    assert await core.react_emoji("web", "web:alice", edit_ref, "🍌") is None
+
+
+async def test_refine_after_forget_is_refused_and_nothing_is_posted_to_a_forgotten_user(stack):
+    rec = Recorder()
+    pump = EventPump(stack.core, rec)
+    await stack.queue.ensure_groups(adapters=("web",))
+    await stack.core.handle(say("/invert", photo=OBAMA))
+    [(_, face, ref)] = await answer(pump, rec, 1)
+    assert (await stack.core.handle(say("/forget"))).text.startswith("done: deleted everything")
+    reply = await stack.core.react_emoji("web", "web:alice", ref, "👌")
+    assert reply.text == "that result has expired, or it is not yours to rerun"
+    keys = [k async for k in stack.client.scan_iter(match=f"{stack.keys.user('web:alice')}*")]
+    assert keys == []
