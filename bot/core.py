@@ -117,6 +117,11 @@ class BotCore:
         action = self.chat.action(emoji)
         if action is None:
             return None
+        return await self.react_message(adapter, user_id, message_ref, action, origin)
+
+    async def react_message(self, adapter: str, user_id: str, message_ref: str, action: str,
+                            origin: dict | None = None) -> Reply:
+        """A rerun asked for on a platform message (a reaction or a button under it)."""
         found = await self.result_at(adapter, message_ref)
         if found is None:
             return Reply("that message is not one of my results, or it has expired")
@@ -173,7 +178,8 @@ class BotCore:
             return Reply(f"frames must be between 2 and {self.limits.max_frames}")
         users, names = [], {}
         for name in (m.group(1), m.group(2)):
-            uid = cmd.user_id if name.lower() == "me" else cmd.mentions.get(name) or await self._user_called(cmd, name)
+            uid = (cmd.user_id if name.lower() == "me"
+                   else cmd.mentions.get(name) or await self.user_called(cmd.adapter, name))
             if uid is None:
                 return Reply(f"I don't know @{name}: they need to talk to me once (for example /help)")
             if uid != cmd.user_id and not await self.store.is_shared(uid):
@@ -233,8 +239,9 @@ class BotCore:
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
-    async def _user_called(self, cmd: Command, name: str) -> str | None:
-        uid = await self.queue.r.get(self.keys.name_index(cmd.adapter, name))
+    async def user_called(self, adapter: str, name: str) -> str | None:
+        """The user id known as `name` on an adapter, or None."""
+        uid = await self.queue.r.get(self.keys.name_index(adapter, name))
         return uid.decode() if isinstance(uid, bytes) else uid
 
     async def _enqueue(self, cmd: Command, op: str, params: dict, photo: bytes | None = None) -> Reply:
@@ -243,7 +250,7 @@ class BotCore:
         if await self.queue.r.scard(self.keys.user_jobs(cmd.user_id)) >= self.limits.max_jobs_per_user:
             return Reply(f"you already have {self.limits.max_jobs_per_user} jobs waiting: wait for one to finish")
         job = Job(op=op, user_id=cmd.user_id, adapter=cmd.adapter, params=params)
-        await self.queue.r.set(self.keys.origin(cmd.user_id, job.job_id), json.dumps({**cmd.origin, "op": op}),
+        await self.queue.r.set(self.keys.origin(cmd.user_id, job.job_id), json.dumps({**cmd.origin, "op": op, "job_id": job.job_id}),
                                ex=self.chat.result_ttl_s)
         position = await self.queue.enqueue(job, photo=photo)
         engines = [k async for k in self.queue.r.scan_iter(match=self.keys.heartbeat_pattern)]
@@ -258,10 +265,17 @@ COMMANDS = {
 }
 
 
+def human_size(n: int) -> str:
+    """Bytes for people: 15 MiB, 2.5 MiB, 98 KiB."""
+    if n >= 2**20:
+        return f"{n / 2**20:.1f}".removesuffix(".0") + " MiB"
+    return f"{max(n / 2**10, 1):.0f} KiB"
+
+
 def check_photo(data: bytes, limits: LimitsConfig) -> str | None:
     """A one-line reason why a photo cannot be used, or None. Dimensions are read before any decoding."""
     if len(data) > limits.max_photo_bytes:
-        return f"that photo is {len(data) / 2**20:.1f} MiB; send one under {limits.max_photo_bytes / 2**20:.0f} MiB"
+        return f"that photo is {human_size(len(data))}; send one under {human_size(limits.max_photo_bytes)}"
     try:
         img = Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, OSError):

@@ -1,0 +1,318 @@
+"""The local web chat (aiohttp): one page, no build step, what a newcomer sees first.
+
+A visitor is identified by a random cookie and a nickname they choose, so two browser tabs (two people) can
+/share and /morph each other. Commands go to the bot core exactly as the chat platforms' do; answers come back
+through the same `EventPump` and reach the browser as server-sent events. The chat log, the results' images
+and GIFs live in memory (the latents live in Redis): a restart clears the page, not the faces.
+
+Binds to 127.0.0.1 unless told otherwise; uploads are capped by size before they are read whole; the page
+shows everything users typed with `textContent`, never as HTML, under a strict Content-Security-Policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from adapters.base import EventPump, Result
+from bot.core import ACTIONS, BotCore, Command, human_size
+
+log = logging.getLogger("stylebot.web")
+
+STATIC = Path(__file__).parent / "static"
+COOKIE = "stylebot_session"
+NICKNAME = re.compile(r"[A-Za-z0-9_]{2,24}")
+DOWNLOAD_HINT = "stylebot weights download ffhq-256"
+HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
+                                      "script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
+           "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+@dataclass
+class Visitor:
+    """One browser identity: its chat log, its media, its open event streams."""
+
+    user_id: str
+    nickname: str = ""
+    log: deque = field(default_factory=lambda: deque(maxlen=200))
+    media: OrderedDict = field(default_factory=OrderedDict)     # media id -> (content type, bytes)
+    streams: set = field(default_factory=set)                   # asyncio.Queue per open /events
+
+    def message(self, by: str, text: str, **extra) -> dict:
+        msg = {"id": uuid.uuid4().hex[:12], "by": by, "text": text, "time": time.time(), **extra}
+        self.log.append(msg)
+        self.push({"type": "message", "message": msg})
+        return msg
+
+    def update(self, message_id: str, **changes) -> None:
+        for msg in self.log:
+            if msg["id"] == message_id:
+                msg.update(changes)
+                self.push({"type": "update", "message": msg})
+                return
+
+    def push(self, event: dict) -> None:
+        for q in list(self.streams):
+            q.put_nowait(event)
+
+    def keep(self, data: bytes, content_type: str, limit: int = 64) -> str:
+        media_id = uuid.uuid4().hex
+        self.media[media_id] = (content_type, data)
+        while len(self.media) > limit:
+            self.media.popitem(last=False)
+        return media_id
+
+
+class WebChat:
+    """The aiohttp application and the `Platform` the event pump posts to."""
+
+    name = "web"
+
+    def __init__(self, core: BotCore):
+        self.core = core
+        self.visitors: dict[str, Visitor] = {}
+        self.app = web.Application(client_max_size=core.limits.max_photo_bytes + 2**20,
+                                   middlewares=[_security_headers])
+        self.app.add_routes([
+            web.get("/", self.page), web.get("/info", self.info), web.post("/nickname", self.nickname),
+            web.post("/command", self.command), web.post("/react", self.react), web.get("/events", self.events),
+            web.get("/media/{media_id}", self.media), web.static("/static", STATIC),
+        ])
+
+    # -- identity --------------------------------------------------------------------------------------------
+
+    async def visitor(self, request: web.Request) -> tuple[Visitor, str | None]:
+        """The visitor behind a request (and a new cookie to set when it had none)."""
+        token = request.cookies.get(COOKIE, "")
+        new = None
+        if not re.fullmatch(r"[A-Za-z0-9_-]{20,64}", token):
+            token = new = secrets.token_urlsafe(24)
+        user_id = "web:" + hashlib.sha256(token.encode()).hexdigest()[:20]
+        v = self.visitors.get(user_id)
+        if v is None:
+            v = self.visitors[user_id] = Visitor(user_id)
+            known = await self.core.queue.r.get(self.core.keys.display_name(user_id))
+            if known:
+                adapter, _, name = (known.decode() if isinstance(known, bytes) else known).partition(":")
+                v.nickname = name if adapter == "web" else ""
+        return v, new
+
+    @staticmethod
+    def _json(data: dict, new_cookie: str | None = None, status: int = 200) -> web.Response:
+        resp = web.json_response(data, status=status)
+        if new_cookie:
+            resp.set_cookie(COOKIE, new_cookie, httponly=True, samesite="Strict", max_age=365 * 86400)
+        return resp
+
+    # -- pages and API ---------------------------------------------------------------------------------------
+
+    async def page(self, request: web.Request) -> web.Response:
+        v, new = await self.visitor(request)
+        resp = web.FileResponse(STATIC / "index.html")
+        if new:
+            resp.set_cookie(COOKIE, new, httponly=True, samesite="Strict", max_age=365 * 86400)
+        return resp
+
+    async def info(self, request: web.Request) -> web.Response:
+        """Which model the engine runs, whether it is online, who you are."""
+        v, new = await self.visitor(request)
+        models = []
+        async for key in self.core.queue.r.scan_iter(match=self.core.keys.heartbeat_pattern):
+            beat = await self.core.queue.r.get(key)
+            if beat:
+                models.append((beat.decode() if isinstance(beat, bytes) else beat).split()[0])
+        model = models[0] if models else None
+        return self._json({"nickname": v.nickname, "engines": len(models), "model": model,
+                           "tiny": model == "tiny", "download": DOWNLOAD_HINT,
+                           "max_photo_bytes": self.core.limits.max_photo_bytes,
+                           "actions": {a: getattr(self.core.chat, f"{a}_emoji").split()[0] for a in ACTIONS}}, new)
+
+    async def nickname(self, request: web.Request) -> web.Response:
+        """Choose the name others use to /morph with you."""
+        v, new = await self.visitor(request)
+        try:
+            name = str((await request.json()).get("nickname", "")).strip().lstrip("@")
+        except (json.JSONDecodeError, AttributeError):
+            return self._json({"error": "send JSON like {\"nickname\": \"alice\"}"}, new, 400)
+        if not NICKNAME.fullmatch(name):
+            return self._json({"error": "a nickname is 2 to 24 letters, digits or _"}, new, 400)
+        owner = await self.core.user_called("web", name)
+        if owner not in (None, v.user_id) or (name.lower() == "me"):
+            return self._json({"error": f"@{name} is taken: choose another nickname"}, new, 409)
+        if v.nickname and v.nickname.lower() != name.lower():
+            await self.core.queue.r.delete(self.core.keys.name_index("web", v.nickname))
+        v.nickname = name
+        await self.core.queue.r.set(self.core.keys.name_index("web", name), v.user_id)
+        await self.core.queue.r.set(self.core.keys.display_name(v.user_id), f"web:{name}")
+        return self._json({"nickname": name}, new)
+
+    async def command(self, request: web.Request) -> web.Response:
+        """A chat line, with an optional photo (multipart: `text`, `photo`)."""
+        v, new = await self.visitor(request)
+        if not v.nickname:
+            return self._json({"error": "choose a nickname first"}, new, 400)
+        limit = self.core.limits.max_photo_bytes
+        if request.content_length and request.content_length > limit + 2**16:
+            return self._json({"error": f"that upload is {human_size(request.content_length)}; "
+                                        f"send a photo under {human_size(limit)}"}, new, 413)
+        text, photo, photo_name = "", None, ""
+        try:
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                if part.name == "text":
+                    text = (await part.read(decode=True)).decode("utf-8", "replace")[:2000]
+                elif part.name == "photo" and part.filename:
+                    photo_name, photo = part.filename, await _read_capped(part, limit)
+                    if photo is None:
+                        return self._json({"error": f"send a photo under {human_size(limit)}"}, new, 413)
+        except (ValueError, AssertionError):
+            return self._json({"error": "send the form as multipart/form-data"}, new, 400)
+        text = text.strip() or ("/invert" if photo else "")
+        if not text:
+            return self._json({"error": "type a command, e.g. /help"}, new, 400)
+        extra = {"attachment": photo_name[:80]} if photo is not None else {}
+        v.message("you", text, **extra)
+        reply = await self.core.handle(Command("web", v.user_id, v.nickname, text, photo=photo,
+                                               origin={"user": v.user_id}))
+        self._acknowledge(v, reply)
+        return self._json({"reply": reply.text, "job_id": reply.job_id}, new)
+
+    async def react(self, request: web.Request) -> web.Response:
+        """A button under a result: stronger, weaker, refine or redo."""
+        v, new = await self.visitor(request)
+        try:
+            body = await request.json()
+            message_id, action = str(body["message"]), str(body["action"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return self._json({"error": "send JSON like {\"message\": ID, \"action\": \"stronger\"}"}, new, 400)
+        reply = await self.core.react_message("web", v.user_id, message_id, action, origin={"user": v.user_id})
+        self._acknowledge(v, reply)
+        return self._json({"reply": reply.text, "job_id": reply.job_id}, new)
+
+    def _acknowledge(self, v: Visitor, reply) -> None:
+        msg = v.message("bot", reply.text, job=reply.job_id)
+        if reply.job_id:
+            asyncio.ensure_future(self.core.set_status_message(v.user_id, reply.job_id, msg["id"]))
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: the chat log so far, then every new or updated message."""
+        v, _ = await self.visitor(request)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           **HEADERS})
+        await resp.prepare(request)
+        q: asyncio.Queue = asyncio.Queue()
+        v.streams.add(q)
+        try:
+            await _send(resp, {"type": "history", "messages": list(v.log)})
+            while True:
+                try:
+                    event = await asyncio.wait_for(q.get(), 15)
+                except asyncio.TimeoutError:
+                    await resp.write(b": keep-alive\n\n")
+                    continue
+                await _send(resp, event)
+                if event["type"] == "bye":
+                    break
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            v.streams.discard(q)
+        return resp
+
+    async def media(self, request: web.Request) -> web.Response:
+        """A result's image or GIF; only its owner's cookie sees it."""
+        v, _ = await self.visitor(request)
+        item = v.media.get(request.match_info["media_id"])
+        if item is None:
+            raise web.HTTPNotFound(text="that image has expired")
+        content_type, data = item
+        return web.Response(body=data, content_type=content_type, headers={"Cache-Control": "private, max-age=86400"})
+
+    # -- Platform --------------------------------------------------------------------------------------------
+
+    def _owner(self, origin: dict) -> Visitor | None:
+        return self.visitors.get(origin.get("user", ""))
+
+    async def show_progress(self, origin: dict, text: str, preview: bytes | None) -> None:
+        v = self._owner(origin)
+        if v is None or "status" not in origin:
+            return
+        changes: dict = {"progress": text}
+        if preview:
+            changes["preview"] = "data:image/jpeg;base64," + base64.b64encode(preview).decode()
+        v.update(origin["status"], **changes)
+
+    async def show_result(self, origin: dict, result: Result) -> str | None:
+        v = self._owner(origin)
+        if v is None:
+            v = self.visitors[origin["user"]] = Visitor(origin["user"])  # posted before the browser came back
+        if "status" in origin:
+            v.update(origin["status"], progress="", preview="")
+        if not result.ok:
+            v.message("bot", f"couldn't do that: {result.text}", error=True)
+            return None
+        extra = {}
+        if result.payload:
+            content_type = "image/gif" if result.kind == "animation" else "image/png"
+            extra["media"] = f"/media/{v.keep(result.payload, content_type)}"
+            extra["filename"] = result.filename
+        msg = v.message("bot", result.text, rerun=bool(result.result_id), engine=result.engine, **extra)
+        return msg["id"]
+
+
+@web.middleware
+async def _security_headers(request: web.Request, handler):
+    resp = await handler(request)
+    if not isinstance(resp, web.StreamResponse) or not resp.prepared:
+        resp.headers.update(HEADERS)
+    return resp
+
+
+async def _read_capped(part, limit: int) -> bytes | None:
+    """A multipart file, or None as soon as it grows past `limit` bytes."""
+    chunks, size = [], 0
+    while chunk := await part.read_chunk(2**16):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _send(resp: web.StreamResponse, event: dict) -> None:
+    await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+
+
+async def serve(core: BotCore, host: str, port: int, stop: asyncio.Event,
+                started: asyncio.Future | None = None) -> None:
+    """Run the web chat and its event pump until `stop` is set. `started` gets the bound URL."""
+    chat = WebChat(core)
+    runner = web.AppRunner(chat.app, access_log=None, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0]
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{bound[1]}/"
+    if started is not None:
+        started.set_result(url)
+    pump = asyncio.create_task(EventPump(core, chat).run(stop))
+    try:
+        await stop.wait()
+    finally:
+        for v in chat.visitors.values():  # end the open event streams so the server can close
+            v.push({"type": "bye"})
+        pump.cancel()
+        await asyncio.gather(pump, return_exceptions=True)
+        await runner.cleanup()

@@ -1,0 +1,138 @@
+// stylebot web chat: every text users typed is shown with textContent, never as HTML.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const shown = new Map();          // message id -> element
+let actions = {};                  // action -> emoji, from /info
+
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function showError(text) {
+  const box = $("error");
+  box.textContent = text;
+  box.hidden = !text;
+}
+
+function render(m) {
+  const div = el("div", "msg " + (m.by === "you" ? "you" : "bot") + (m.error ? " error" : ""));
+  div.dataset.id = m.id;
+  div.appendChild(el("span", "text", m.text));
+  if (m.attachment) div.appendChild(el("span", "att", "📷 " + m.attachment));
+  if (m.progress || m.preview) {
+    const p = el("div", "progress");
+    if (m.preview) { const img = el("img"); img.src = m.preview; img.alt = "preview"; p.appendChild(img); }
+    p.appendChild(el("span", "", m.progress || ""));
+    div.appendChild(p);
+  }
+  if (m.media) {
+    const img = el("img", "result");
+    img.src = m.media;
+    img.alt = m.text;
+    div.appendChild(img);
+  }
+  if (m.rerun) {
+    const row = el("div", "actions");
+    for (const [action, emoji] of Object.entries(actions)) {
+      const b = el("button", "", emoji + " " + action);
+      b.type = "button";
+      b.dataset.action = action;
+      b.addEventListener("click", () => react(m.id, action));
+      row.appendChild(b);
+    }
+    div.appendChild(row);
+  }
+  if (m.engine) div.appendChild(el("div", "meta", "made by " + m.engine));
+  return div;
+}
+
+function show(m) {
+  const log = $("log");
+  const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 80;
+  const div = render(m);
+  const old = shown.get(m.id);
+  if (old) old.replaceWith(div); else log.appendChild(div);
+  shown.set(m.id, div);
+  if (atBottom || !old) log.scrollTop = log.scrollHeight;
+}
+
+async function post(url, body) {
+  const init = body instanceof FormData ? { method: "POST", body } :
+    { method: "POST", body: JSON.stringify(body), headers: { "Content-Type": "application/json" } };
+  const resp = await fetch(url, init);
+  const data = await resp.json().catch(() => ({ error: "the server answered " + resp.status }));
+  showError(data.error || "");
+  return data;
+}
+
+async function react(messageId, action) {
+  await post("/react", { message: messageId, action });
+}
+
+async function refreshInfo() {
+  try {
+    const info = await (await fetch("/info")).json();
+    actions = info.actions;
+    const badge = $("engine");
+    badge.textContent = info.model ? "model: " + info.model : "engine offline: jobs wait";
+    badge.classList.toggle("offline", !info.model);
+    $("tiny").hidden = !info.tiny;
+    $("download").textContent = info.download;
+    $("join").hidden = !!info.nickname;
+    $("composer").hidden = !info.nickname;
+    if (info.nickname) document.title = "stylebot: @" + info.nickname;
+    return info;
+  } catch (e) {
+    $("engine").textContent = "server unreachable";
+  }
+}
+
+function listen() {
+  const source = new EventSource("/events");
+  source.onmessage = (e) => {
+    const ev = JSON.parse(e.data);
+    if (ev.type === "history") ev.messages.forEach(show);
+    else if (ev.type === "message" || ev.type === "update") show(ev.message);
+  };
+}
+
+function setup() {
+  $("join").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const data = await post("/nickname", { nickname: $("nickname").value });
+    if (data.nickname) refreshInfo();
+  });
+  const photo = $("photo");
+  photo.addEventListener("change", () => {
+    const f = photo.files[0];
+    $("chosen").hidden = !f;
+    $("chosen").textContent = f ? "📷 " + f.name + " ✕" : "";
+  });
+  $("chosen").addEventListener("click", () => { photo.value = ""; photo.dispatchEvent(new Event("change")); });
+  $("composer").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const form = new FormData();
+    form.append("text", $("text").value);
+    if (photo.files[0]) form.append("photo", photo.files[0]);
+    $("send").disabled = true;
+    try {
+      const data = await post("/command", form);
+      if (!data.error) {
+        $("text").value = "";
+        photo.value = "";
+        photo.dispatchEvent(new Event("change"));
+      }
+    } finally {
+      $("send").disabled = false;
+      $("text").focus();
+    }
+  });
+  refreshInfo().then(listen);
+  setInterval(refreshInfo, 5000);
+}
+
+setup();

@@ -1,0 +1,141 @@
+"""The local web chat in a real browser (Debian's chromium, driven by Playwright) against a real Redis and a real
+tiny engine: upload a face, see it come back, edit it, click "stronger", morph with a second tab's face."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import pytest
+from aiohttp import FormData
+from aiohttp.test_utils import TestClient, TestServer
+from playwright.async_api import async_playwright, expect
+
+from adapters.web import WebChat, serve
+from bot.config import LimitsConfig
+from conftest import FIXTURES, ROOT, Stack
+
+CHROMIUM = "/usr/bin/chromium"
+OBAMA = FIXTURES / "faces" / "obama.jpg"
+ARTIFACTS = ROOT / "test-artifacts"
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture
+async def web(stack):
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: `apt-get install chromium` (README's test command does it)")
+    stop = asyncio.Event()
+    started = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(stack.core, "127.0.0.1", 0, stop, started))
+    url = await asyncio.wait_for(started, 10)
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        yield url, browser
+        await browser.close()
+    stop.set()
+    await asyncio.wait_for(task, 10)
+
+
+async def join(browser, url: str, nickname: str, width: int = 390, height: int = 844):
+    """A new visitor (its own cookie) on a phone-sized window, with a nickname."""
+    context = await browser.new_context(viewport={"width": width, "height": height})
+    page = await context.new_page()
+    await page.goto(url)
+    await expect(page.locator("#engine")).to_have_text("model: tiny", timeout=15_000)
+    await page.fill("#nickname", nickname)
+    await page.click("#join button")
+    await expect(page.locator("#composer")).to_be_visible()
+    return page
+
+
+async def send(page, text: str, photo=None) -> None:
+    if photo is not None:
+        await page.set_input_files("#photo", str(photo))
+    await page.fill("#text", text)
+    await page.click("#send")
+
+
+async def test_upload_edit_stronger_and_morph_in_a_browser(web):
+    url, browser = web
+    alice = await join(browser, url, "alice")
+    banner = alice.locator("#tiny")
+    await expect(banner).to_be_visible()
+    await expect(banner).to_contain_text("stylebot weights download ffhq-256")
+
+    await send(alice, "", photo=OBAMA)
+    await expect(alice.locator(".msg.you").last).to_contain_text("obama.jpg")
+    await expect(alice.locator(".msg.bot").filter(has_text="queued invert, position")).to_have_count(1)
+    results = alice.locator(".msg.bot:has(img.result)")
+    await expect(results).to_have_count(1, timeout=60_000)
+    await expect(results.last).to_contain_text("your face in tiny: PSNR")
+    size = await results.last.locator("img.result").evaluate("i => [i.naturalWidth, i.naturalHeight]")
+    assert size == [32, 32]
+
+    await send(alice, "/edit smiling")
+    await expect(results).to_have_count(2, timeout=60_000)
+    await expect(results.last).to_contain_text("edited: smiling")
+    await results.last.locator("button[data-action=stronger]").click()
+    await expect(results).to_have_count(3, timeout=60_000)
+    await expect(results.last).to_contain_text("smiling x1.50")
+
+    # what users type is shown as text, never run as HTML
+    hostile = '<img src=x onerror="document.title=\'pwned\'">'
+    await send(alice, hostile)
+    await expect(alice.locator(".msg.you .text").last).to_have_text(hostile)
+    await expect(alice.locator(".msg.bot").last).to_contain_text("unknown command")
+    assert await alice.title() != "pwned"
+    assert await alice.locator(".msg img:not(.result)").count() == 0
+
+    # a second tab is a second person: bob shares his face, alice morphs with it
+    bob = await join(browser, url, "bob")
+    await send(bob, "/invert", photo=OBAMA)
+    await expect(bob.locator(".msg.bot:has(img.result)")).to_have_count(1, timeout=60_000)
+    await send(alice, "/morph @me @bob 4")
+    await expect(alice.locator(".msg.bot").last).to_contain_text("@bob has not allowed morphs")
+    await send(bob, "/share")
+    await send(alice, "/morph @me @bob 4")
+    await expect(results).to_have_count(4, timeout=60_000)
+    await expect(results.last).to_contain_text("morph, 4 frames")
+    frames = await results.last.locator("img.result").evaluate(
+        "async i => (await fetch(i.src)).headers.get('content-type')")
+    assert frames == "image/gif"
+
+    # bob cannot see alice's results, nor rerun them
+    media = await results.last.locator("img.result").get_attribute("src")
+    assert (await bob.request.get(url.rstrip("/") + media)).status == 404
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    await alice.screenshot(path=str(ARTIFACTS / "web-chat.png"), full_page=True)
+
+
+async def test_the_page_after_a_reload_keeps_the_conversation(web):
+    url, browser = web
+    page = await join(browser, url, "carol")
+    await send(page, "/help")
+    await expect(page.locator(".msg.bot").last).to_contain_text("/invert")
+    await page.reload()
+    await expect(page.locator(".msg.bot").last).to_contain_text("/invert")
+    await expect(page.locator("#composer")).to_be_visible()
+
+
+async def test_uploads_are_capped_before_they_are_read_and_nicknames_are_checked(client):
+    s = Stack(client, limits=LimitsConfig(max_photo_bytes=100_000))
+    chat = WebChat(s.core)
+    async with TestClient(TestServer(chat.app)) as http:
+        resp = await http.post("/command", data=FormData({"text": "/help"}))
+        assert resp.status == 400 and (await resp.json())["error"] == "choose a nickname first"
+        assert (await http.post("/nickname", json={"nickname": "<b>"})).status == 400
+        assert (await http.post("/nickname", json={"nickname": "dave"})).status == 200
+        form = FormData()
+        form.add_field("text", "/invert")
+        form.add_field("photo", b"\xff" * 300_000, filename="big.jpg", content_type="image/jpeg")
+        resp = await http.post("/command", data=form)
+        assert resp.status == 413
+        assert (await resp.json())["error"] == "that upload is 293 KiB; send a photo under 98 KiB"
+        other = TestClient(TestServer(chat.app))
+    async with other:
+        resp = await other.post("/nickname", json={"nickname": "Dave"})
+        assert resp.status == 409 and (await resp.json())["error"] == "@Dave is taken: choose another nickname"
+    await s.close()
