@@ -18,6 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="config file (default: $STYLEBOT_CONFIG, else ./config.toml, else defaults)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from bot import serve
+
+    serve.add_commands(sub)
     engine_cli.add_commands(sub)
     return parser
 

@@ -78,6 +78,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
     p.add_argument("--name", default="", help="consumer name in the queue (default host:pid)")
     p.add_argument("--invert-steps", type=int, help="override the inversion recipe's steps (slow CPUs, tests)")
+    p.add_argument("--redis", metavar="URL", help="Redis URL; default: config [redis] url")
     p.set_defaults(handler=cmd_engine)
 
     w = sub.add_parser("weights", help="list, download, import, verify and convert model weights",
@@ -307,7 +308,7 @@ def cmd_engine(args: argparse.Namespace, cfg: Config) -> int:
                               heartbeat_ttl_s=cfg.queue.heartbeat_ttl_s, invert_steps=args.invert_steps)
 
     async def serve() -> None:
-        client = connect(cfg.redis.url)
+        client = connect(args.redis or cfg.redis.url)
         keys = Keys(cfg.redis.prefix)
         queue = JobQueue(client, keys, max_deliveries=cfg.queue.max_deliveries,
                          reclaim_idle_ms=int(cfg.queue.reclaim_idle_s * 1000), result_ttl_s=cfg.chat.result_ttl_s)

@@ -1,0 +1,213 @@
+"""`stylebot run` (everything on one machine) and `stylebot web | telegram | discord` (one front end each).
+
+`run` uses the Redis at the configured URL or starts a `redis-server` of its own on a free port, starts the engine
+as a child process (`stylebot engine`: the bot processes never import torch), serves the web chat, and adds
+Telegram and Discord when their tokens are in the environment. Ctrl-C stops all of it, the engine first (it
+finishes or hands back the batch in hand), then the Redis it started (which saves the users' latents to disk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from bot.config import Config
+from engine.errors import StylebotError
+
+log = logging.getLogger("stylebot")
+
+TOKENS = {"telegram": "STYLEBOT_TELEGRAM_TOKEN", "discord": "STYLEBOT_DISCORD_TOKEN"}
+REDIS_DATA = "~/.cache/stylebot/redis"
+INSTALL_REDIS = ("install it (Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install redis) "
+                 "or point [redis] url in config.toml at a running one")
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("run", help="run everything on this machine: Redis, the engine, the web chat (+ bots)",
+                       description="Start the whole product: the Redis at [redis] url, or a redis-server of its own "
+                                   "on a free port when none answers; the engine; the web chat; and Telegram / "
+                                   f"Discord when ${TOKENS['telegram']} / ${TOKENS['discord']} are set. "
+                                   "Prints the URL to open. Ctrl-C stops all of it.")
+    p.add_argument("--host", help="web chat address; default: config [web] host (127.0.0.1)")
+    p.add_argument("--port", type=int, help="web chat port; default: config [web] port (8080); 0 = any free port")
+    p.add_argument("--model", help="generator for the engine; default: config [engine] model")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
+    p.add_argument("--invert-steps", type=int, help="override the inversion recipe's steps (slow CPUs)")
+    p.add_argument("--redis-data", default=REDIS_DATA,
+                   help=f"folder of the redis-server that `run` starts itself (default {REDIS_DATA})")
+    p.set_defaults(handler=cmd_run)
+    for name, about in (("web", "the local web chat"), ("telegram", "the Telegram bot"),
+                        ("discord", "the Discord bot")):
+        q = sub.add_parser(name, help=f"run {about} alone (the engine runs apart: `stylebot engine`)")
+        if name == "web":
+            q.add_argument("--host", help="default: config [web] host")
+            q.add_argument("--port", type=int, help="default: config [web] port")
+        q.set_defaults(handler=cmd_frontend, frontend=name)
+
+
+# -- Redis -----------------------------------------------------------------------------------------------------
+
+def redis_answers(url: str, timeout: float = 1.0) -> bool:
+    import redis
+
+    try:
+        return bool(redis.from_url(url, password=os.environ.get("STYLEBOT_REDIS_PASSWORD") or None,
+                                   socket_connect_timeout=timeout, socket_timeout=timeout).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(url: str, data_dir: str) -> tuple[str, subprocess.Popen | None]:
+    """The configured Redis when it answers, else a redis-server of our own: (url, process we started or None)."""
+    if redis_answers(url):
+        return url, None
+    host = urlparse(url).hostname or "127.0.0.1"
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise StylebotError(f"no Redis answers at {url}; start it, or set [redis] url to one that runs")
+    server = shutil.which("redis-server")
+    if server is None:
+        raise StylebotError(f"no Redis answers at {url} and redis-server is not installed: {INSTALL_REDIS}")
+    port = free_port()
+    folder = Path(data_dir).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([server, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder),
+                             "--save", "60 1", "--appendonly", "no", "--logfile", str(folder / "redis.log")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ours = f"redis://127.0.0.1:{port}/0"
+    for _ in range(100):
+        if redis_answers(ours, 0.2):
+            print(f"no Redis answered at {url}: started redis-server on 127.0.0.1:{port} (data in {folder})",
+                  flush=True)
+            return ours, proc
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    raise StylebotError(f"redis-server did not start (see {folder / 'redis.log'})")
+
+
+# -- front ends ------------------------------------------------------------------------------------------------
+
+async def frontends(cfg: Config, redis_url: str, host: str, port: int, stop: asyncio.Event,
+                    which: tuple[str, ...] = ("web", "telegram", "discord")) -> None:
+    """Serve the chosen front ends on one bot core until `stop` is set."""
+    from bot.core import BotCore
+    from storage.connect import connect
+
+    client = connect(redis_url)
+    core = BotCore.from_config(cfg, client)
+    tasks = []
+    try:
+        if "web" in which:
+            from adapters.web import serve as serve_web
+
+            started = asyncio.get_running_loop().create_future()
+            tasks.append(asyncio.create_task(serve_web(core, host, port, stop, started)))
+            await asyncio.wait([started, tasks[-1]], return_when=asyncio.FIRST_COMPLETED)
+            if not started.done():
+                tasks[-1].result()  # raises the reason (port in use, ...)
+            print(f"stylebot web chat: open {started.result()}  (Ctrl-C stops it)", flush=True)
+        for name in ("telegram", "discord"):
+            token = os.environ.get(TOKENS[name])
+            if name in which and token:
+                module = __import__(f"adapters.{name}", fromlist=["serve"])
+                tasks.append(asyncio.create_task(module.serve(cfg, core, token, stop)))
+                print(f"stylebot {name} bot: connecting", flush=True)
+            elif name in which and which != ("web", "telegram", "discord"):
+                raise StylebotError(f"set ${TOKENS[name]} to your {name} bot token")
+        if tasks:
+            await asyncio.gather(*tasks)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.aclose()
+
+
+def _port_error(e: OSError, host: str, port: int) -> StylebotError:
+    return StylebotError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another with --port")
+
+
+def cmd_frontend(args: argparse.Namespace, cfg: Config) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    host = getattr(args, "host", None) or cfg.web.host
+    port = cfg.web.port if getattr(args, "port", None) is None else args.port
+    return _serve(lambda stop: frontends(cfg, cfg.redis.url, host, port, stop, (args.frontend,)), host, port)
+
+
+def _serve(main, host: str, port: int) -> int:
+    async def go() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await main(stop) or 0
+
+    try:
+        return asyncio.run(go())
+    except OSError as e:
+        raise _port_error(e, host, port) from None
+
+
+# -- run -------------------------------------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    host = args.host or cfg.web.host
+    port = cfg.web.port if args.port is None else args.port
+    url, redis_proc = start_redis(cfg.redis.url, args.redis_data)
+    engine_cmd = [sys.executable, "-m", "bot.cli"] + ([] if cfg.source == "defaults" else ["--config", cfg.source])
+    engine_cmd += ["engine", "--redis", url]
+    for flag, value in (("--model", args.model), ("--device", args.device), ("--invert-steps", args.invert_steps)):
+        if value is not None:
+            engine_cmd += [flag, str(value)]
+    engine = subprocess.Popen(engine_cmd, start_new_session=True)  # our Ctrl-C reaches it through us, in order
+
+    async def main(stop: asyncio.Event) -> int:
+        async def watch_engine() -> None:
+            while engine.poll() is None and not stop.is_set():
+                await asyncio.sleep(0.5)
+            if engine.returncode is not None:
+                print(f"error: the engine stopped (exit {engine.returncode}); see its log above", file=sys.stderr)
+                stop.set()
+
+        watcher = asyncio.create_task(watch_engine())
+        try:
+            await frontends(cfg, url, host, port, stop)
+        finally:
+            watcher.cancel()
+        return 0 if engine.poll() is None else 1
+
+    try:
+        return _serve(main, host, port)
+    finally:
+        print("stopping: the engine finishes the batch in hand...", flush=True)
+        _stop(engine, 60)
+        if redis_proc is not None:
+            _stop(redis_proc, 15)
+        print("stopped", flush=True)
+
+
+def _stop(proc: subprocess.Popen, timeout: float) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
