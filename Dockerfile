@@ -12,7 +12,8 @@ COPY storage ./storage
 RUN pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1 .
 USER stylebot
 ENV STYLEBOT_CONFIG=/app/config.toml
-# Weights live in a volume so they survive new images: docker run -v stylebot-weights:/home/stylebot/.cache/stylebot
-VOLUME ["/home/stylebot/.cache/stylebot"]
+# Weights (and open_clip's cache) live in a volume so they survive new images; docker-compose.yml mounts one.
+RUN mkdir -p /home/stylebot/.cache
+VOLUME ["/home/stylebot/.cache"]
 ENTRYPOINT ["stylebot"]
 CMD ["--help"]

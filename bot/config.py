@@ -15,6 +15,7 @@ from pathlib import Path
 from engine.errors import StylebotError
 
 ENV_CONFIG = "STYLEBOT_CONFIG"
+ENV_REDIS_URL = "STYLEBOT_REDIS_URL"    # overrides [redis] url (containers name their Redis by service)
 
 
 class ConfigError(StylebotError, ValueError):
@@ -134,7 +135,13 @@ def find_config(explicit: str | Path | None = None) -> Path | None:
 
 
 def load_config(path: str | Path | None = None) -> Config:
-    p = find_config(path)
+    cfg = _load(find_config(path))
+    if os.environ.get(ENV_REDIS_URL):
+        cfg = dataclasses.replace(cfg, redis=dataclasses.replace(cfg.redis, url=os.environ[ENV_REDIS_URL]))
+    return cfg
+
+
+def _load(p: Path | None) -> Config:
     if p is None:
         return Config()
     try:
