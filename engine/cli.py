@@ -35,6 +35,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", choices=["default", "seed"], default="default",
                    help="default: ours (375 steps); seed: the seed notebook's exact recipe (1500 steps)")
     p.add_argument("--steps", type=int, help="override the recipe's number of steps")
+    p.add_argument("--refine", type=Path, metavar="LATENT",
+                   help="go on optimising this earlier latent of the same photo (default steps: half the recipe's)")
     p.add_argument("--model", help="model name; default: config [engine] model")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
     p.set_defaults(handler=cmd_invert)
@@ -178,30 +180,37 @@ def open_photo(path: Path):
 
 def cmd_invert(args: argparse.Namespace, cfg: Config) -> int:
     import numpy as np
+    import torch
     from PIL import Image
     from tqdm import tqdm
 
     from engine.align import align, likeness
     from engine.invert import RECIPES, invert
-    from engine.latents import Latent, save_latent
+    from engine.latents import Latent, load_latent, save_latent
     from engine.registry import load_vgg
 
     photo = open_photo(args.photo)
-    G, dev = open_model(cfg, args.model, args.device)
+    start = load_latent(args.refine) if args.refine else None
+    G, dev = open_model(cfg, args.model or (start.model_id if start else None), args.device)
+    if start is not None:
+        start.check_model(G)
     face = align(photo, G.img_resolution)
     for warning in face.warnings:
         print(f"note: {warning}", file=sys.stderr)
     vgg, vgg_warning = load_vgg(_cache(cfg), G)
     if vgg_warning:
         print(f"note: {vgg_warning}", file=sys.stderr)
-    steps = args.steps or RECIPES[args.recipe].steps
-    with tqdm(total=steps, desc=f"inverting ({args.recipe})", unit="step") as bar:
+    steps = args.steps or (RECIPES[args.recipe].steps // (2 if start else 1))
+    with tqdm(total=steps, desc=f"{'refining' if start else 'inverting'} ({args.recipe})", unit="step") as bar:
         def progress(step: int, total: int, losses: list[float]) -> None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[0]:.4f}")
 
-        result = invert(G, vgg, face.image[None], recipe=args.recipe, steps=steps, progress=progress)
+        init = None if start is None else torch.from_numpy(start.ws)[None]
+        result = invert(G, vgg, face.image[None], recipe=args.recipe, steps=steps, init_ws=init, progress=progress)
     distance = likeness(face.image, result.images[0])
+    if start is not None:
+        steps += int(start.settings.get("steps", 0))
     settings = {"operation": "invert", "recipe": args.recipe, "steps": steps, "psnr": round(result.psnr[0], 2),
                 "likeness": None if distance is None else round(distance, 3), "warnings": face.warnings,
                 "photo": args.photo.name}

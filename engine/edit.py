@@ -8,9 +8,12 @@ w0 + k (w - w0), one synthesis pass, no new optimisation.
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -56,6 +59,7 @@ class ClipScorer:
         _register_tiny()
         if name == TINY_CLIP:
             pretrained = None
+        _check_reachable(name, pretrained)
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
@@ -84,6 +88,35 @@ class ClipScorer:
         x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True)
         x = (x - self.mean) / self.std
         return F.normalize(self.model.encode_image(x).float(), dim=-1)
+
+
+def _check_reachable(name: str, pretrained: str | None, timeout: float = 3.0) -> None:
+    """Fail in seconds, not after a minute of retries, when CLIP weights are neither cached nor downloadable."""
+    import open_clip
+
+    if not pretrained or os.path.isfile(pretrained):
+        return
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not cfg:
+        return  # open_clip names the unknown tag itself
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import constants
+
+        cache = Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
+        snapshots = cache / ("models--" + os.path.split(hub)[0].replace("/", "--")) / "snapshots"
+        if snapshots.is_dir() and any(snapshots.iterdir()):
+            return
+        url = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    else:
+        url = cfg.get("url", "")
+    parsed = urlparse(url)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)),
+                                 timeout).close()
+    except OSError as e:
+        raise EditError(f"CLIP model {name} ({pretrained}) is not in open_clip's cache and {parsed.hostname} cannot be "
+                        f"reached ({e.strerror or e}): run once with internet to cache it, or use --clip tiny") from None
 
 
 @lru_cache(maxsize=1)

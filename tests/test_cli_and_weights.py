@@ -215,6 +215,18 @@ def test_invert_cli_writes_latent_and_images(tmp_path, config_file, capsys):
     assert "PSNR" in capsys.readouterr().out
 
 
+def test_invert_cli_refine_goes_on_from_a_latent(tmp_path, config_file, capsys):
+    first, second = tmp_path / "me.npz", tmp_path / "me2.npz"
+    base = ["--config", str(config_file), "invert", str(FACES / "obama.jpg")]
+    assert main(base + ["--model", "tiny", "--steps", "20", "--out", str(first)]) == 0
+    assert main(base + ["--refine", str(first), "--steps", "40", "--out", str(second)]) == 0  # model from the latent
+    from engine.latents import load_latent
+
+    a, b = load_latent(first), load_latent(second)
+    assert b.settings["steps"] == 60 and b.settings["psnr"] > a.settings["psnr"]
+    assert "refining" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: p.write_text("hello"), "not an image we can read"),
     (lambda p: Image.new("RGB", (200, 200), (90, 90, 90)).save(p, "PNG"), "no face found"),

@@ -64,3 +64,22 @@ def test_recipes_and_prompt_limits():
         check_prompt("   ")
     with pytest.raises(EditError, match="keep it under 200"):
         check_prompt("x" * 201)
+
+
+def test_uncached_clip_weights_fail_in_seconds_with_what_to_do(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    from engine.edit import ClipScorer, EditError
+
+    with socket.socket() as s:  # a port nothing listens on: the download server is unreachable
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    t0 = time.monotonic()
+    with pytest.raises(EditError) as e:
+        ClipScorer("ViT-B-32", "openai")
+    assert time.monotonic() - t0 < 10
+    assert str(e.value).startswith("CLIP model ViT-B-32 (openai) is not in open_clip's cache and 127.0.0.1 cannot")
+    assert str(e.value).endswith("run once with internet to cache it, or use --clip tiny")
