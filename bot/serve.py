@@ -126,7 +126,12 @@ async def frontends(cfg: Config, redis_url: str, host: str, port: int, stop: asy
         for name in ("telegram", "discord"):
             token = os.environ.get(TOKENS[name])
             if name in which and token:
-                module = __import__(f"adapters.{name}", fromlist=["serve"])
+                try:
+                    module = __import__(f"adapters.{name}", fromlist=["serve"])
+                except ModuleNotFoundError as e:
+                    if e.name != f"adapters.{name}":
+                        raise
+                    raise StylebotError(f"this version of stylebot has no {name} front end yet") from None
                 tasks.append(asyncio.create_task(module.serve(cfg, core, token, stop)))
                 print(f"stylebot {name} bot: connecting", flush=True)
             elif name in which and which != ("web", "telegram", "discord"):
