@@ -50,7 +50,7 @@ REDIS_URL = os.environ.get("STYLEBOT_TEST_REDIS", "redis://127.0.0.1:6379/15")
 @pytest_asyncio.fixture
 async def client():
     """A client of the real Redis the tests run against (scripts/ensure-redis starts one)."""
-    r = redis.from_url(REDIS_URL)
+    r = redis.from_url(REDIS_URL, socket_timeout=30)  # a loaded 2-core machine can stall Redis for seconds
     try:
         await r.ping()
     except Exception as e:  # noqa: BLE001
