@@ -1,0 +1,110 @@
+"""Regenerate tests/fixtures/stylegan1_parity.safetensors from a local clone of lernapparat/lernapparat.
+
+    git clone https://github.com/lernapparat/lernapparat /tmp/lernapparat
+    python scripts/make_stylegan1_parity.py --reference /tmp/lernapparat
+
+The reference is the "StyleGAN in PyTorch" notebook (style_gan/pytorch_style_gan.ipynb), the port whose
+`karras2019stylegan-ffhq-1024x1024.pt` files people use. This script runs the notebook's definition cells from
+the clone (nothing of them is stored here), builds small generators with them, randomises every parameter, fixes
+each noise layer's noise map, and records weights (the port's names), inputs and outputs (CPU, float32). Case
+"a" is 128 px so that the fused upscale (from 128 px) is covered; case "b" is 32 px with a narrow w. The mapping
+network is the port's own (512 wide, 18 ws). tests/test_stylegan1_parity.py checks our generator against them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+OUT = FIXTURES / "stylegan1_parity.safetensors"
+NOTEBOOK = Path("style_gan") / "pytorch_style_gan.ipynb"
+
+# The reference G_synthesis arguments per case (our StyleGAN1Config uses the same names for these four).
+CASES = {
+    "a": dict(w_dim=32, img_resolution=128, fmap_base=256, fmap_max=16),
+    "b": dict(w_dim=24, img_resolution=32, fmap_base=64, fmap_max=8),
+}
+BATCH = 2
+MAPPING_SEED = 7
+
+
+def load_reference(clone: Path) -> dict:
+    """Run the notebook's import and definition cells (not its demos or conversion) and return their names."""
+    cells = json.loads((clone / NOTEBOOK).read_text())["cells"]
+    ns: dict = {}
+    for cell in cells:
+        src = "".join(cell["source"])
+        if cell["cell_type"] != "code" or "%matplotlib" in src or src.lstrip().startswith(("if 0", "g_all")):
+            continue
+        exec(compile(src.replace("import IPython", ""), str(clone / NOTEBOOK), "exec"), ns)
+    return ns
+
+
+def randomise(module: torch.nn.Module, gen: torch.Generator | None = None) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.ndim <= 1 else 1.0))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reference", required=True, type=Path, help="local clone of lernapparat/lernapparat")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    ref = load_reference(args.reference)
+
+    torch.manual_seed(2019)
+    tensors: dict[str, torch.Tensor] = {}
+
+    # The port's mapping is 512 wide (8 MiB of weights): its weights are drawn from MAPPING_SEED, in parameter
+    # order, rather than stored; the test draws the same ones.
+    mapping = ref["G_mapping"]().eval()
+    randomise(mapping, torch.Generator().manual_seed(MAPPING_SEED))
+    z = torch.randn([BATCH, 512]) * 1.5
+    with torch.no_grad():
+        ws = mapping(z)
+    tensors["map.z"], tensors["map.ws"] = z, ws.contiguous()
+    print(f"mapping: {sum(p.numel() for p in mapping.parameters())} parameters, ws {tuple(ws.shape)}")
+
+    for name, cfg in CASES.items():
+        G = ref["G_synthesis"](dlatent_size=cfg["w_dim"], resolution=cfg["img_resolution"],
+                               fmap_base=cfg["fmap_base"], fmap_max=cfg["fmap_max"]).eval()
+        randomise(G)
+        noise_layers = [m for m in G.modules() if type(m).__name__ == "NoiseLayer"]
+        num_ws = 2 * len(G.blocks)
+        ws = torch.randn([BATCH, num_ws, cfg["w_dim"]])
+        with torch.no_grad():
+            # noise as fixed maps (the notebook's `.noise` attribute), then without noise (zero maps)
+            sizes = [int(k.split("x")[0]) for k in G.blocks for _ in (0, 1)]
+            maps = [torch.randn([1, 1, s, s]) for s in sizes]
+            for layer, noise in zip(noise_layers, maps):
+                layer.noise = noise
+            img_noise = G(ws)
+            for layer, noise in zip(noise_layers, maps):
+                layer.noise = torch.zeros_like(noise)
+            img_none = G(ws)
+        tensors.update({f"{name}.param.g_synthesis.{k}": v.clone() for k, v in G.state_dict().items()})
+        tensors.update({f"{name}.noise.{i}": m for i, m in enumerate(maps)})
+        tensors[f"{name}.ws"], tensors[f"{name}.img_noise"], tensors[f"{name}.img_none"] = ws, img_noise, img_none
+        print(f"case {name}: {sum(p.numel() for p in G.parameters())} parameters, image {tuple(img_noise.shape)}")
+
+    # The full FFHQ 1024 model's state dict names and shapes, to prove that a real port file loads strictly.
+    g_all = torch.nn.Sequential()
+    g_all.add_module("g_mapping", ref["G_mapping"]())
+    g_all.add_module("g_synthesis", ref["G_synthesis"]())
+    shapes = {k: list(v.shape) for k, v in g_all.state_dict().items()}
+    meta = {"cases": json.dumps(CASES), "mapping_seed": str(MAPPING_SEED), "ffhq_shapes": json.dumps(shapes),
+            "ffhq_parameters": str(sum(p.numel() for p in g_all.parameters())),
+            "reference": "lernapparat/lernapparat style_gan/pytorch_style_gan.ipynb, CPU float32"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(args.out), metadata=meta)
+    print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB); FFHQ model: {meta['ffhq_parameters']} parameters")
+
+
+if __name__ == "__main__":
+    main()
