@@ -1,4 +1,5 @@
-"""One loader for every generator file people have: official StyleGAN2-ADA `.pkl`, rosinality `.pt`, our `.safetensors`.
+"""One loader for every generator file people have: official StyleGAN2-ADA `.pkl`, rosinality `.pt`, the StyleGAN1
+port's `karras2019stylegan-ffhq-1024x1024.pt` (lernapparat's layout), our `.safetensors`.
 
 `load_generator(path)` sniffs the format from the file's first bytes (not its name), rebuilds the architecture
 from what the file says about itself, and loads the weights into our `Generator` with `strict=True`. Every
@@ -21,9 +22,11 @@ from safetensors.torch import load_file, save_file
 from engine import safe_pickle
 from engine.errors import StylebotError
 from engine.ops import fir_filter
+from engine import stylegan1
 from engine.stylegan2 import Generator, StyleGAN2Config
 
-FORMATS = ("pkl", "rosinality", "safetensors")
+FORMATS = ("pkl", "torch", "safetensors")
+FAMILIES = {"stylegan2": (StyleGAN2Config, Generator), "stylegan1": (stylegan1.StyleGAN1Config, stylegan1.Generator)}
 SAFETENSORS_FORMAT = "stylebot-generator-v1"
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."  # legacy (pre-zip) torch.save magic number
 
@@ -37,7 +40,8 @@ class CheckpointError(StylebotError, ValueError):
 
 
 def sniff_format(path: str | Path) -> str:
-    """'pkl' (network pickle), 'rosinality' (torch.save of a dict), or 'safetensors', from the first bytes."""
+    """'pkl' (network pickle), 'torch' (torch.save of a dict: rosinality or the StyleGAN1 port), or 'safetensors',
+    from the first bytes."""
     path = Path(path)
     try:
         with path.open("rb") as f:
@@ -47,7 +51,7 @@ def sniff_format(path: str | Path) -> str:
     if len(head) < 2:
         raise CheckpointError(path, f"file is empty or truncated ({len(head)} bytes)")
     if head.startswith(b"PK\x03\x04") or head.startswith(_LEGACY_TORCH_MAGIC):
-        return "rosinality"
+        return "torch"
     if head[:1] == b"\x80":
         return "pkl"
     if len(head) < 9:
@@ -62,14 +66,20 @@ def load_generator(path: str | Path, *, model_id: str | None = None, device: str
     """Load any supported generator file into an eval-mode `Generator` with frozen weights."""
     path = Path(path)
     fmt = sniff_format(path)
-    reader = {"pkl": _read_pkl, "rosinality": _read_rosinality, "safetensors": _read_safetensors}[fmt]
+    reader = {"pkl": _read_pkl, "torch": _read_torch, "safetensors": _read_safetensors}[fmt]
     cfg, state, stored_id = reader(path)
-    G = Generator(cfg, model_id=model_id or stored_id or path.stem)
+    G = FAMILIES[cfg.family][1](cfg, model_id=model_id or stored_id or path.stem)
+    estimate_w_avg = "mapping.w_avg" not in state and cfg.family == "stylegan1"
+    if estimate_w_avg:  # the port stores no average w: keep ours (zeros) for now, estimate it after loading
+        state["mapping.w_avg"] = G.mapping.w_avg
     try:
         G.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(path, f"weights do not fit the architecture it declares: {_first_line(e)}") from None
-    return G.eval().requires_grad_(False).to(device)
+    G = G.eval().requires_grad_(False).to(device)
+    if estimate_w_avg:
+        G.mapping.w_avg.copy_(stylegan1.estimate_w_avg(G))
+    return G
 
 
 def save_safetensors(G: Generator, path: str | Path) -> None:
@@ -120,7 +130,7 @@ def _config_from_init_kwargs(path: Path, kw: dict) -> StyleGAN2Config:
 
 # -- rosinality stylegan2-pytorch checkpoint ----------------------------------------------------------------------
 
-def _read_rosinality(path: Path):
+def _read_torch(path: Path):
     try:
         # rosinality's training checkpoints also hold its argparse options: plain attributes, harmless to rebuild.
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -129,10 +139,13 @@ def _read_rosinality(path: Path):
         raise CheckpointError(path, f"refused by torch.load(weights_only=True): {_first_line(e)}") from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise CheckpointError(path, f"corrupt or truncated PyTorch checkpoint ({_first_line(e)})") from None
+    if isinstance(ckpt, dict) and "g_mapping.dense0.weight" in ckpt:
+        return _read_stylegan1_port(path, ckpt)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("g_ema"), dict):
         keys = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(path, f"a PyTorch checkpoint without a 'g_ema' state dict (found {keys}); "
-                                    "expected a rosinality stylegan2-pytorch checkpoint")
+        raise CheckpointError(path, f"a PyTorch checkpoint without a 'g_ema' state dict (found {keys}); expected "
+                                    "a rosinality stylegan2-pytorch checkpoint or a StyleGAN1 port state dict "
+                                    "(g_mapping.*, g_synthesis.*)")
     src = ckpt["g_ema"]
     try:
         cfg, state = _rosinality_to_ours(src)
@@ -195,6 +208,20 @@ def _rosinality_to_ours(src: dict[str, torch.Tensor]) -> tuple[StyleGAN2Config, 
     return cfg, state
 
 
+# -- the StyleGAN1 PyTorch port (lernapparat's notebook): karras2019stylegan-ffhq-1024x1024.pt -------------------
+
+def _read_stylegan1_port(path: Path, ckpt: dict):
+    if not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise CheckpointError(path, "a StyleGAN1 port file must be a plain state dict of tensors")
+    try:
+        cfg = stylegan1.config_from_port(ckpt)
+    except KeyError as e:
+        raise CheckpointError(path, f"StyleGAN1 port state dict is missing {e.args[0]!r}") from None
+    except (ValueError, IndexError) as e:
+        raise CheckpointError(path, f"not a StyleGAN1 generator layout ({e})") from None
+    return cfg, {k: v.float() for k, v in stylegan1.port_to_ours(ckpt).items()}, None
+
+
 # -- our safetensors ----------------------------------------------------------------------------------------------
 
 def _read_safetensors(path: Path):
@@ -207,10 +234,10 @@ def _read_safetensors(path: Path):
     if meta.get("format") != SAFETENSORS_FORMAT:
         raise CheckpointError(path, "a safetensors file, but not a stylebot generator (convert it with "
                                     "`stylebot weights convert`)")
-    if meta.get("family") != StyleGAN2Config.family:
+    if meta.get("family") not in FAMILIES:
         raise CheckpointError(path, f"generator family {meta.get('family')!r} is not supported by this loader")
     try:
-        cfg = StyleGAN2Config.from_dict(json.loads(meta["config"]))
+        cfg = FAMILIES[meta["family"]][0].from_dict(json.loads(meta["config"]))
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(path, f"architecture metadata is unreadable ({e})") from None
     return cfg, state, meta.get("model_id")

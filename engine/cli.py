@@ -17,9 +17,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=None, help="one seed (default 0)")
     seeds.add_argument("--seeds", type=parse_seeds, help="several seeds for a grid, e.g. 1-8 or 1,4,9-12")
-    p.add_argument("--truncation", type=float, default=1.0, metavar="PSI", help="truncation psi (default 1 = off)")
+    p.add_argument("--truncation", type=float, default=None, metavar="PSI",
+                   help="truncation psi (default: the model's; 1 = off for StyleGAN2, 0.7 for StyleGAN1 as the original)")
     p.add_argument("--truncation-cutoff", type=int, default=None, metavar="N",
-                   help="truncate only the first N ws (default: all)")
+                   help="truncate only the first N ws (default: the model's; all for StyleGAN2, 8 for StyleGAN1)")
     p.add_argument("--noise-mode", choices=["const", "random", "none"], default="const")
     p.add_argument("--class-idx", type=int, default=None, help="class label for conditional models")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
@@ -68,7 +69,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", choices=["default", "seed"], default="default",
                    help="default: StyleCLIP's 300 steps, l2 0.008; seed: 150 steps, l2 0.005")
     p.add_argument("--steps", type=int, help="override the recipe's number of steps")
-    p.add_argument("--clip", help="open_clip model, or 'tiny'; default: config [edit] (tiny with --model tiny)")
+    p.add_argument("--clip", help="open_clip model, or 'tiny'; default: config [edit] (tiny with a built-in model)")
     p.add_argument("--model", help="model name; default: the latent's model")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
     p.set_defaults(handler=cmd_edit)
@@ -123,6 +124,12 @@ def _cache(cfg: Config):
     return WeightsCache(cfg.weights.dir)
 
 
+def _builtin(cfg: Config, G) -> bool:
+    """A built-in random model (tiny, stylegan1-tiny): it gets the tiny CLIP, as the tiny VGG."""
+    entry = _cache(cfg).entries().get(G.model_id)
+    return bool(entry and entry.builtin)
+
+
 def open_model(cfg: Config, name: str | None, device: str | None):
     """The generator the user asked for (or config's choice), on the resolved device."""
     from engine.registry import default_model, load_model, resolve_device
@@ -148,6 +155,11 @@ def cmd_generate(args: argparse.Namespace, cfg: Config) -> int:
     if G.c_dim and args.class_idx is None:
         print(f"error: {G.model_id} is conditional: pass --class-idx (0..{G.c_dim - 1})", file=sys.stderr)
         return 2
+    psi, cutoff = G.cfg.default_truncation
+    if args.truncation is not None:
+        psi, cutoff = args.truncation, args.truncation_cutoff
+    elif args.truncation_cutoff is not None:
+        cutoff = args.truncation_cutoff
     images = []
     with torch.no_grad():
         for seed in seeds:
@@ -155,7 +167,7 @@ def cmd_generate(args: argparse.Namespace, cfg: Config) -> int:
             c = torch.zeros([1, G.c_dim], device=dev)
             if G.c_dim:
                 c[:, args.class_idx] = 1
-            ws = G.mapping(z, c, truncation_psi=args.truncation, truncation_cutoff=args.truncation_cutoff)
+            ws = G.mapping(z, c, truncation_psi=psi, truncation_cutoff=cutoff)
             images.append(to_uint8(G.synthesis(ws, noise_mode=args.noise_mode))[0])
     out = images[0] if len(images) == 1 else grid(np.stack(images))
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +227,8 @@ def cmd_invert(args: argparse.Namespace, cfg: Config) -> int:
                 "likeness": None if distance is None else round(distance, 3), "warnings": face.warnings,
                 "photo": args.photo.name}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_latent(args.out, Latent(ws=result.ws[0].numpy(), model_id=G.model_id, settings=settings))
+    save_latent(args.out, Latent(ws=result.ws[0].numpy(), model_id=G.model_id, family=G.cfg.family,
+                                 settings=settings))
     for path, img in ((args.image, result.images[0]), (args.aligned, face.image)):
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -267,7 +280,7 @@ def cmd_edit(args: argparse.Namespace, cfg: Config) -> int:
     start = load_latent(args.latent)
     G, dev = open_model(cfg, args.model or start.model_id, args.device)
     start.check_model(G)
-    clip_name = args.clip or (TINY_CLIP if G.model_id == "tiny" else cfg.edit.clip_model)
+    clip_name = args.clip or (TINY_CLIP if _builtin(cfg, G) else cfg.edit.clip_model)
     clip_name = TINY_CLIP if clip_name == "tiny" else clip_name
     clip = ClipScorer(clip_name, cfg.edit.clip_pretrained, device=dev)
     steps = args.steps or EDIT_RECIPES[args.recipe].steps
@@ -283,7 +296,8 @@ def cmd_edit(args: argparse.Namespace, cfg: Config) -> int:
     if args.save:
         settings = {"operation": "edit", "prompt": prompt, "recipe": args.recipe, "steps": steps,
                     "strength": args.strength, "clip": f"{clip_name}/{clip.pretrained}"}
-        save_latent(args.save, Latent(ws=ws[0].numpy(), model_id=G.model_id, settings=settings, w0=start.ws))
+        save_latent(args.save, Latent(ws=ws[0].numpy(), model_id=G.model_id, family=G.cfg.family,
+                                      settings=settings, w0=start.ws))
     print(f"{args.out}: {G.model_id}, {steps} steps, CLIP similarity {result.similarity[0]:.3f}, "
           f"strength {args.strength}")
     return 0
@@ -308,7 +322,7 @@ def cmd_engine(args: argparse.Namespace, cfg: Config) -> int:
         logging.getLogger("stylebot.engine").warning(warning)
     from engine.edit import TINY_CLIP, ClipScorer
 
-    clip_name = TINY_CLIP if G.model_id == "tiny" else cfg.edit.clip_model
+    clip_name = TINY_CLIP if _builtin(cfg, G) else cfg.edit.clip_model
 
     def clip_factory():
         return ClipScorer(clip_name, cfg.edit.clip_pretrained, device=dev)

@@ -1,5 +1,5 @@
-"""The latent file (`.npz`): `ws` float32 [num_ws, w_dim], `model_id`, `created`, the settings that made it, and for
-an edit its start latent `w0` (so that it can be made stronger or weaker later)."""
+"""The latent file (`.npz`): `ws` float32 [num_ws, w_dim], `model_id`, its generator `family`, `created`, the settings
+that made it, and for an edit its start latent `w0` (so that it can be made stronger or weaker later)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ import numpy as np
 from engine.errors import StylebotError
 
 
+FAMILY_NAMES = {"stylegan2": "StyleGAN2", "stylegan1": "StyleGAN1"}
+
+
 class LatentError(StylebotError):
     """A latent file that is unreadable or belongs to another model."""
 
@@ -24,8 +27,13 @@ class Latent:
     settings: dict = field(default_factory=dict)  # how it was made (operation, recipe, steps, psnr, ...)
     created: float = field(default_factory=time.time)
     w0: np.ndarray | None = None        # float32 [num_ws, w_dim]: an edit's start latent
+    family: str = ""                    # "stylegan2" | "stylegan1" ("" in files written before families)
 
     def check_model(self, G) -> None:
+        if self.family and self.family != G.cfg.family:
+            raise LatentError(f"this latent was made with a {FAMILY_NAMES.get(self.family, self.family)} generator "
+                              f"({self.model_id}), and {G.model_id} is {FAMILY_NAMES.get(G.cfg.family, G.cfg.family)}: "
+                              f"their W spaces do not mix. Use --model {self.model_id} or invert the photo again")
         if self.model_id != G.model_id:
             raise LatentError(f"this latent belongs to model {self.model_id!r}, not {G.model_id!r}: "
                               f"use --model {self.model_id} or invert the photo again")
@@ -35,7 +43,7 @@ class Latent:
 
 def save_latent(path: str | Path, latent: Latent) -> None:
     extra = {} if latent.w0 is None else {"w0": latent.w0.astype(np.float32)}
-    np.savez(path, ws=latent.ws.astype(np.float32), model_id=np.array(latent.model_id),
+    np.savez(path, ws=latent.ws.astype(np.float32), model_id=np.array(latent.model_id), family=np.array(latent.family),
              created=np.array(latent.created), settings=np.array(json.dumps(latent.settings)), **extra)
 
 
@@ -45,6 +53,7 @@ def load_latent(path: str | Path) -> Latent:
             return Latent(ws=f["ws"].astype(np.float32), model_id=str(f["model_id"]),
                           settings=json.loads(str(f["settings"])) if "settings" in f else {},
                           created=float(f["created"]) if "created" in f else 0.0,
-                          w0=f["w0"].astype(np.float32) if "w0" in f else None)
+                          w0=f["w0"].astype(np.float32) if "w0" in f else None,
+                          family=str(f["family"]) if "family" in f else "")
     except (OSError, KeyError, ValueError) as e:
         raise LatentError(f"{path}: not a stylebot latent file ({e})") from None

@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 
 from engine.errors import StylebotError
-from engine.checkpoints import CheckpointError, load_generator, sniff_format
-from engine.stylegan2 import Generator, StyleGAN2Config
+from engine.checkpoints import FAMILIES, CheckpointError, load_generator, sniff_format
+from engine.stylegan2 import Generator
 
 REGISTRY_FILE = Path(__file__).with_name("models.toml")
 CHUNK = 1 << 20
@@ -105,11 +105,12 @@ class WeightsCache:
 
 
 def build_builtin(entry: ModelEntry) -> Generator:
-    """Random weights of `entry.arch`, the same for the same seed; `w_avg` is the mean w over 10,000 z."""
-    cfg = StyleGAN2Config(**entry.arch)
+    """Random weights of `entry.arch` in its family, the same for the same seed; `w_avg` is the mean w over 10,000 z."""
+    config_cls, generator_cls = FAMILIES[entry.family]
+    cfg = config_cls(**entry.arch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(entry.seed)
-        G = Generator(cfg, model_id=entry.name)
+        G = generator_cls(cfg, model_id=entry.name)
         with torch.no_grad():
             z = torch.randn([10_000, cfg.z_dim])
             c = torch.zeros([10_000, cfg.c_dim])
@@ -120,7 +121,7 @@ def build_builtin(entry: ModelEntry) -> Generator:
 def load_model(name: str, cache: WeightsCache, *, device: str | torch.device = "cpu") -> Generator:
     """The generator called `name`: built in, or loaded from the cache (never downloaded implicitly)."""
     entry = cache.entry(name)
-    if entry.family != "stylegan2":
+    if entry.family not in FAMILIES:
         raise WeightsError(f"{name!r} is a {entry.family} network, not a generator")
     if entry.builtin:
         return build_builtin(entry).to(device)
@@ -159,8 +160,10 @@ def load_vgg(cache: WeightsCache, G: Generator):
 
 
 def default_model(device: torch.device, cache: WeightsCache) -> str:
-    """'auto': the 1024 px model on a GPU, the 256 px one on a CPU, whichever is downloaded; else `tiny`."""
-    prefs = ["ffhq-1024", "ffhq-config-f", "ffhq-512", "ffhq-256"] if device.type == "cuda" else ["ffhq-256", "ffhq-512"]
+    """'auto': a 1024 px StyleGAN2 on a GPU (StyleGAN1 if it is the only one), the 256 px one on a CPU, whichever is
+    downloaded; else `tiny`."""
+    prefs = (["ffhq-1024", "ffhq-config-f", "ffhq-512", "ffhq-256", "stylegan1-ffhq"] if device.type == "cuda"
+             else ["ffhq-256", "ffhq-512"])
     entries = cache.entries()
     return next((n for n in prefs if n in entries and cache.is_cached(entries[n])), "tiny")
 
@@ -227,7 +230,7 @@ def import_file(src: str | Path, name: str, cache: WeightsCache) -> Path:
             raise WeightsError(f"{src}: a {G.img_resolution} px generator, but {name!r} is {entry.resolution} px")
     else:
         entry = ModelEntry(name=name, family=G.cfg.family, about=f"imported from {src.name}",
-                           resolution=G.img_resolution, format=sniff_format(src), filename=f"{name}{src.suffix}")
+                           resolution=G.img_resolution, format=_layout(src, G), filename=f"{name}{src.suffix}")
     cache.root.mkdir(parents=True, exist_ok=True)
     dest = cache.path(entry)
     part = dest.with_name(dest.name + ".part")
@@ -237,6 +240,14 @@ def import_file(src: str | Path, name: str, cache: WeightsCache) -> Path:
         fields = {k: getattr(entry, k) for k in ("family", "about", "resolution", "format", "filename")}
         cache._update_json("imported.json", {name: fields})
     return dest
+
+
+def _layout(src: Path, G) -> str:
+    """The registry's `format` for a file that loaded: its layout, not only its container."""
+    fmt = sniff_format(src)
+    if fmt != "torch":
+        return fmt
+    return "lernapparat" if G.cfg.family == "stylegan1" else "rosinality"
 
 
 def _accept(part: Path, dest: Path, entry: ModelEntry, cache: WeightsCache, *, loaded: bool = False) -> None:

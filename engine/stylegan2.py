@@ -44,6 +44,7 @@ class StyleGAN2Config:
     conv_clamp: float | None = 256      # clamp conv outputs to +-X (the official FFHQ models use 256), None = off
 
     family = "stylegan2"
+    default_truncation = (1.0, None)    # `stylebot generate` without --truncation: off
 
     def __post_init__(self) -> None:
         r = self.img_resolution

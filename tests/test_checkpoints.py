@@ -81,7 +81,7 @@ def test_rosinality_checkpoint_maps_onto_official_names(tmp_path, parity):
     path = tmp_path / "stylegan2-ffhq-config-f.pt"
     write_rosinality_pt(path, parity.state("a"), cfg.img_resolution, cfg.mapping_layers)
 
-    assert sniff_format(path) == "rosinality"
+    assert sniff_format(path) == "torch"
     G = load_generator(path)
     assert G.cfg == cfg
     z = torch.randn(2, cfg.z_dim)
