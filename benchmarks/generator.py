@@ -1,6 +1,8 @@
-"""Generator speed and memory: ms per image for `tiny` and the ffhq-1024 architecture (random weights).
+"""Generator speed and memory: ms per image for the tiny presets and the FFHQ 1024 architectures (random weights)
+of both families: StyleGAN2 (`ffhq-1024`) and StyleGAN1 (`stylegan1-ffhq`).
 
-    python benchmarks/generator.py [--device cpu|cuda] [--models tiny,ffhq-1024] [--batches 1,8] [--backward]
+    python benchmarks/generator.py [--device cpu|cuda] [--models tiny,ffhq-1024,stylegan1-tiny,stylegan1-ffhq]
+                                   [--batches 1,8] [--backward]
 
 Each case runs in its own process so that its peak memory (RSS on the CPU, allocator peak on a GPU) is its own.
 Timings are the median of `--repeats` runs after one warm-up; synthesis uses noise_mode='const'.
@@ -17,15 +19,17 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/: its queue.py would shadow the stdlib
 
 
 def build(name: str):
+    from engine import stylegan1, stylegan2
     from engine.registry import build_builtin, registry_entries
-    from engine.stylegan2 import Generator, StyleGAN2Config
 
-    if name == "ffhq-1024":
-        return Generator(StyleGAN2Config(), model_id=name).eval()  # the official architecture, random weights
+    if name == "ffhq-1024":  # the official architecture, random weights
+        return stylegan2.Generator(stylegan2.StyleGAN2Config(), model_id=name).eval()
+    if name == "stylegan1-ffhq":
+        return stylegan1.Generator(stylegan1.StyleGAN1Config(), model_id=name).eval()
     return build_builtin(registry_entries()[name])
 
 
@@ -62,7 +66,7 @@ def run_case(name: str, batch: int, device: str, repeats: int, backward: bool) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--models", default="tiny,ffhq-1024")
+    ap.add_argument("--models", default="tiny,ffhq-1024,stylegan1-tiny,stylegan1-ffhq")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backward", action="store_true", help="also time forward + backward w.r.t. ws (inversion cost)")
@@ -79,7 +83,7 @@ def main() -> None:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     label = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {label}")
-    print(f"{'model':10} {'batch':>5} {'pass':>8} {'ms/image':>10} {'peak MiB':>9}")
+    print(f"{'model':14} {'batch':>5} {'pass':>8} {'ms/image':>10} {'peak MiB':>9}")
     for name in args.models.split(","):
         for batch in map(int, args.batches.split(",")):
             for backward in ([False, True] if args.backward else [False]):
@@ -88,10 +92,10 @@ def main() -> None:
                                    capture_output=True, text=True)
                 if p.returncode != 0:
                     why = "killed: out of memory?" if p.returncode == -9 else p.stderr.strip().splitlines()[-1:]
-                    print(f"{name:10} {batch:5d} {'fwd+bwd' if backward else 'fwd':>8} {why}", flush=True)
+                    print(f"{name:14} {batch:5d} {'fwd+bwd' if backward else 'fwd':>8} {why}", flush=True)
                     continue
                 r = json.loads(p.stdout.strip().splitlines()[-1])
-                print(f"{name:10} {batch:5d} {r['pass']:>8} {r['ms_per_image']:10.1f} {r['peak_mib']:9.0f}", flush=True)
+                print(f"{name:14} {batch:5d} {r['pass']:>8} {r['ms_per_image']:10.1f} {r['peak_mib']:9.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Seed recipe vs default recipe on self-inversion: targets rendered by the generator from known latents.
 
-    python benchmarks/invert.py [--model tiny] [--targets 4] [--device cpu]
+    python benchmarks/invert.py [--model tiny,stylegan1-tiny] [--targets 4] [--device cpu]
 
 For each recipe and several step budgets it prints the mean final PSNR and seconds; "steps to reach" is the
 smallest budget whose mean PSNR reaches the seed recipe's final PSNR at its full 1500 steps. The default recipe's
-goal: get there in at most a quarter of the seed's steps (375), and reach at least 30 dB on `tiny`.
+goal: get there in at most a quarter of the seed's steps (375), and reach at least 30 dB on `tiny`. Several
+models (comma-separated) run one after the other: both generator families' tiny presets by default.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/: its queue.py would shadow the stdlib
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -26,14 +27,21 @@ from engine.registry import WeightsCache, load_model, load_vgg  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--model", default="tiny,stylegan1-tiny", help="model name(s), comma-separated")
     ap.add_argument("--targets", type=int, default=4)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--weights-dir", default="~/.cache/stylebot/weights")
     args = ap.parse_args()
 
     cache = WeightsCache(args.weights_dir)
-    G = load_model(args.model, cache, device=args.device)
+    for i, name in enumerate(args.model.split(",")):
+        if i:
+            print()
+        run_model(name, cache, args)
+
+
+def run_model(name: str, cache: WeightsCache, args: argparse.Namespace) -> None:
+    G = load_model(name, cache, device=args.device)
     vgg, warning = load_vgg(cache, G)
     print(f"model {G.model_id} ({G.img_resolution} px) on {args.device}, {torch.get_num_threads()} threads"
           + (f"; {warning}" if warning else ""))

@@ -26,6 +26,7 @@ from engine.align import align, likeness
 from engine.errors import StylebotError
 from engine.edit import EDIT_RECIPES, edit, restyle
 from engine.invert import RECIPES, invert
+from engine.latents import FAMILY_NAMES
 from engine.morph import encode_gif, morph
 from storage.latents import LatentStore, StoredLatent
 from storage.queue import Job, JobQueue
@@ -184,8 +185,9 @@ class Worker:
                                   f"there is no face for {who} yet: send a photo with /invert first")
             return None
         if lat.model_id != self.G.model_id or lat.ws.shape != (self.G.num_ws, self.G.w_dim):
+            family = FAMILY_NAMES.get(self.G.cfg.family, self.G.cfg.family)
             await self._fail(job, f"the face of {who} was made with model {lat.model_id}, the engine now runs "
-                                       f"{self.G.model_id}: send the photo again with /invert")
+                                       f"{self.G.model_id} ({family}): send the photo again with /invert")
             return None
         return lat
 

@@ -71,7 +71,8 @@ def config_file(tmp_path: Path) -> Path:
 class Stack:
     """A bot core and a running in-process engine (tiny models) on a fresh key prefix of the test Redis."""
 
-    def __init__(self, client, *, chat=None, limits=None, invert_steps: int = 20, edit_steps: int = 10):
+    def __init__(self, client, *, chat=None, limits=None, invert_steps: int = 20, edit_steps: int = 10,
+                 model: str = "tiny"):
         import uuid
 
         from bot.config import ChatConfig, LimitsConfig
@@ -90,7 +91,7 @@ class Stack:
         self.store = LatentStore(client, self.keys)
         chat = chat or ChatConfig(progress_interval_s=0.0)
         self.core = BotCore(self.queue, self.store, limits or LimitsConfig(), chat=chat)
-        G = build_builtin(registry_entries()["tiny"])
+        G = build_builtin(registry_entries()[model])
         self.worker = Worker(G, self.queue, self.store, vgg=load_vgg16(width=0.125),
                              clip_factory=lambda: ClipScorer(TINY_CLIP, None),
                              settings=WorkerSettings(name="test-engine", invert_steps=invert_steps,

@@ -122,3 +122,43 @@ def test_invert_morph_edit_work_unchanged_and_families_never_mix(tmp_path, confi
     assert main([*cfg, "edit", str(sg1), "smile", "--model", "tiny", "--out", str(tmp_path / "y.png")]) == 1
     assert "made with a StyleGAN1 generator (stylegan1-tiny)" in capsys.readouterr().err
     assert not (tmp_path / "x.gif").exists() and not (tmp_path / "y.png").exists()
+
+
+async def test_the_bot_runs_on_a_stylegan1_engine_and_says_when_the_engine_changes_family(client):
+    """/invert, /morph and /edit through the bot core and a real engine serving stylegan1-tiny; then the engine
+    comes back on a StyleGAN2 model and the stored StyleGAN1 face is refused with one line."""
+    from adapters.base import EventPump
+    from conftest import Stack
+    from engine.registry import build_builtin, registry_entries
+    from test_reruns import Recorder, answer, say
+
+    stack = Stack(client, model="stylegan1-tiny")
+    await stack.start_engine()
+    try:
+        rec = Recorder()
+        pump = EventPump(stack.core, rec)
+        await stack.queue.ensure_groups(adapters=("web",))
+        core = stack.core
+        await core.handle(say("/invert", photo=(FACES / "obama.jpg").read_bytes()))
+        await core.handle(say("/invert", user="bob", photo=(FACES / "biden.jpg").read_bytes()))
+        [(_, a, _), (_, b, _)] = await answer(pump, rec, 2)
+        assert a.ok and b.ok and "your face in stylegan1-tiny" in a.text
+        face = await stack.store.face("web:alice")
+        assert face.model_id == "stylegan1-tiny" and face.ws.shape == (8, 64)
+        await core.handle(say("/share", user="bob"))
+        for text in ("/morph @me @bob", "/edit a smiling face"):
+            reply = await core.handle(say(text))
+            assert reply.job_id, reply.text
+        [(_, morph, _), (_, edited, _)] = await answer(pump, rec, 2)
+        assert morph.ok and morph.payload[:6] == b"GIF89a"
+        assert edited.ok and edited.text == "edited: a smiling face"
+
+        stack.worker.G = build_builtin(registry_entries()["tiny"])  # the engine restarted on another family
+        reply = await core.handle(say("/edit angry"))
+        assert reply.job_id, reply.text
+        [(_, refused, _)] = await answer(pump, rec, 1)
+        assert not refused.ok
+        assert refused.text == ("the face of you was made with model stylegan1-tiny, the engine now runs tiny "
+                                "(StyleGAN2): send the photo again with /invert")
+    finally:
+        await stack.close()

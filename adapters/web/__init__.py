@@ -19,6 +19,7 @@ import logging
 import re
 import secrets
 import time
+import tomllib
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -35,6 +36,10 @@ STATIC = Path(__file__).parent / "static"
 COOKIE = "stylebot_session"
 NICKNAME = re.compile(r"[A-Za-z0-9_]{2,24}")
 DOWNLOAD_HINT = "stylebot weights download ffhq-256"
+# Built-in random models (tiny, stylegan1-tiny): the page says their faces look like nothing. Read from the
+# registry file itself, without importing the engine (and torch) into a front end.
+BUILTIN_MODELS = frozenset(name for name, entry in tomllib.loads(
+    (Path(__file__).resolve().parents[2] / "engine" / "models.toml").read_text()).items() if entry.get("builtin"))
 HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
                                       "script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
@@ -135,7 +140,7 @@ class WebChat:
                 models.append((beat.decode() if isinstance(beat, bytes) else beat).split()[0])
         model = models[0] if models else None
         return self._json({"nickname": v.nickname, "engines": len(models), "model": model,
-                           "tiny": model == "tiny", "download": DOWNLOAD_HINT,
+                           "tiny": model in BUILTIN_MODELS, "download": DOWNLOAD_HINT,
                            "max_photo_bytes": self.core.limits.max_photo_bytes,
                            "actions": {a: getattr(self.core.chat, f"{a}_emoji").split()[0] for a in ACTIONS}}, new)
 
