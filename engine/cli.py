@@ -103,6 +103,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     wc.add_argument("out", type=Path, help="output .safetensors")
     wc.set_defaults(handler=cmd_weights_convert)
 
+    la = sub.add_parser("latent", help="bring latents made by other tools into stylebot's .npz",
+                        description="Latents that other tools saved as bare arrays.")
+    lsub = la.add_subparsers(dest="latent_command", required=True, metavar="ACTION")
+    li = lsub.add_parser("import", help="a bare W+ array (.npy or torch .pt, [1, 18, 512]) -> a stylebot .npz",
+                         description="Wrap a W+ latent another tool saved (the seed's notebook: `.npy` or `.pt` of "
+                                     "shape [1, num_ws, w_dim]) with the model it belongs to, after checking that "
+                                     "it fits that model; optionally render it.")
+    li.add_argument("file", type=Path)
+    li.add_argument("--model", required=True, help="the model it was made with (e.g. stylegan1-ffhq)")
+    li.add_argument("--out", required=True, type=Path, help="output .npz")
+    li.add_argument("--image", type=Path, help="also render it to this PNG")
+    li.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
+    li.set_defaults(handler=cmd_latent_import)
+
 
 def parse_seeds(text: str) -> list[int]:
     """'1-4,9' -> [1, 2, 3, 4, 9]."""
@@ -382,6 +396,27 @@ def cmd_weights_download(args: argparse.Namespace, cfg: Config) -> int:
         for bar in bars:
             bar.close()
     print(f"{args.name}: {path}")
+    return 0
+
+
+def cmd_latent_import(args: argparse.Namespace, cfg: Config) -> int:
+    import torch
+    from PIL import Image
+
+    from engine.images import to_uint8
+    from engine.latents import Latent, LatentError, read_raw_latent, save_latent
+
+    ws = read_raw_latent(args.file)
+    G, _ = open_model(cfg, args.model, args.device)
+    if ws.shape != (G.num_ws, G.w_dim):
+        raise LatentError(f"{args.file}: shape {list(ws.shape)} does not fit {G.model_id} ({G.num_ws}, {G.w_dim})")
+    save_latent(args.out, Latent(ws=ws, model_id=G.model_id, family=G.cfg.family,
+                                 settings={"operation": "import", "source": args.file.name}))
+    if args.image:
+        with torch.no_grad():
+            img = to_uint8(G.synthesis(torch.from_numpy(ws)[None].to(G.mapping.w_avg.device), noise_mode="const"))
+        Image.fromarray(img[0], "RGB").save(args.image)
+    print(f"{args.out}: {G.model_id} latent from {args.file}" + (f", rendered to {args.image}" if args.image else ""))
     return 0
 
 

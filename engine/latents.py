@@ -57,3 +57,44 @@ def load_latent(path: str | Path) -> Latent:
                           family=str(f["family"]) if "family" in f else "")
     except (OSError, KeyError, ValueError) as e:
         raise LatentError(f"{path}: not a stylebot latent file ({e})") from None
+
+
+def read_raw_latent(path: str | Path) -> np.ndarray:
+    """A bare W+ array saved by other tools (the seed's notebook, Image2StyleGAN ports): `.npy` or `torch.save`,
+    shape [1, num_ws, w_dim] or [num_ws, w_dim] (a dict holding one such tensor is accepted too). Never unpickles
+    code: `.npy` without pickles, torch files with weights_only=True."""
+    import pickle
+
+    path = Path(path)
+    try:
+        head = path.open("rb").read(6)
+    except OSError as e:
+        raise LatentError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        if head == b"\x93NUMPY":
+            arr = np.load(path, allow_pickle=False)
+        elif not head.startswith((b"PK\x03\x04", b"\x80")):
+            raise LatentError(f"{path}: not a .npy array or a PyTorch file")
+        else:
+            import torch
+
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict):
+                tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
+                if len(tensors) != 1:
+                    raise ValueError(f"a dict with {len(tensors)} tensors; expected exactly one latent")
+                obj = tensors[0]
+            if not isinstance(obj, torch.Tensor):
+                raise ValueError(f"holds a {type(obj).__name__}, not a tensor")
+            arr = obj.detach().float().numpy()
+    except pickle.UnpicklingError:
+        raise LatentError(f"{path}: refused by torch.load(weights_only=True): it holds objects, not only tensors") \
+            from None
+    except (ValueError, OSError, RuntimeError, EOFError) as e:
+        raise LatentError(f"{path}: not a latent array ({str(e).strip().splitlines()[0][:200]})") from None
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2 or not np.isfinite(arr).all():
+        raise LatentError(f"{path}: expected a finite W+ latent of shape [num_ws, w_dim] or [1, num_ws, w_dim], "
+                          f"got {list(arr.shape)}")
+    return arr.astype(np.float32)

@@ -162,3 +162,33 @@ async def test_the_bot_runs_on_a_stylegan1_engine_and_says_when_the_engine_chang
                                 "(StyleGAN2): send the photo again with /invert")
     finally:
         await stack.close()
+
+
+def test_a_latent_the_seed_saved_as_a_bare_array_comes_in_and_renders_the_same(tmp_path, config_file, capsys):
+    cfg = ["--config", str(config_file)]
+    mine = tmp_path / "mine.npz"
+    assert main([*cfg, "invert", str(FACES / "obama.jpg"), "--model", "stylegan1-tiny", "--steps", "10",
+                 "--out", str(mine), "--image", str(tmp_path / "mine.png")]) == 0
+    ws = load_latent(mine).ws
+    np.save(tmp_path / "seed.npy", ws[None])                      # the seed notebook's [1, 18, 512] array
+    torch.save({"latent": torch.from_numpy(ws)[None]}, tmp_path / "seed.pt")
+    for src in ("seed.npy", "seed.pt"):
+        out, img = tmp_path / f"{src}.npz", tmp_path / f"{src}.png"
+        assert main([*cfg, "latent", "import", str(tmp_path / src), "--model", "stylegan1-tiny", "--out", str(out),
+                     "--image", str(img)]) == 0
+        lat = load_latent(out)
+        assert lat.family == "stylegan1" and lat.model_id == "stylegan1-tiny" and (lat.ws == ws).all()
+        assert img.read_bytes() == (tmp_path / "mine.png").read_bytes()  # the same face as the inversion's
+    capsys.readouterr()
+
+    # wrong shape for the model, not a latent at all, a pickle with objects: one line each, nothing written
+    np.save(tmp_path / "big.npy", np.zeros((1, 18, 512), np.float32))
+    (tmp_path / "photo.npy").write_bytes((FACES / "obama.jpg").read_bytes())
+    torch.save({"latent": torch.zeros(8, 64), "opts": Path("x")}, tmp_path / "objects.pt")
+    for src, message in (("big.npy", "shape [18, 512] does not fit stylegan1-tiny (8, 64)"),
+                         ("photo.npy", "not a .npy array or a PyTorch file"),
+                         ("objects.pt", "refused by torch.load(weights_only=True)")):
+        out = tmp_path / "x.npz"
+        assert main([*cfg, "latent", "import", str(tmp_path / src), "--model", "stylegan1-tiny", "--out", str(out)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err and not out.exists()
