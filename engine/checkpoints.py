@@ -69,17 +69,26 @@ def load_generator(path: str | Path, *, model_id: str | None = None, device: str
     reader = {"pkl": _read_pkl, "torch": _read_torch, "safetensors": _read_safetensors}[fmt]
     cfg, state, stored_id = reader(path)
     G = FAMILIES[cfg.family][1](cfg, model_id=model_id or stored_id or path.stem)
-    estimate_w_avg = "mapping.w_avg" not in state and cfg.family == "stylegan1"
-    if estimate_w_avg:  # the port stores no average w: keep ours (zeros) for now, estimate it after loading
+    no_w_avg = "mapping.w_avg" not in state
+    if no_w_avg:  # a file without an average w (the StyleGAN1 port): load the rest, then estimate it
         state["mapping.w_avg"] = G.mapping.w_avg
     try:
         G.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(path, f"weights do not fit the architecture it declares: {_first_line(e)}") from None
     G = G.eval().requires_grad_(False).to(device)
-    if estimate_w_avg:
-        G.mapping.w_avg.copy_(stylegan1.estimate_w_avg(G))
+    if no_w_avg:
+        G.mapping.w_avg.copy_(estimate_w_avg(G, generator=torch.Generator().manual_seed(0)))
     return G
+
+
+def estimate_w_avg(G, n: int = 10_000, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mean w over `n` z ~ N(0, I) drawn from `generator` (else torch's global RNG), c all zeros: for weights
+    that carry no average w (built-in random models, the StyleGAN1 port)."""
+    dev = G.mapping.w_avg.device
+    with torch.no_grad():
+        z = torch.randn([n, G.z_dim], generator=generator).to(dev)
+        return G.mapping(z, torch.zeros([n, G.c_dim], device=dev))[:, 0].mean(dim=0)
 
 
 def save_safetensors(G: Generator, path: str | Path) -> None:

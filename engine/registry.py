@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from engine.errors import StylebotError
-from engine.checkpoints import FAMILIES, CheckpointError, load_generator, sniff_format
+from engine.checkpoints import FAMILIES, CheckpointError, estimate_w_avg, load_generator, sniff_format
 from engine.stylegan2 import Generator
 
 REGISTRY_FILE = Path(__file__).with_name("models.toml")
@@ -111,10 +111,7 @@ def build_builtin(entry: ModelEntry) -> Generator:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(entry.seed)
         G = generator_cls(cfg, model_id=entry.name)
-        with torch.no_grad():
-            z = torch.randn([10_000, cfg.z_dim])
-            c = torch.zeros([10_000, cfg.c_dim])
-            G.mapping.w_avg.copy_(G.mapping(z, c)[:, 0].mean(dim=0))
+        G.mapping.w_avg.copy_(estimate_w_avg(G))
     return G.eval().requires_grad_(False)
 
 

@@ -14,12 +14,11 @@ The architecture of Karras et al. 2019 as the widely used PyTorch port of the of
 Parameter names are the port's with `g_mapping.` / `g_synthesis.` spelled `mapping.` / `synthesis.`, so a port
 file loads with `strict=True` after that rename. The port keeps no fixed noise and no average w: our constant
 noise is drawn from a fixed seed (so `noise_mode='const'` is deterministic, which inversion needs), and
-`w_avg` is estimated from 10,000 z by the loader (engine/checkpoints.py).
+`w_avg` is estimated from 10,000 z by the loader (engine/checkpoints.py `estimate_w_avg`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.stylegan2 import NOISE_MODES, _check_shape
+from engine.stylegan2 import NOISE_MODES, GeneratorConfig, _check_shape
 
 FUSED_UPSCALE_MIN = 128     # from this output size the upscale + conv is one transposed conv, as in the original
 NOISE_SEED = 1              # seed of the constant noise (the port has none stored)
@@ -37,7 +36,7 @@ PIXEL_NORM_EPS = 1e-8
 
 
 @dataclass(frozen=True)
-class StyleGAN1Config:
+class StyleGAN1Config(GeneratorConfig):
     """Architecture of a StyleGAN1 generator; the defaults are the official FFHQ 1024 model."""
 
     z_dim: int = 512
@@ -52,39 +51,16 @@ class StyleGAN1Config:
     truncation_cutoff: int = 8          # ... for the first 8 ws
 
     family = "stylegan1"
+    label = "StyleGAN1"
     c_dim = 0                           # StyleGAN1 FFHQ is unconditional
-
-    def __post_init__(self) -> None:
-        r = self.img_resolution
-        if r < 4 or r & (r - 1):
-            raise ValueError(f"img_resolution must be a power of two >= 4, got {r}")
 
     def channels(self, res: int) -> int:
         """The original's nf(stage) with stage = log2(res) - 1 and fmap_decay 1."""
         return min(int(self.fmap_base / 2.0 ** (int(math.log2(res)) - 1)), self.fmap_max)
 
     @property
-    def block_resolutions(self) -> list[int]:
-        return [2 ** i for i in range(2, int(math.log2(self.img_resolution)) + 1)]
-
-    @property
-    def num_ws(self) -> int:
-        """Two convs per resolution: 18 at 1024 px."""
-        return 2 * len(self.block_resolutions)
-
-    @property
     def default_truncation(self) -> tuple[float, int | None]:
         return self.truncation_psi, self.truncation_cutoff
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "StyleGAN1Config":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown StyleGAN1 config keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 class Dense(nn.Module):
@@ -283,10 +259,9 @@ class Generator(nn.Module):
     def reset_noise(self, seed: int = NOISE_SEED) -> None:
         """Draw the constant noise maps from `seed`, layer by layer (the same maps every time for a seed)."""
         gen = torch.Generator().manual_seed(seed)
-        for module in self.synthesis.modules():
-            if isinstance(module, Noise):
-                buf = module.noise_const
-                buf.copy_(torch.randn(buf.shape, generator=gen).to(buf.device))
+        for layer in self.noise_layers():
+            buf = layer.noise_const
+            buf.copy_(torch.randn(buf.shape, generator=gen).to(buf.device))
 
     def noise_layers(self) -> list[Noise]:
         return [m for m in self.synthesis.modules() if isinstance(m, Noise)]
@@ -328,11 +303,3 @@ def config_from_port(state: dict[str, torch.Tensor]) -> StyleGAN1Config:
         raise ValueError(f"channel layout {channels} is not min(fmap_base * 2 // res, fmap_max) for any base and max")
     return cfg
 
-
-def estimate_w_avg(G: Generator, n: int = 10_000, seed: int = 0) -> torch.Tensor:
-    """Mean w over `n` z drawn from `seed` (the port stores none; the original's is a running mean of the same)."""
-    gen = torch.Generator().manual_seed(seed)
-    dev = G.mapping.w_avg.device
-    with torch.no_grad():
-        z = torch.randn([n, G.z_dim], generator=gen).to(dev)
-        return torch.cat([G.mapping(chunk)[:, 0] for chunk in z.split(2_000)]).mean(dim=0)

@@ -28,8 +28,41 @@ from engine.ops import (
 NOISE_MODES = ("const", "random", "none")
 
 
+class GeneratorConfig:
+    """What the generator families' configs share (each is a frozen dataclass with an `img_resolution` field): a
+    power-of-two ladder of resolutions from 4 px, two ws per resolution, and a checked round trip through a dict."""
+
+    family: str
+    label: str                          # the family as people write it, for messages
+
+    def __post_init__(self) -> None:
+        r = self.img_resolution
+        if r < 4 or r & (r - 1):
+            raise ValueError(f"img_resolution must be a power of two >= 4, got {r}")
+
+    @property
+    def block_resolutions(self) -> list[int]:
+        return [2 ** i for i in range(2, int(math.log2(self.img_resolution)) + 1)]
+
+    @property
+    def num_ws(self) -> int:
+        """Two ws per resolution: 18 at 1024 px (StyleGAN2: one per conv plus the last toRGB's; StyleGAN1: one
+        per conv)."""
+        return 2 * len(self.block_resolutions)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.label} config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
 @dataclass(frozen=True)
-class StyleGAN2Config:
+class StyleGAN2Config(GeneratorConfig):
     """Architecture of a StyleGAN2 generator; the defaults are the official FFHQ 1024 (config F) model."""
 
     z_dim: int = 512                    # input latent Z dimensionality
@@ -44,35 +77,11 @@ class StyleGAN2Config:
     conv_clamp: float | None = 256      # clamp conv outputs to +-X (the official FFHQ models use 256), None = off
 
     family = "stylegan2"
+    label = "StyleGAN2"
     default_truncation = (1.0, None)    # `stylebot generate` without --truncation: off
-
-    def __post_init__(self) -> None:
-        r = self.img_resolution
-        if r < 4 or r & (r - 1):
-            raise ValueError(f"img_resolution must be a power of two >= 4, got {r}")
 
     def channels(self, res: int) -> int:
         return min(self.channel_base // res, self.channel_max)
-
-    @property
-    def block_resolutions(self) -> list[int]:
-        return [2 ** i for i in range(2, int(math.log2(self.img_resolution)) + 1)]
-
-    @property
-    def num_ws(self) -> int:
-        """One w per conv layer plus one for the last toRGB: 18 at 1024 px."""
-        return 2 * len(self.block_resolutions)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "StyleGAN2Config":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown StyleGAN2 config keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 class FullyConnectedLayer(nn.Module):

@@ -21,6 +21,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from fakes import serve_on_loopback
+
 DISCORD_EPOCH_MS = 1420070400000
 TOKEN_LIFETIME_S = 15 * 60
 INTENTS = {"guilds": 1 << 0, "guild_members": 1 << 1, "guild_presences": 1 << 8, "guild_messages": 1 << 9,
@@ -191,11 +193,7 @@ class FakeDiscord:
         r.add_get("/attachments/{cid}/{aid}/{name}", self.download)
         r.add_get("/gateway", self.gateway)
         r.add_route("*", "/{tail:.*}", self.unknown)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        self.runner, self.url = await serve_on_loopback(app)
 
     async def close(self) -> None:
         for ws in list(self._sockets):

@@ -13,6 +13,8 @@ import time
 
 from aiohttp import web
 
+from fakes import serve_on_loopback
+
 BOT = {"id": 1000, "is_bot": True, "first_name": "stylebot", "username": "stylebot_bot", "can_join_groups": True,
        "can_read_all_group_messages": False, "supports_inline_queries": False}
 
@@ -40,11 +42,7 @@ class FakeTelegram:
         app = web.Application(client_max_size=50 * 2**20)
         app.router.add_post(f"/bot{self.token}/{{method}}", self._method)
         app.router.add_get(f"/file/bot{self.token}/{{path}}", self._file)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        self.runner, self.url = await serve_on_loopback(app)
 
     async def close(self) -> None:
         async with self._arrived:
