@@ -43,9 +43,16 @@ def test_l2_keeps_the_edit_near_the_start(G, clip, w0):
 
 
 def test_batched_edits_equal_single_ones(G, clip, w0):
-    batch = edit(G, clip, w0, ["angry", "smiling"], steps=10)
-    single = edit(G, clip, w0[1:], "smiling", steps=10)
-    assert torch.allclose(batch.ws[1], single.ws[0], atol=1e-4)
+    """A user's edit does not depend on who shares its batch. Rows never mix, but float32 sums run in another order
+    at another batch size (~1e-7 relative), and Adam divides each coordinate by its own gradient RMS, so coordinates
+    whose gradient is near zero turn that noise into full-size steps: on the tiny random CLIP the gap grows from
+    ~1e-5 of the edit after 4 steps to ~4% after 30 (measured, 1 and 2 threads). So compare early, relative to
+    the edit's size: cross-talk between rows would be of the order of the edit itself, 1e3 times the bound."""
+    batch = edit(G, clip, w0, ["angry", "smiling"], steps=4)
+    single = edit(G, clip, w0[1:], "smiling", steps=4)
+    moved = (single.ws[0] - single.w0[0]).norm()
+    assert moved > 0
+    assert (batch.ws[1] - single.ws[0]).norm() < 1e-3 * moved
 
 
 def test_stronger_is_one_pass_along_the_same_direction(G, clip, w0):
