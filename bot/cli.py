@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from bot.config import load_config
-from engine.errors import StylebotError
+from engine.errors import StylebotError, set_prog
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_prog(sys.argv[0])  # hints name stylebot the way it was started here
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config)

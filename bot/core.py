@@ -6,19 +6,15 @@ No torch here: the core checks input, limits and consent, enqueues jobs and answ
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from dataclasses import dataclass, field
 
-from PIL import Image, UnidentifiedImageError
-
 from bot.config import ChatConfig, EditConfig, LimitsConfig
+from bot.photos import check_photo, human_size  # noqa: F401 - human_size is imported from here by the adapters
 from storage.keys import Keys
 from storage.latents import LatentStore
 from storage.queue import Job, JobQueue
-
-Image.MAX_IMAGE_PIXELS = None  # we check dimensions ourselves, before decoding, with our own limit
 
 
 @dataclass
@@ -263,30 +259,3 @@ COMMANDS = {
     "/share": BotCore.cmd_share, "/unshare": BotCore.cmd_unshare, "/forget": BotCore.cmd_forget,
     "/status": BotCore.cmd_status, "/help": BotCore.cmd_help,
 }
-
-
-def human_size(n: int) -> str:
-    """Bytes for people: 15 MiB, 2.5 MiB, 98 KiB."""
-    if n >= 2**20:
-        return f"{n / 2**20:.1f}".removesuffix(".0") + " MiB"
-    return f"{max(n / 2**10, 1):.0f} KiB"
-
-
-def check_photo(data: bytes, limits: LimitsConfig) -> str | None:
-    """A one-line reason why a photo cannot be used, or None. Dimensions are read before any decoding."""
-    if len(data) > limits.max_photo_bytes:
-        return f"that photo is {human_size(len(data))}; send one under {human_size(limits.max_photo_bytes)}"
-    try:
-        img = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError):
-        return "that file is not an image I can read; send a JPEG or PNG photo"
-    w, h = img.size
-    if w * h > limits.max_photo_pixels:
-        return f"that photo is {w}x{h} pixels; send one under {limits.max_photo_pixels / 1e6:.0f} megapixels"
-    if getattr(img, "n_frames", 1) > 1:
-        return "that is an animation; send a still photo"
-    try:
-        img.load()
-    except (OSError, SyntaxError):
-        return "that image is damaged or cut off; send it again"
-    return None

@@ -21,6 +21,8 @@ from engine.errors import StylebotError
 DETECT_MAX_SIDE = 1600          # photos are scaled down to this for detection; landmarks use the full image
 MIN_EYE_DISTANCE = 20.0         # px between eye centres below which a face is refused
 WARN_EYE_DISTANCE = 64.0        # px below which the likeness suffers: processed, with a warning
+MIN_PHOTO_SIDE = 64             # px: a shorter side cannot hold a face the detector finds (about 40 px wide)
+MAX_PHOTO_ASPECT = 10           # long side / short side: thinner images are banners, not photos of a face
 
 
 class AlignError(StylebotError):
@@ -30,7 +32,7 @@ class AlignError(StylebotError):
 @dataclass
 class AlignedFace:
     image: np.ndarray                   # uint8 [R, R, 3], the aligned face
-    quad: np.ndarray                    # [4, 2] corners of the crop in the original photo (x, y), clockwise from top-left
+    quad: np.ndarray                    # [4, 2] crop corners in the original photo (x, y), clockwise from top-left
     landmarks: np.ndarray               # [68, 2] in the original photo
     eye_distance: float                 # px between the eye centres in the original photo
     faces_found: int = 1                # faces detected; the largest was used
@@ -63,8 +65,20 @@ def _face_encoder():
 def load_photo(image: Image.Image | np.ndarray) -> np.ndarray:
     """EXIF-oriented uint8 RGB array from a PIL image (or pass an array through)."""
     if isinstance(image, np.ndarray):
+        image = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image  # grey
         return np.ascontiguousarray(image[..., :3].astype(np.uint8))
     return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+
+
+def size_problem(width: int, height: int) -> str | None:
+    """A one-line reason why an image of this size cannot hold a face we can find, or None."""
+    if min(width, height) < MIN_PHOTO_SIDE:
+        return (f"that photo is {width}x{height} pixels, too small to hold a face; "
+                f"send one at least {MIN_PHOTO_SIDE} pixels on each side")
+    if max(width, height) > MAX_PHOTO_ASPECT * min(width, height):
+        return (f"that photo is {width}x{height} pixels, too thin to hold a face; "
+                f"send one whose long side is at most {MAX_PHOTO_ASPECT} times its short side")
+    return None
 
 
 def detect_landmarks(photo: np.ndarray) -> tuple[list[np.ndarray], list[float]]:
@@ -79,7 +93,8 @@ def detect_landmarks(photo: np.ndarray) -> tuple[list[np.ndarray], list[float]]:
     rects = detector(small, 1)  # upsample once: finds faces down to about 40 px
     faces = []
     for r in rects:
-        box = dlib.rectangle(int(r.left() / scale), int(r.top() / scale), int(r.right() / scale), int(r.bottom() / scale))
+        box = dlib.rectangle(int(r.left() / scale), int(r.top() / scale),
+                             int(r.right() / scale), int(r.bottom() / scale))
         shape = predictor(photo, box)
         pts = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
         faces.append((box.width() * box.height(), pts))
@@ -115,7 +130,8 @@ def warp_quad(photo: np.ndarray, quad: np.ndarray, qsize: float, resolution: int
 
     border = max(int(round(qsize * 0.1)), 3)
     lo, hi = np.floor(quad.min(axis=0)).astype(int), np.ceil(quad.max(axis=0)).astype(int)
-    crop = (max(lo[0] - border, 0), max(lo[1] - border, 0), min(hi[0] + border, img.width), min(hi[1] + border, img.height))
+    crop = (max(lo[0] - border, 0), max(lo[1] - border, 0),
+            min(hi[0] + border, img.width), min(hi[1] + border, img.height))
     if crop[2] - crop[0] < img.width or crop[3] - crop[1] < img.height:
         img = img.crop(crop)
         quad -= crop[:2]
@@ -148,6 +164,9 @@ def align(image: Image.Image | np.ndarray, resolution: int, *, min_eye_distance:
           warn_eye_distance: float = WARN_EYE_DISTANCE) -> AlignedFace:
     """Find the largest face in a photo and return it FFHQ-aligned at `resolution` px."""
     photo = load_photo(image)
+    problem = size_problem(photo.shape[1], photo.shape[0])
+    if problem:
+        raise AlignError(problem)
     faces, _ = detect_landmarks(photo)
     if not faces:
         raise AlignError("no face found: send a well-lit photo with one face looking at the camera, "
@@ -170,7 +189,8 @@ def align(image: Image.Image | np.ndarray, resolution: int, *, min_eye_distance:
 def face_descriptor(aligned: np.ndarray) -> np.ndarray | None:
     """dlib's 128-D face descriptor of an aligned face, or None when no face is found in it."""
     size = max(aligned.shape[0], 256)  # dlib's detector needs faces of about 80 px: upscale small renders
-    img = aligned if aligned.shape[0] == size else np.asarray(Image.fromarray(aligned).resize((size, size), Image.LANCZOS))
+    img = (aligned if aligned.shape[0] == size
+           else np.asarray(Image.fromarray(aligned).resize((size, size), Image.LANCZOS)))
     faces, _ = detect_landmarks(img)
     if not faces:
         return None

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 
-from bot.config import Config
+from bot.config import Config, LimitsConfig
+from engine.errors import StylebotError, command
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="render faces from random seeds",
                        description="Render images from random seeds (z from RandomState(seed), as NVIDIA's "
                                    "generate.py); several seeds are tiled into one grid image.")
-    p.add_argument("--model", help="model name (see `stylebot weights list`); default: config [engine] model")
+    p.add_argument("--model", help=f"model name (see `{command('weights list')}`); default: config [engine] model")
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=None, help="one seed (default 0)")
     seeds.add_argument("--seeds", type=parse_seeds, help="several seeds for a grid, e.g. 1-8 or 1,4,9-12")
-    p.add_argument("--truncation", type=float, default=None, metavar="PSI",
-                   help="truncation psi (default: the model's; 1 = off for StyleGAN2, 0.7 for StyleGAN1 as the original)")
+    p.add_argument("--truncation", type=finite_float, default=None, metavar="PSI",
+                   help="truncation psi (default: the model's; 1 = off for StyleGAN2, 0.7 for StyleGAN1 as the "
+                        "original)")
     p.add_argument("--truncation-cutoff", type=int, default=None, metavar="N",
                    help="truncate only the first N ws (default: the model's; all for StyleGAN2, 8 for StyleGAN1)")
     p.add_argument("--noise-mode", choices=["const", "random", "none"], default="const")
@@ -35,7 +40,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aligned", type=Path, help="also write the aligned input face (PNG)")
     p.add_argument("--recipe", choices=["default", "seed"], default="default",
                    help="default: ours (375 steps); seed: the seed notebook's exact recipe (1500 steps)")
-    p.add_argument("--steps", type=int, help="override the recipe's number of steps")
+    p.add_argument("--steps", type=positive_int, help="override the recipe's number of steps")
     p.add_argument("--refine", type=Path, metavar="LATENT",
                    help="go on optimising this earlier latent of the same photo (default steps: half the recipe's)")
     p.add_argument("--model", help="model name; default: config [engine] model")
@@ -46,13 +51,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        description="Interpolate two latents with weights that sum to 1 and write a looping animation.")
     p.add_argument("a", type=Path, help="first latent (.npz)")
     p.add_argument("b", type=Path, help="second latent (.npz)")
-    p.add_argument("--frames", type=int, default=24, help="frames from A to B (default 24, at most 120)")
+    p.add_argument("--frames", type=positive_int, default=24, help="frames from A to B (default 24, at most 120)")
     p.add_argument("--easing", choices=["cosine", "linear"], default="cosine")
     p.add_argument("--no-pingpong", action="store_true", help="do not play back from B to A")
     p.add_argument("--layers", choices=["all", "coarse", "middle", "fine"], default="all",
                    help="morph only these layers (style mixing); default all")
-    p.add_argument("--fps", type=float, default=12)
-    p.add_argument("--max-mib", type=float, default=10.0, help="size budget; frames shrink to fit (default 10)")
+    p.add_argument("--fps", type=positive_float, default=12)
+    p.add_argument("--max-mib", type=positive_float, default=10.0,
+                   help="size budget; frames shrink to fit (default 10)")
     p.add_argument("--model", help="model name; default: the latents' model")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
     p.add_argument("--out", required=True, type=Path, help="output .gif or .mp4")
@@ -64,11 +70,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", help='what to change, e.g. "really angry face"')
     p.add_argument("--out", required=True, type=Path, help="edited image (PNG)")
     p.add_argument("--save", type=Path, help="also write the edited latent (.npz, keeps the start latent)")
-    p.add_argument("--strength", type=float, default=1.0,
+    p.add_argument("--strength", type=finite_float, default=1.0,
                    help="scale the edit afterwards: w0 + k (w - w0) (1.5 = stronger, 0.67 = weaker)")
     p.add_argument("--recipe", choices=["default", "seed"], default="default",
                    help="default: StyleCLIP's 300 steps, l2 0.008; seed: 150 steps, l2 0.005")
-    p.add_argument("--steps", type=int, help="override the recipe's number of steps")
+    p.add_argument("--steps", type=positive_int, help="override the recipe's number of steps")
     p.add_argument("--clip", help="open_clip model, or 'tiny'; default: config [edit] (tiny with a built-in model)")
     p.add_argument("--model", help="model name; default: the latent's model")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
@@ -80,7 +86,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model name; default: config [engine] model")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
     p.add_argument("--name", default="", help="consumer name in the queue (default host:pid)")
-    p.add_argument("--invert-steps", type=int, help="override the inversion recipe's steps (slow CPUs, tests)")
+    p.add_argument("--invert-steps", type=positive_int, help="override the inversion recipe's steps (slow CPUs, tests)")
     p.add_argument("--redis", metavar="URL", help="Redis URL; default: config [redis] url")
     p.set_defaults(handler=cmd_engine)
 
@@ -132,6 +138,69 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts (steps, frames): a whole number of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a number that is not NaN or infinite."""
+    try:
+        x = float(text)
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    return x
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number above 0 (frame rates, sizes)."""
+    x = finite_float(text)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return x
+
+
+def check_writable(path: Path | None, suffixes: tuple[str, ...] = (), hint: str = "") -> None:
+    """Refuse, before any work, an output path that cannot be written; its folder is made when it can be.
+    `suffixes`: the endings allowed (any when empty), `hint`: what to say about another ending."""
+    if path is None:
+        return
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise StylebotError(f"{path}: {hint}")
+    if path.is_dir():
+        raise StylebotError(f"cannot write {path}: it is a folder; name a file in it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(13, "the file is read-only")
+    except OSError as e:
+        blocker = next((p for p in (path.parent, *path.parent.parents) if p.exists()), path.parent)
+        why = f"{blocker} is a file, not a folder" if not blocker.is_dir() else (e.strerror or str(e)).lower()
+        raise StylebotError(f"cannot write {path}: {why}") from None
+
+
+def check_image_out(path: Path | None) -> None:
+    """check_writable for an image: a name PIL knows how to write (.png, .jpg, ...)."""
+    from PIL import Image
+
+    formats = tuple(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE)
+    check_writable(path, formats, "end the image's file name with .png or .jpg")
+
+
+def check_latent_out(path: Path | None) -> None:
+    """check_writable for a latent file (.npz)."""
+    check_writable(path, (".npz",), "end the latent's file name with .npz")
+
+
 def _cache(cfg: Config):
     from engine.registry import WeightsCache
 
@@ -164,11 +233,14 @@ def cmd_generate(args: argparse.Namespace, cfg: Config) -> int:
     from engine.images import grid, to_uint8
     from engine.stylegan2 import z_from_seed
 
+    check_image_out(args.out)
     G, dev = open_model(cfg, args.model, args.device)
     seeds = args.seeds or [0 if args.seed is None else args.seed]
     if G.c_dim and args.class_idx is None:
         print(f"error: {G.model_id} is conditional: pass --class-idx (0..{G.c_dim - 1})", file=sys.stderr)
         return 2
+    if G.c_dim and not 0 <= args.class_idx < G.c_dim:
+        raise StylebotError(f"--class-idx {args.class_idx}: {G.model_id} has classes 0..{G.c_dim - 1}")
     psi, cutoff = G.cfg.default_truncation
     if args.truncation is not None:
         psi, cutoff = args.truncation, args.truncation_cutoff
@@ -190,18 +262,28 @@ def cmd_generate(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def open_photo(path: Path):
-    """A photo as a PIL image, or a one-line refusal."""
-    from PIL import Image, UnidentifiedImageError
+def open_photo(path: Path, limits: LimitsConfig):
+    """A photo as a PIL image, checked as the bot checks uploads (bytes, then size from the header), or a refusal."""
+    import io
 
-    from engine.errors import StylebotError
+    from PIL import Image
+
+    from bot.photos import NOT_AN_IMAGE, check_photo
 
     try:
-        img = Image.open(path)
-        img.load()
-        return img
-    except (UnidentifiedImageError, OSError) as e:
-        raise StylebotError(f"{path}: not an image we can read ({e.__class__.__name__}); send a JPEG or PNG photo") from None
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = f.read(limits.max_photo_bytes + 1)
+    except OSError as e:
+        raise StylebotError(f"{path}: cannot read ({e.strerror or e})") from None
+    problem = check_photo(data, limits, size=size)
+    if problem == NOT_AN_IMAGE:
+        raise StylebotError(f"{path}: not an image we can read; send a JPEG or PNG photo")
+    if problem:
+        raise StylebotError(f"{path}: {problem}")
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
 
 
 def cmd_invert(args: argparse.Namespace, cfg: Config) -> int:
@@ -215,7 +297,10 @@ def cmd_invert(args: argparse.Namespace, cfg: Config) -> int:
     from engine.latents import Latent, load_latent, save_latent
     from engine.registry import load_vgg
 
-    photo = open_photo(args.photo)
+    check_latent_out(args.out)
+    check_image_out(args.image)
+    check_image_out(args.aligned)
+    photo = open_photo(args.photo, cfg.limits)
     start = load_latent(args.refine) if args.refine else None
     G, dev = open_model(cfg, args.model or (start.model_id if start else None), args.device)
     if start is not None:
@@ -247,9 +332,13 @@ def cmd_invert(args: argparse.Namespace, cfg: Config) -> int:
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.asarray(img), "RGB").save(path)
-    close = ("no face found in the reconstruction" if distance is None
-             else f"face distance {distance:.2f} ({'same person' if distance < 0.6 else 'not yet the same person'} by dlib's 0.6)")
-    print(f"{args.out}: {G.model_id}, {steps} steps, PSNR {result.psnr[0]:.1f} dB, {close}")
+    if distance is None:  # dlib's detector needs a face of about 80 px that looks like one
+        close = (f"likeness not checked: dlib finds no face in the {G.img_resolution} px reconstruction"
+                 + (f" ({G.model_id} has random weights)" if _builtin(cfg, G) else ""))
+    else:
+        verdict = "the same person" if distance < 0.6 else "not yet the same person"
+        close = f"likeness: {verdict} by dlib's face check (distance {distance:.2f}, under 0.6 is a match)"
+    print(f"{args.out}: {G.model_id}, {steps} steps, {result.psnr[0]:.1f} dB PSNR against the aligned photo; {close}")
     return 0
 
 
@@ -257,14 +346,14 @@ def cmd_morph(args: argparse.Namespace, cfg: Config) -> int:
     import torch
     from tqdm import tqdm
 
-    from engine.errors import StylebotError
     from engine.latents import load_latent
     from engine.morph import encode_gif, encode_mp4, morph
 
     if not 2 <= args.frames <= 120:
         raise StylebotError("--frames must be between 2 and 120")
-    if args.out.suffix.lower() not in (".gif", ".mp4"):
-        raise StylebotError(f"{args.out}: write a .gif or an .mp4")
+    check_writable(args.out, (".gif", ".mp4"), "write a .gif or an .mp4")
+    if args.out.suffix.lower() == ".mp4" and args.fps < 1:
+        raise StylebotError(f"--fps {args.fps}: an .mp4 plays at 1 frame per second or more")
     la, lb = load_latent(args.a), load_latent(args.b)
     G, _ = open_model(cfg, args.model or la.model_id, args.device)
     la.check_model(G)
@@ -275,7 +364,10 @@ def cmd_morph(args: argparse.Namespace, cfg: Config) -> int:
                       progress=lambda done, total: bar.update(done - bar.n))
     budget = int(args.max_mib * 2**20)
     encode = encode_gif if args.out.suffix.lower() == ".gif" else encode_mp4
-    data = encode(video, fps=args.fps, max_bytes=budget)
+    try:
+        data = encode(video, fps=args.fps, max_bytes=budget)
+    except ValueError as e:
+        raise StylebotError(f"{e}: raise --max-mib or ask for fewer --frames") from None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(data)
     print(f"{args.out}: {len(video)} frames, {len(data) / 1024:.0f} KiB, {G.model_id}")
@@ -288,9 +380,11 @@ def cmd_edit(args: argparse.Namespace, cfg: Config) -> int:
     from tqdm import tqdm
 
     from engine.edit import EDIT_RECIPES, TINY_CLIP, ClipScorer, check_prompt, edit, restyle
-    from engine.latents import Latent, load_latent, save_latent
+    from engine.latents import Latent, check_finite, load_latent, save_latent
 
     prompt = check_prompt(args.prompt, cfg.edit.max_prompt_chars)
+    check_image_out(args.out)
+    check_latent_out(args.save)
     start = load_latent(args.latent)
     G, dev = open_model(cfg, args.model or start.model_id, args.device)
     start.check_model(G)
@@ -305,13 +399,14 @@ def cmd_edit(args: argparse.Namespace, cfg: Config) -> int:
     ws, images = result.ws, result.images
     if args.strength != 1.0:
         ws, images = restyle(G, result.w0, result.ws, args.strength)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(images[0], "RGB").save(args.out)
+    check_finite(ws[0].numpy(), *(p for p in (args.out, args.save) if p))  # a diverged edit renders black
     if args.save:
         settings = {"operation": "edit", "prompt": prompt, "recipe": args.recipe, "steps": steps,
                     "strength": args.strength, "clip": f"{clip_name}/{clip.pretrained}"}
         save_latent(args.save, Latent(ws=ws[0].numpy(), model_id=G.model_id, family=G.cfg.family,
                                       settings=settings, w0=start.ws))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(images[0], "RGB").save(args.out)
     print(f"{args.out}: {G.model_id}, {steps} steps, CLIP similarity {result.similarity[0]:.3f}, "
           f"strength {args.strength}")
     return 0
@@ -354,8 +449,8 @@ def cmd_engine(args: argparse.Namespace, cfg: Config) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await Worker(G, queue, LatentStore(client, keys, result_ttl_s=cfg.chat.result_ttl_s), vgg=vgg, clip_factory=clip_factory,
-                         settings=settings).run(stop)
+            store = LatentStore(client, keys, result_ttl_s=cfg.chat.result_ttl_s)
+            await Worker(G, queue, store, vgg=vgg, clip_factory=clip_factory, settings=settings).run(stop)
         finally:
             await client.aclose()
 
@@ -406,6 +501,8 @@ def cmd_latent_import(args: argparse.Namespace, cfg: Config) -> int:
     from engine.images import to_uint8
     from engine.latents import Latent, LatentError, read_raw_latent, save_latent
 
+    check_latent_out(args.out)
+    check_image_out(args.image)
     ws = read_raw_latent(args.file)
     G, _ = open_model(cfg, args.model, args.device)
     if ws.shape != (G.num_ws, G.w_dim):
@@ -441,6 +538,7 @@ def cmd_weights_convert(args: argparse.Namespace, cfg: Config) -> int:
     from engine.checkpoints import load_generator, save_safetensors
     from engine.registry import load_model
 
+    check_writable(args.out)
     src = Path(args.src)
     G = load_generator(src) if src.is_file() else load_model(args.src, _cache(cfg))
     args.out.parent.mkdir(parents=True, exist_ok=True)

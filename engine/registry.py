@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import tomllib
 import urllib.error
 import urllib.request
@@ -21,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from engine.errors import StylebotError
+from engine.errors import StylebotError, command
 from engine.checkpoints import FAMILIES, CheckpointError, estimate_w_avg, load_generator, sniff_format
 from engine.stylegan2 import Generator
 
@@ -72,8 +73,17 @@ class WeightsCache:
     def entry(self, name: str) -> ModelEntry:
         entries = self.entries()
         if name not in entries:
-            raise WeightsError(f"unknown model {name!r}; known: {', '.join(entries)} (see `stylebot weights list`)")
+            raise WeightsError(f"unknown model {name!r}; known: {', '.join(entries)} (see `{command('weights list')}`)")
         return entries[name]
+
+    def ensure_root(self) -> None:
+        """Make the cache folder, or say in one line why it cannot be written."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=self.root).close()
+        except OSError as e:
+            raise WeightsError(f"cannot write the weights cache {self.root} ({e.strerror or e}): set [weights] dir "
+                               "in config.toml to a folder you can write") from None
 
     def path(self, entry: ModelEntry) -> Path:
         return self.root / entry.filename
@@ -98,7 +108,7 @@ class WeightsCache:
 
     def _update_json(self, name: str, new: dict) -> None:
         data = self._read_json(name) | new
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.ensure_root()
         tmp = self.root / f".{name}.tmp"
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, self.root / name)
@@ -124,9 +134,22 @@ def load_model(name: str, cache: WeightsCache, *, device: str | torch.device = "
         return build_builtin(entry).to(device)
     path = cache.path(entry)
     if not path.is_file():
-        raise WeightsError(f"model {name!r} is not downloaded: run `stylebot weights download {name}` (or fetch it "
-                           f"by hand from {entry.url or entry.source} and run `stylebot weights import FILE --name {name}`)")
+        raise WeightsError(f"model {name!r} is not downloaded: {fetch_hint(entry)}")
     return load_generator(path, model_id=name, device=device)
+
+
+def fetch_hint(entry: ModelEntry) -> str:
+    """How to get a registry model that is not in the cache: download it, or, without a direct link, import it."""
+    if not entry.url:
+        return import_hint(entry)
+    return (f"run `{command(f'weights download {entry.name}')}` (or fetch it by hand from {entry.url} and run "
+            f"`{command(f'weights import FILE --name {entry.name}')}`)")
+
+
+def import_hint(entry: ModelEntry) -> str:
+    """What to do for a model with no direct download link (`weights download` says the same)."""
+    return (f"it has no direct download link; get {entry.filename} from {entry.source}, "
+            f"then run `{command(f'weights import FILE --name {entry.name}')}`")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -152,7 +175,7 @@ def load_vgg(cache: WeightsCache, G: Generator):
         return load_vgg16(width=0.125).to(device), None
     if cache.is_cached(entry):
         return load_vgg16(cache.path(entry)).to(device), None
-    return load_vgg16().to(device), ("VGG16 weights are not downloaded (`stylebot weights download vgg16`): "
+    return load_vgg16().to(device), (f"VGG16 weights are not downloaded (`{command('weights download vgg16')}`): "
                                      "the perceptual loss uses random features, expect a weaker likeness")
 
 
@@ -181,9 +204,8 @@ def download(name: str, cache: WeightsCache, *, timeout: float = 15.0,
         raise WeightsError(f"{name!r} is built in: there is nothing to download")
     dest = cache.path(entry)
     if not entry.url:
-        raise WeightsError(f"{name!r} has no direct download link; get {entry.filename} from {entry.source}, "
-                           f"then run `stylebot weights import FILE --name {name}`")
-    cache.root.mkdir(parents=True, exist_ok=True)
+        raise WeightsError(f"{name!r} cannot be downloaded: {import_hint(entry)}")
+    cache.ensure_root()
     part = dest.with_name(dest.name + ".part")
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "stylebot", **({"Range": f"bytes={offset}-"} if offset else {})}
@@ -197,19 +219,24 @@ def download(name: str, cache: WeightsCache, *, timeout: float = 15.0,
     except (urllib.error.URLError, socket.timeout, OSError) as e:
         reason = getattr(e, "reason", e)
         raise WeightsError(f"cannot reach {entry.url} ({reason}). Offline? Fetch that file on a machine with "
-                           f"internet and run `stylebot weights import FILE --name {name}`, or put it at {dest}") from None
+                           f"internet and run `{command(f'weights import FILE --name {name}')}`, or put it at {dest}") \
+            from None
     if resp is not None:
         with resp:
             if offset and resp.status != 206:
                 offset = 0  # the server ignored the range: start again
             total = offset + int(resp.headers.get("Content-Length") or 0)
-            with part.open("ab" if offset else "wb") as f:
-                done = offset
-                while chunk := resp.read(CHUNK):
-                    f.write(chunk)
-                    done += len(chunk)
-                    if progress:
-                        progress(done, total)
+            try:
+                with part.open("ab" if offset else "wb") as f:
+                    done = offset
+                    while chunk := resp.read(CHUNK):
+                        f.write(chunk)
+                        done += len(chunk)
+                        if progress:
+                            progress(done, total)
+            except OSError as e:
+                raise WeightsError(f"writing {part}: {e.strerror or e}; make room and run it again (it resumes)") \
+                    from None
     _accept(part, dest, entry, cache)
     return dest
 
@@ -228,7 +255,7 @@ def import_file(src: str | Path, name: str, cache: WeightsCache) -> Path:
     else:
         entry = ModelEntry(name=name, family=G.cfg.family, about=f"imported from {src.name}",
                            resolution=G.img_resolution, format=_layout(src, G), filename=f"{name}{src.suffix}")
-    cache.root.mkdir(parents=True, exist_ok=True)
+    cache.ensure_root()
     dest = cache.path(entry)
     part = dest.with_name(dest.name + ".part")
     shutil.copyfile(src, part)
@@ -260,7 +287,8 @@ def _accept(part: Path, dest: Path, entry: ModelEntry, cache: WeightsCache, *, l
             validate(entry, part)
         except CheckpointError as e:
             part.unlink()
-            raise WeightsError(f"{entry.name}: the downloaded file does not load ({e.reason}); it was deleted") from None
+            raise WeightsError(f"{entry.name}: the downloaded file does not load ({e.reason}); it was deleted") \
+                from None
     os.replace(part, dest)
     if entry.sha256 and entry.sha256 != digest:  # a published prefix: remember the whole hash
         cache._update_json("hashes.json", {entry.filename: digest})
