@@ -8,7 +8,8 @@ An adapter does two things and decides nothing:
 `EventPump` reads the adapter's results stream through its consumer group, so results that finished while the
 adapter was down are posted when it comes back. An event is acknowledged only after the platform accepted it;
 a result the platform keeps refusing is given up after `max_attempts` (logged), so one bad chat cannot block all.
-Progress is throttled per job (`ChatConfig.progress_interval_s`): only the newest step is shown.
+Progress is throttled per job (`ChatConfig.progress_interval_s`): only the newest step is shown, except that a
+new preview image is always shown (the engine sends one every `preview_every` steps: the face taking shape).
 """
 
 from __future__ import annotations
@@ -19,12 +20,10 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from bot.core import ACTIONS, BotCore
+from bot.core import ACTIONS, BotCore, result_actions
 
 log = logging.getLogger("stylebot.adapters")
 
-VERBS = {"invert": "finding your face", "edit": "editing", "morph": "morphing", "restyle": "rerunning",
-         "refine": "refining"}
 
 
 @dataclass
@@ -38,7 +37,10 @@ class Result:
     kind: str = ""                      # "image" (PNG) | "animation" (GIF) | "" (text only)
     payload: bytes = b""
     result_id: str | None = None        # set when reactions on the posted message can rerun it
-    engine: str = ""
+    engine: str = ""                    # the engine process that made it (for logs, not for users)
+    model: str = ""                     # the generator that made it, e.g. "ffhq-1024"
+    actions: tuple[str, ...] = ()       # the reruns that apply (buttons to show), see `bot.core.RESULT_ACTIONS`
+    aligned: bytes = b""                # PNG: the aligned face crop a face result was made from
 
     @property
     def filename(self) -> str:
@@ -55,14 +57,25 @@ class Platform(Protocol):
         """Post a result (or its failure) where `origin` says; return the posted message's ref for reactions."""
 
 
-def progress_text(op: str, step: int, total: int) -> str:
-    filled = round(10 * step / max(total, 1))
-    return f"{VERBS.get(op, op)}: step {step}/{total} [{'#' * filled}{'.' * (10 - filled)}]"
+def progress_text(doing: str, step: int, total: int, eta_s: float | None = None) -> str:
+    """'finding your face: step 150 of 375, about 12 s left' ('started' before the first step)."""
+    if step <= 0:
+        return f"{doing}: started"
+    text = f"{doing}: step {step} of {total}"
+    if eta_s is not None and step < total:
+        text += f", about {_duration(eta_s)} left"
+    return text
 
 
-def rerun_hint(core: BotCore) -> str:
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{max(1, round(seconds))} s"
+    return f"{seconds / 60:.0f} min"
+
+
+def rerun_hint(core: BotCore, actions: tuple[str, ...] = tuple(ACTIONS)) -> str:
     """One line under a result: which emoji rerun it how."""
-    return "react " + ", ".join(f"{getattr(core.chat, f'{a}_emoji').split()[0]} {a}" for a in ACTIONS)
+    return "react " + ", ".join(f"{getattr(core.chat, f'{a}_emoji').split()[0]} {a}" for a in actions)
 
 
 class EventPump:
@@ -70,6 +83,7 @@ class EventPump:
         self.core, self.platform, self.consumer = core, platform, consumer
         self.max_attempts = max_attempts
         self._last_progress: dict[str, float] = {}
+        self._previews: dict[str, bytes] = {}   # newest preview of each running job
         self._attempts: dict[str, int] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -89,8 +103,13 @@ class EventPump:
         latest_progress: dict[str, tuple[str, dict]] = {}
         done = 0
         for entry_id, event in events:
+            if event["type"] == "progress" and event.get("preview"):
+                self._previews[event["job_id"]] = event["preview"]
+                event["new_preview"] = True
             if event["type"] == "progress":
                 stale = latest_progress.get(event["job_id"])
+                if stale is not None and stale[1].get("new_preview"):
+                    event["new_preview"] = True
                 if stale is not None:
                     await self.core.queue.ack_event(self.platform.name, stale[0])
                     done += 1
@@ -110,17 +129,19 @@ class EventPump:
 
     async def _show_progress(self, event: dict) -> None:
         job_id, now = event["job_id"], time.monotonic()
-        preview = event.get("preview")
+        preview = self._previews.get(job_id)
         final = event["step"] >= event["total"]
-        if not final and now - self._last_progress.get(job_id, 0.0) < self.core.chat.progress_interval_s:
+        urgent = final or event["step"] == 0 or event.get("new_preview")
+        if not urgent and now - self._last_progress.get(job_id, 0.0) < self.core.chat.progress_interval_s:
             return
         origin = await self.core.origin(event["user_id"], job_id)
         if origin is None:
             return
         self._last_progress[job_id] = now
         try:
-            await self.platform.show_progress(origin, progress_text(origin.get("op", ""), event["step"],
-                                                                    event["total"]), preview)
+            doing = origin.get("doing") or origin.get("op", "working")
+            await self.platform.show_progress(origin, progress_text(doing, event["step"], event["total"],
+                                                                    event.get("eta_s")), preview)
         except Exception:  # noqa: BLE001 - progress is best effort
             log.warning("%s: could not show progress of %s", self.platform.name, job_id, exc_info=True)
 
@@ -128,13 +149,16 @@ class EventPump:
         """True when the event is dealt with (posted, or given up on)."""
         job_id = event["job_id"]
         self._last_progress.pop(job_id, None)
+        self._previews.pop(job_id, None)
         origin = await self.core.origin(event["user_id"], job_id)
         if origin is None:  # the user said /forget, or the origin expired: nobody to answer
             return True
         ok = event["type"] == "done"
         result = Result(job_id, event["user_id"], ok, event.get("text", "") if ok else event.get("error", "failed"),
                         kind=event.get("kind", "") if ok else "", payload=event.get("payload", b"") if ok else b"",
-                        result_id=event.get("result_id") if ok else None, engine=event.get("engine", ""))
+                        result_id=event.get("result_id") if ok else None, engine=event.get("engine", ""),
+                        model=event.get("model", ""), aligned=event.get("aligned", b"") if ok else b"",
+                        actions=result_actions(event.get("result_kind")) if ok and event.get("result_id") else ())
         try:
             ref = await self.platform.show_result(origin, result)
         except Exception:  # noqa: BLE001 - a platform error: retry a few times, then give up loudly

@@ -10,11 +10,15 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from PIL import Image
+
 from bot.config import ChatConfig, EditConfig, LimitsConfig
 from bot.photos import check_photo, human_size  # noqa: F401 - human_size is imported from here by the adapters
 from storage.keys import Keys
 from storage.latents import LatentStore
 from storage.queue import Job, JobQueue
+
+Image.MAX_IMAGE_PIXELS = None  # we check dimensions ourselves, before decoding, with our own limit
 
 
 @dataclass
@@ -43,6 +47,31 @@ ACTIONS = {
     "refine": "optimise a face or an edit for more steps",
     "redo": "run the command again on your current face",
 }
+
+
+# Which reruns apply to which kind of result (the engine names the kind: "face", "edit" or "morph"); adapters show
+# only these buttons, and the core refuses the others with a reason.
+RESULT_ACTIONS = {
+    "face": ("refine", "redo"),
+    "edit": ("stronger", "weaker", "refine", "redo"),
+    "morph": ("redo",),
+}
+
+
+def result_actions(kind: str | None) -> tuple[str, ...]:
+    """The reruns that apply to a result of this kind (all of them when the kind is unknown: older results)."""
+    return RESULT_ACTIONS.get(kind or "", tuple(ACTIONS))
+
+
+def job_words(op: str, params: dict) -> str:
+    """What a job does, in the words a person uses (the acknowledgement and progress say it)."""
+    if op == "restyle":
+        return "making the edit " + ("stronger" if float(params.get("factor", 1)) >= 1 else "weaker")
+    if op == "refine":
+        return "doing it again" if params.get("restart") else "refining"
+    if op == "edit" and params.get("prompt"):
+        return f"editing your face: {params['prompt']}"
+    return {"invert": "finding your face", "morph": "morphing", "edit": "editing your face"}.get(op, op)
 
 
 @dataclass
@@ -246,12 +275,16 @@ class BotCore:
         if await self.queue.r.scard(self.keys.user_jobs(cmd.user_id)) >= self.limits.max_jobs_per_user:
             return Reply(f"you already have {self.limits.max_jobs_per_user} jobs waiting: wait for one to finish")
         job = Job(op=op, user_id=cmd.user_id, adapter=cmd.adapter, params=params)
-        await self.queue.r.set(self.keys.origin(cmd.user_id, job.job_id), json.dumps({**cmd.origin, "op": op, "job_id": job.job_id}),
-                               ex=self.chat.result_ttl_s)
+        origin = {**cmd.origin, "op": op, "job_id": job.job_id, "doing": job_words(op, params)}
+        await self.queue.r.set(self.keys.origin(cmd.user_id, job.job_id), json.dumps(origin), ex=self.chat.result_ttl_s)
         position = await self.queue.enqueue(job, photo=photo)
         engines = [k async for k in self.queue.r.scan_iter(match=self.keys.heartbeat_pattern)]
-        note = "" if engines else " (the engine is offline right now: your job waits for it)"
-        return Reply(f"queued {op}, position {position}{note}", job_id=job.job_id)
+        ahead = position - 1
+        if not engines:
+            when = "waiting for the engine, which is offline right now" + (f" ({ahead} jobs ahead)" if ahead else "")
+        else:
+            when = f"waiting behind {ahead} job{'s' * (ahead > 1)}" if ahead else "starting now"
+        return Reply(f"{job_words(op, params)}: {when}", job_id=job.job_id)
 
 
 COMMANDS = {

@@ -79,8 +79,10 @@ class Worker:
                     beat.cancel()
         await self.queue.r.delete(self.queue.keys.heartbeat(self.name))
 
-    async def _finish(self, job: Job, event: dict, payload: bytes = b"") -> None:
-        await self.queue.finish(job, event, payload=payload, engine=self.name)
+    async def _finish(self, job: Job, event: dict, payload: bytes = b"", aligned: bytes = b"") -> None:
+        """Store and post a result: `event["result_kind"]` says what it shows ("face", "edit" or "morph")."""
+        await self.queue.finish(job, {"model": self.G.model_id, **event}, payload=payload, engine=self.name,
+                                aligned=aligned)
 
     async def _fail(self, job: Job, reason: str) -> None:
         await self.queue.fail(job, reason, engine=self.name)
@@ -114,25 +116,31 @@ class Worker:
         except Exception:  # noqa: BLE001 - a bug must not take the engine down; the job is retried, then failed
             log.exception("%s batch of %d failed; leaving it for a retry", op, len(jobs))
 
-    def _progress(self, jobs: list[Job]):
-        every = self.settings.progress_every
+    def _reporters(self, jobs: list[Job], total: int):
+        """(progress, preview) callbacks for an optimisation over `jobs`: progress every `progress_every` steps and
+        previews every `preview_every`, each with the seconds left at the step rate measured since it started."""
+        every, size = self.settings.progress_every, self.settings.preview_size
+        started = time.monotonic()
+        for job in jobs:  # "started": the status message stops saying "waiting"
+            asyncio.run_coroutine_threadsafe(self.queue.progress(job, 0, total), self.loop)
 
-        def report(step: int, total: int, losses: list[float]) -> None:
+        def eta(step: int, total: int) -> float:
+            return (time.monotonic() - started) / max(step, 1) * (total - step)
+
+        def progress(step: int, total: int, losses: list[float]) -> None:
             if step % every == 0 or step == total:
                 for job in jobs:
-                    asyncio.run_coroutine_threadsafe(self.queue.progress(job, step, total), self.loop)
-        return report
+                    asyncio.run_coroutine_threadsafe(self.queue.progress(job, step, total, eta_s=eta(step, total)),
+                                                     self.loop)
 
-    def _preview(self, jobs: list[Job], total: int):
-        size = self.settings.preview_size
-
-        def send(step: int, images: np.ndarray) -> None:
+        def preview(step: int, images: np.ndarray) -> None:
             for job, image in zip(jobs, images):
                 small = Image.fromarray(image).resize((size, size), Image.BILINEAR)
                 buf = io.BytesIO()
                 small.save(buf, "JPEG", quality=80)
-                asyncio.run_coroutine_threadsafe(self.queue.progress(job, step, total, preview=buf.getvalue()), self.loop)
-        return send
+                asyncio.run_coroutine_threadsafe(self.queue.progress(job, step, total, preview=buf.getvalue(),
+                                                                     eta_s=eta(step, total)), self.loop)
+        return progress, preview
 
     async def _invert(self, jobs: list[Job]) -> None:
         ready: list[tuple[Job, Any]] = []
@@ -147,11 +155,10 @@ class Worker:
         if not ready:
             return
         targets = np.stack([face.image for _, face in ready])
-        batch = [j for j, _ in ready]
+        progress, preview = self._reporters([j for j, _ in ready],
+                                            self.settings.invert_steps or RECIPES["default"].steps)
         result = await asyncio.to_thread(invert, self.G, self.vgg, targets, steps=self.settings.invert_steps,
-                                         progress=self._progress(batch),
-                                         preview=self._preview(batch, self.settings.invert_steps or RECIPES["default"].steps),
-                                         preview_every=self.settings.preview_every)
+                                         progress=progress, preview=preview, preview_every=self.settings.preview_every)
         for i, (job, face) in enumerate(ready):
             await self._store_face(job, face.image, result.ws[i], result.images[i], result.psnr[i], result.steps,
                                    face.warnings)
@@ -167,14 +174,16 @@ class Worker:
         await self.store.set_result(job.user_id, job.job_id, latent)
         await self.queue.r.set(self.queue.keys.target(job.user_id, job.job_id), _png(target),
                                ex=self.store.result_ttl_s)
-        text = f"your face in {self.G.model_id}: PSNR {psnr:.1f} dB"
-        if distance is not None:
-            text += f", likeness {distance:.2f} ({'same person' if distance < 0.6 else 'not quite you yet'}"
-            text += " by dlib's 0.6 rule)"
+        text = f"your face as the {self.G.model_id} model draws it"
         if refined:
             text += f", refined {refined}x"
-        text += "".join(f"; {w}" for w in warnings)
-        await self._finish(job, {"text": text, "kind": "image", "result_id": job.job_id}, payload=_png(image))
+        text += f"\nhow close to your photo: {psnr:.1f} dB PSNR (higher is closer)"
+        if distance is not None:  # dlib finds no face in a reconstruction that is not one (random models, 32 px)
+            verdict = "the same person" if distance < 0.6 else "not quite you yet"
+            text += f"; dlib's face check: {verdict} (distance {distance:.2f}, under 0.6 is a match)"
+        text += "".join(f"\nnote: {w}" for w in warnings)
+        await self._finish(job, {"text": text, "kind": "image", "result_id": job.job_id, "result_kind": "face"},
+                           payload=_png(image), aligned=_png(target))
 
     async def _latent(self, job: Job, user_id: str, result_id: str | None = None) -> StoredLatent | None:
         """A stored latent usable with this engine's model, or None after failing the job with the reason."""
@@ -203,8 +212,8 @@ class Worker:
         gif = await asyncio.to_thread(encode_gif, video, max_bytes=self.settings.max_upload_bytes)
         meta = {"op": "morph", "frames": frames, "redo": {"op": "morph", "params": job.params}}
         await self.store.set_result(job.user_id, job.job_id, StoredLatent(la.ws, self.G.model_id, meta=meta))
-        await self._finish(job, {"text": f"morph, {frames} frames", "kind": "animation", "result_id": job.job_id},
-                           payload=gif)
+        await self._finish(job, {"text": f"morph, {frames} frames", "kind": "animation", "result_id": job.job_id,
+                                 "result_kind": "morph"}, payload=gif)
 
     async def _edit(self, jobs: list[Job]) -> None:
         if self._clip is None:
@@ -218,18 +227,17 @@ class Worker:
             return
         w0 = torch.from_numpy(np.stack([lat.ws for _, lat in ready]))
         prompts = [job.params["prompt"] for job, _ in ready]
-        batch = [j for j, _ in ready]
+        progress, preview = self._reporters([j for j, _ in ready],
+                                            self.settings.edit_steps or EDIT_RECIPES["default"].steps)
         result = await asyncio.to_thread(edit, self.G, self._clip, w0, prompts, steps=self.settings.edit_steps,
-                                         progress=self._progress(batch),
-                                         preview=self._preview(batch, self.settings.edit_steps or EDIT_RECIPES["default"].steps),
-                                         preview_every=self.settings.preview_every)
+                                         progress=progress, preview=preview, preview_every=self.settings.preview_every)
         for i, (job, _) in enumerate(ready):
             meta = {"op": "edit", "prompt": prompts[i], "strength": 1.0,
                     "redo": {"op": "edit", "params": {"prompt": prompts[i]}}}
             await self.store.set_result(job.user_id, job.job_id, StoredLatent(result.ws[i].numpy(), self.G.model_id,
                                                                               meta=meta, w0=result.w0[i].numpy()))
-            await self._finish(job, {"text": f"edited: {prompts[i]}", "kind": "image", "result_id": job.job_id},
-                                    payload=_png(result.images[i]))
+            await self._finish(job, {"text": f"edited: {prompts[i]}", "kind": "image", "result_id": job.job_id,
+                                     "result_kind": "edit"}, payload=_png(result.images[i]))
 
     async def _restyle(self, job: Job) -> None:
         lat = await self._latent(job, job.user_id, job.params["result_id"])
@@ -244,8 +252,9 @@ class Worker:
         meta = dict(lat.meta, strength=round(strength, 3))
         await self.store.set_result(job.user_id, job.job_id, StoredLatent(ws[0].numpy(), self.G.model_id, meta=meta,
                                                                           w0=lat.w0))
-        await self._finish(job, {"text": f"{meta.get('prompt', 'edit')} x{strength:.2f}", "kind": "image",
-                                      "result_id": job.job_id}, payload=_png(images[0]))
+        await self._finish(job, {"text": f"{meta.get('prompt', 'edit')} x{strength:.2f} (edit strength)",
+                                 "kind": "image", "result_id": job.job_id, "result_kind": "edit"},
+                           payload=_png(images[0]))
 
     async def _refine(self, job: Job) -> None:
         """More optimisation steps for an inversion (against its kept aligned crop) or an edit (same prompt)."""
@@ -274,11 +283,11 @@ class Worker:
             steps = self.settings.invert_steps or RECIPES["default"].steps
             if not restart:
                 steps = max(1, int(steps * self.settings.refine_fraction))
+            progress, preview = self._reporters([job], steps)
             result = await asyncio.to_thread(
                 invert, self.G, self.vgg, target[None], steps=steps,
                 init_ws=None if restart else torch.from_numpy(lat.ws)[None],
-                progress=self._progress([job]), preview=self._preview([job], steps),
-                preview_every=self.settings.preview_every)
+                progress=progress, preview=preview, preview_every=self.settings.preview_every)
             refined = 0 if restart else int(lat.meta.get("refined", 0)) + 1
             await self._store_face(job, target, result.ws[0], result.images[0], result.psnr[0],
                                    int(lat.meta.get("steps", 0)) * (not restart) + steps, lat.meta.get("warnings", []),
@@ -289,15 +298,16 @@ class Worker:
             steps = max(1, int((self.settings.edit_steps or EDIT_RECIPES["default"].steps)
                                * self.settings.refine_fraction))
             prompt = lat.meta["prompt"]
+            progress, preview = self._reporters([job], steps)
             result = await asyncio.to_thread(edit, self.G, self._clip, torch.from_numpy(lat.w0)[None], [prompt],
                                              steps=steps, init_ws=torch.from_numpy(lat.ws)[None],
-                                             progress=self._progress([job]), preview=self._preview([job], steps),
+                                             progress=progress, preview=preview,
                                              preview_every=self.settings.preview_every)
             meta = dict(lat.meta, refined=int(lat.meta.get("refined", 0)) + 1)
             await self.store.set_result(job.user_id, job.job_id, StoredLatent(result.ws[0].numpy(), self.G.model_id,
                                                                               meta=meta, w0=lat.w0))
             await self._finish(job, {"text": f"edited: {prompt} (refined {meta['refined']}x)", "kind": "image",
-                                     "result_id": job.job_id}, payload=_png(result.images[0]))
+                                     "result_id": job.job_id, "result_kind": "edit"}, payload=_png(result.images[0]))
         else:
             await self._fail(job, "only faces and edits can be refined")
 

@@ -49,11 +49,14 @@ class Job:
 _FINISH = """
 local first = redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1])
 if first then
-  if ARGV[7] ~= '' then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[3], 'payload', ARGV[7])
-  else
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[3])
+  local fields = {'event', ARGV[3]}
+  for i = 7, #ARGV - 1, 2 do  -- binary fields (name, bytes), the empty ones left out
+    if ARGV[i + 1] ~= '' then
+      table.insert(fields, ARGV[i])
+      table.insert(fields, ARGV[i + 1])
+    end
   end
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
 end
 redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
 redis.call('DEL', KEYS[4])
@@ -135,15 +138,15 @@ class JobQueue:
         return await self.r.get(self.keys.photo(job.job_id))
 
     async def finish(self, job: Job, event: dict, status: str = "done", payload: bytes = b"",
-                     engine: str = "") -> bool:
-        """Store the result event (and its image / GIF payload) once, acknowledge the job, drop its photo.
-        True if this call stored it."""
+                     engine: str = "", aligned: bytes = b"") -> bool:
+        """Store the result event (its image / GIF `payload`, and for a face the `aligned` crop it was made from)
+        once, acknowledge the job, drop its photo. True if this call stored it."""
         stored = await self._finish(
             keys=[self.keys.done(job.job_id), self.keys.results(job.adapter), self.keys.jobs,
                   self.keys.photo(job.job_id), self.keys.job(job.job_id)],
             args=[self.result_ttl_s, self.stream_maxlen, json.dumps({"job_id": job.job_id, "user_id": job.user_id,
                                                                      "type": status, "engine": engine, **event}),
-                  ENGINE_GROUP, job.message_id, status, payload])
+                  ENGINE_GROUP, job.message_id, status, "payload", payload, "aligned", aligned])
         await self.r.srem(self.keys.user_jobs(job.user_id), job.job_id)
         return bool(stored)
 
@@ -151,9 +154,13 @@ class JobQueue:
         """Answer the user with a one-line reason and acknowledge the job."""
         return await self.finish(job, {"error": reason}, status="failed", engine=engine)
 
-    async def progress(self, job: Job, step: int, total: int, preview: bytes | None = None) -> None:
-        """A progress event (not idempotent, not required: adapters show the latest)."""
+    async def progress(self, job: Job, step: int, total: int, preview: bytes | None = None,
+                       eta_s: float | None = None) -> None:
+        """A progress event (not idempotent, not required: adapters show the latest). `eta_s`: seconds left, as
+        the engine measured its step rate."""
         event = {"job_id": job.job_id, "user_id": job.user_id, "type": "progress", "step": step, "total": total}
+        if eta_s is not None:
+            event["eta_s"] = round(eta_s, 1)
         fields = {"event": json.dumps(event)}
         if preview is not None:
             fields["preview"] = preview
@@ -169,7 +176,7 @@ class JobQueue:
                 for mid, fields in entries:
                     fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()}
                     event = json.loads(fields["event"])
-                    for name in ("preview", "payload"):
+                    for name in ("preview", "payload", "aligned"):
                         if name in fields:
                             event[name] = fields[name]
                     out.append((mid.decode() if isinstance(mid, bytes) else mid, event))

@@ -58,8 +58,14 @@ def _gif(frames: int) -> bytes:
 
 async def test_invert_is_queued_with_a_position(bot):
     reply = await bot.handle(say("/invert", photo=OBAMA))
-    assert reply.job_id and reply.text.startswith("queued invert, position 1")
-    assert "engine is offline" in reply.text  # no engine heartbeat in this test
+    assert reply.job_id
+    # no engine heartbeat in this test: the user is told why nothing moves
+    assert reply.text == "finding your face: waiting for the engine, which is offline right now"
+    await bot.queue.r.set(bot.keys.heartbeat("e1"), "tiny 0", ex=30)
+    second = await bot.handle(say("/invert", user="bob", photo=OBAMA))
+    assert second.text == "finding your face: waiting behind 1 job"
+    third = await bot.handle(say("/edit really angry face", user="alice"))
+    assert third.text == "there is no face for you yet: send a photo with /invert first"
 
 
 @pytest.mark.parametrize("photo, expected", [
@@ -104,7 +110,7 @@ async def test_morph_needs_the_other_persons_consent(bot):
     assert reply.text == "@bob has not allowed morphs with their face: they can send /share to allow it"
     await bot.handle(say("/share", user="bob"))
     reply = await bot.handle(say("/morph @me @bob 12"))
-    assert reply.job_id and reply.text.startswith("queued morph")
+    assert reply.job_id and reply.text.startswith("morphing: ")
     await bot.handle(say("/unshare", user="bob"))
     assert "has not allowed" in (await bot.handle(say("/morph @me @bob"))).text
 
@@ -138,7 +144,7 @@ async def test_reactions_rerun_only_your_own_edits(bot):
     await bot.store.set_result("web:alice", "edit1", StoredLatent(w, "tiny", meta={"prompt": "angry"}, w0=w0))
     await bot.store.set_result("web:alice", "inv1", StoredLatent(w, "tiny"))
     ok = await bot.react(Reaction("web", "web:alice", "edit1", "stronger"))
-    assert ok.job_id and ok.text.startswith("queued restyle")
+    assert ok.job_id and ok.text.startswith("making the edit stronger: ")
     assert (await bot.react(Reaction("web", "web:bob", "edit1", "stronger"))).text == \
         "that result has expired, or it is not yours to rerun"
     assert (await bot.react(Reaction("web", "web:alice", "inv1", "weaker"))).text == \

@@ -76,21 +76,21 @@ async def test_invert_edit_a_reaction_and_a_button(discord_api):
     alice = fake.user(11, "alice")
 
     ix = await fake.slash(alice, "invert", photo=fake.attachment("obama.jpg", "image/jpeg", OBAMA))
-    await fake.wait_for(original_edit(fake, ix, "queued invert"))
+    await fake.wait_for(original_edit(fake, ix, "finding your face: "))
     dave = fake.user(14, "dave")  # dave lets others morph with his face
     await fake.slash(dave, "share")
     await fake.slash(dave, "invert", photo=fake.attachment("biden.jpg", "image/jpeg", BIDEN))
     deferred = await fake.wait_for(lambda c: c.path.endswith(f"/{ix['token']}/callback"))
     assert deferred.json["type"] == 5  # "stylebot is thinking..."
-    await fake.wait_for(original_edit(fake, ix, "queued invert, position 1"))
-    await fake.wait_for(original_edit(fake, ix, "finding your face: step 20/20"))
-    face = await fake.wait_for(followup(ix, "your face in tiny: PSNR"))
+    await fake.wait_for(original_edit(fake, ix, "finding your face: starting now"))
+    await fake.wait_for(original_edit(fake, ix, "finding your face: step 20 of 20"))
+    face = await fake.wait_for(followup(ix, "your face as the tiny model draws it"))
     assert image(face).size == (32, 32) and image(face).format == "PNG"
-    assert "react 🔥 stronger" in face.content
-    assert list(buttons(face)) == ["🔥 stronger", "👎 weaker", "👌 refine", "🤔 redo"]
+    assert "react 👌 refine, 🤔 redo" in face.content
+    assert list(buttons(face)) == ["👌 refine", "🤔 redo"]  # a face cannot be made stronger or weaker
     original = fake.messages[fake.interaction(ix["token"])["original"]]
-    assert original["history"][:2] == ["", "queued invert, position 1"]
-    assert original["content"].startswith("finding your face: step 20/20")
+    assert original["history"][:2] == ["", "finding your face: starting now"]
+    assert original["content"].startswith("finding your face: step 20 of 20")
 
     ix = await fake.slash(alice, "edit", prompt="smiling")
     edited_call = await fake.wait_for(followup(ix, "edited: smiling"))
@@ -99,8 +99,8 @@ async def test_invert_edit_a_reaction_and_a_button(discord_api):
 
     seen = len(fake.calls)
     await fake.react(alice, edited, "🔥")
-    queued = await fake.wait_for(channel_post(fake, "queued restyle"), after=seen)
-    assert queued.content == "<@11> queued restyle, position 1"
+    queued = await fake.wait_for(channel_post(fake, "making the edit stronger"), after=seen)
+    assert queued.content == "<@11> making the edit stronger: starting now"
     assert str(queued.json["message_reference"]["message_id"]) == edited["id"]
     stronger_call = await fake.wait_for(channel_post(fake, "smiling x1.50"), after=seen)
     assert stronger_call.content.startswith("<@11> smiling x1.50")
@@ -109,10 +109,10 @@ async def test_invert_edit_a_reaction_and_a_button(discord_api):
     assert stronger_call.files[0][1] != edited_call.files[0][1]
     stronger = fake.messages[stronger_call.response["id"]]
 
-    # 👌 on the face: refine it; progress edits the channel message that said "queued refine"
+    # 👌 on the face: refine it; progress edits the channel message that said "refining: "
     seen = len(fake.calls)
     await fake.react(alice, fake.messages[face.response["id"]], "👌")
-    queued = await fake.wait_for(channel_post(fake, "queued refine"), after=seen)
+    queued = await fake.wait_for(channel_post(fake, "refining: "), after=seen)
     status = f"/channels/{fake.channel_id}/messages/{queued.response['id']}"
     await fake.wait_for(lambda c: c.method == "PATCH" and c.path == status and c.content.startswith("refining: step"),
                         after=seen)
@@ -123,14 +123,14 @@ async def test_invert_edit_a_reaction_and_a_button(discord_api):
     press = await fake.press(alice, stronger, buttons(stronger_call)["👎 weaker"])
     answered = await fake.wait_for(lambda c: c.path.endswith(f"/{press['token']}/callback"))
     assert answered.json["type"] == 5 and answered.json["data"]["flags"] & EPHEMERAL
-    await fake.wait_for(original_edit(fake, press, "queued restyle, position 1"))
+    await fake.wait_for(original_edit(fake, press, "making the edit weaker: starting now"))
     await fake.wait_for(followup(press, "smiling x1.01"))  # 1.5 x 0.67
 
     # /morph with a member: a GIF; its interaction token expires after the "queued" edit (as after 15 minutes
     # in a long queue), so the GIF goes to the channel, with a mention
     seen = len(fake.calls)
     ix = await fake.slash(alice, "morph", a=alice, b=dave, frames=4, token_uses=1)
-    await fake.wait_for(original_edit(fake, ix, "queued morph"), after=seen)
+    await fake.wait_for(original_edit(fake, ix, "morphing: "), after=seen)
     gif = await fake.wait_for(channel_post(fake, "morph, 4 frames"), timeout=90, after=seen)
     assert gif.content.startswith("<@11> morph, 4 frames")
     assert [c.status for c in fake.calls[seen:] if followup(ix)(c)] == [401]  # the follow-up Discord refused

@@ -142,7 +142,7 @@ async def test_the_bot_runs_on_a_stylegan1_engine_and_says_when_the_engine_chang
         await core.handle(say("/invert", photo=(FACES / "obama.jpg").read_bytes()))
         await core.handle(say("/invert", user="bob", photo=(FACES / "biden.jpg").read_bytes()))
         [(_, a, _), (_, b, _)] = await answer(pump, rec, 2)
-        assert a.ok and b.ok and "your face in stylegan1-tiny" in a.text
+        assert a.ok and b.ok and "your face as the stylegan1-tiny model draws it" in a.text
         face = await stack.store.face("web:alice")
         assert face.model_id == "stylegan1-tiny" and face.ws.shape == (8, 64)
         await core.handle(say("/share", user="bob"))

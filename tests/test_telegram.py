@@ -39,23 +39,24 @@ async def test_invert_edit_and_a_reaction_make_it_stronger(telegram):
     alice = fake.user(11, "alice")
     await fake.say(alice, "/invert", photo=OBAMA)
 
-    _, ack = await fake.wait_for(lambda m, p: m == "sendMessage" and p["text"].startswith("queued invert"))
-    assert ack["text"] == "queued invert, position 1"
+    _, ack = await fake.wait_for(lambda m, p: m == "sendMessage" and p["text"].startswith("finding your face"))
+    assert ack["text"] == "finding your face: starting now"
     _, progress = await fake.wait_for(lambda m, p: m == "editMessageText" and "finding your face" in p["text"])
-    assert progress["text"].startswith("finding your face: step")
-    _, face = await fake.wait_for(photo_sent("your face in tiny: PSNR"))
+    assert progress["text"].startswith("finding your face: ")
+    _, face = await fake.wait_for(photo_sent("your face as the tiny model draws it"))
     assert Image.open(io.BytesIO(face["photo"]["bytes"])).size == (32, 32)
-    assert "react 🔥 stronger" in face["caption"]
-    assert [b["text"] for b in face["reply_markup"]["inline_keyboard"][0]] == \
-        ["🔥 stronger", "👎 weaker", "👌 refine", "🤔 redo"]
+    assert "react 👌 refine, 🤔 redo" in face["caption"]  # a face cannot be made stronger or weaker
+    assert [b["text"] for b in face["reply_markup"]["inline_keyboard"][0]] == ["👌 refine", "🤔 redo"]
 
     await fake.say(alice, "/edit smiling")
     _, edited = await fake.wait_for(photo_sent("edited: smiling"))
     edited_msg = next(m for m in fake.sent.values() if m.get("caption", "").startswith("edited: smiling"))
 
     await fake.react(alice, edited_msg["message_id"], "🔥")
-    _, queued = await fake.wait_for(lambda m, p: m == "sendMessage" and p["text"].startswith("queued restyle"))
+    _, queued = await fake.wait_for(lambda m, p: m == "sendMessage" and p["text"].startswith("making the edit stronger"))
     _, stronger = await fake.wait_for(photo_sent("smiling x1.50"))
+    assert [b["text"] for b in stronger["reply_markup"]["inline_keyboard"][0]] == \
+        ["🔥 stronger", "👎 weaker", "👌 refine", "🤔 redo"]
     assert stronger["photo"]["bytes"] != edited["photo"]["bytes"]
 
     # the button under the stronger result: weaker
@@ -63,7 +64,7 @@ async def test_invert_edit_and_a_reaction_make_it_stronger(telegram):
     weaker = stronger["reply_markup"]["inline_keyboard"][0][1]["callback_data"]
     await fake.press(alice, stronger_msg, weaker)
     _, answered = await fake.wait_for(lambda m, p: m == "answerCallbackQuery")
-    assert answered["text"].startswith("queued restyle")
+    assert answered["text"].startswith("making the edit weaker")
     await fake.wait_for(photo_sent("smiling x1.01"))  # 1.5 x 0.67
 
     # a reaction on a message that is not a result, and one from a stranger on alice's result
@@ -76,8 +77,7 @@ async def test_invert_edit_and_a_reaction_make_it_stronger(telegram):
 
 
 def ack_message_id(fake: FakeTelegram) -> int:
-    return next(m["message_id"] for m in fake.sent.values() if m.get("text", "").startswith("finding your face")
-                or m.get("text", "").startswith("queued invert"))
+    return next(m["message_id"] for m in fake.sent.values() if m.get("text", "").startswith("finding your face"))
 
 
 async def test_bad_input_gets_one_line_and_big_files_are_not_downloaded(telegram):
@@ -101,9 +101,9 @@ async def test_invert_as_a_reply_to_a_photo_and_morph_by_replying(telegram):
     fake = telegram
     carol, dave = fake.user(31, "carol"), fake.user(32, None)  # dave has no username
     photo_msg = await fake.say(carol, "", photo=OBAMA)  # a photo alone in a private chat means /invert
-    await fake.wait_for(photo_sent("your face in tiny"))
+    await fake.wait_for(photo_sent("your face as the tiny model draws it"))
     await fake.say(dave, "/invert", reply_to=photo_msg)
-    await fake.wait_for(lambda m, p: m == "sendMessage" and p["text"].startswith("queued invert, position"))
+    await fake.wait_for(lambda m, p: m == "sendMessage" and p["text"].startswith("finding your face: "))
     await fake.say(dave, "/share")
     await fake.wait_for(lambda m, p: m == "sendMessage" and p["text"].startswith("others can now /morph"))
     await asyncio.sleep(0)

@@ -50,6 +50,28 @@ async def join(browser, url: str, nickname: str, width: int = 390, height: int =
     return page
 
 
+# The newest message is wholly inside the scrolled chat log once its images have loaded (buttons included).
+LAST_IN_VIEW = """() => {
+  const log = document.getElementById("log"), last = log.lastElementChild;
+  const imgs = [...last.querySelectorAll("img")];
+  if (!imgs.every(i => i.complete && i.naturalWidth > 0)) return false;
+  const box = last.getBoundingClientRect(), view = log.getBoundingClientRect();
+  return box.bottom <= view.bottom + 1 && box.top >= view.top - 1;
+}"""
+
+# Records whether a preview image ever appeared in a progress bubble (they come and go within a second).
+WATCH_PREVIEWS = """() => {
+  window.previews = [];
+  new MutationObserver(() => {
+    for (const img of document.querySelectorAll(".msg .progress img")) window.previews.push(img.src.slice(0, 23));
+  }).observe(document.getElementById("log"), {childList: true, subtree: true});
+}"""
+
+
+async def buttons(result) -> list[str]:
+    return await result.locator(".actions button").evaluate_all("bs => bs.map(b => b.dataset.action)")
+
+
 async def send(page, text: str, photo=None) -> None:
     if photo is not None:
         await page.set_input_files("#photo", str(photo))
@@ -63,22 +85,44 @@ async def test_upload_edit_stronger_and_morph_in_a_browser(web):
     banner = alice.locator("#tiny")
     await expect(banner).to_be_visible()
     await expect(banner).to_contain_text("stylebot weights download ffhq-256")
+    await expect(banner).to_contain_text("edits are random too")
+    attach = alice.locator("label.attach")
+    await expect(attach).to_have_text("Photo")  # a word and an inline SVG: no emoji font needed
+    assert await attach.locator("svg").count() == 1
 
+    await alice.evaluate(WATCH_PREVIEWS)
     await send(alice, "", photo=OBAMA)
     await expect(alice.locator(".msg.you").last).to_contain_text("obama.jpg")
-    await expect(alice.locator(".msg.bot").filter(has_text="queued invert, position")).to_have_count(1)
+    await expect(alice.locator(".msg.bot").filter(has_text="finding your face: ")).to_have_count(1)
     results = alice.locator(".msg.bot:has(img.result)")
     await expect(results).to_have_count(1, timeout=60_000)
-    await expect(results.last).to_contain_text("your face in tiny: PSNR")
-    size = await results.last.locator("img.result").evaluate("i => [i.naturalWidth, i.naturalHeight]")
+    previews = await alice.evaluate("window.previews")
+    assert previews and all(p == "data:image/jpeg;base64," for p in previews)  # the face took shape on screen
+    face = results.last
+    await expect(face).to_contain_text("your face as the tiny model draws it")
+    await expect(face).to_contain_text("dB PSNR (higher is closer)")
+    await expect(face).not_to_contain_text("made by")  # no host names or process ids
+    await expect(face.locator(".meta")).to_have_text("made with the tiny model")
+    size = await face.locator("img.result").evaluate("i => [i.naturalWidth, i.naturalHeight]")
     assert size == [32, 32]
+    # beside it, the aligned crop the bot found: what it saw
+    await expect(face.locator("figure.aligned figcaption")).to_have_text("the face I found")
+    assert await face.locator("img.aligned").evaluate("i => [i.naturalWidth, i.naturalHeight]") == [32, 32]
+    assert await buttons(face) == ["refine", "redo"]  # a face cannot be made stronger or weaker
+    await alice.wait_for_function(LAST_IN_VIEW, timeout=5_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    await alice.screenshot(path=str(ARTIFACTS / "web-chat-face.png"))
 
     await send(alice, "/edit smiling")
     await expect(results).to_have_count(2, timeout=60_000)
     await expect(results.last).to_contain_text("edited: smiling")
+    assert await buttons(results.last) == ["stronger", "weaker", "refine", "redo"]
+    await alice.wait_for_function(LAST_IN_VIEW, timeout=5_000)
     await results.last.locator("button[data-action=stronger]").click()
+    await expect(alice.locator(".msg.bot").filter(has_text="making the edit stronger: ")).to_have_count(1)
     await expect(results).to_have_count(3, timeout=60_000)
     await expect(results.last).to_contain_text("smiling x1.50")
+    await alice.wait_for_function(LAST_IN_VIEW, timeout=5_000)
 
     # what users type is shown as text, never run as HTML
     hostile = '<img src=x onerror="document.title=\'pwned\'">'
@@ -86,7 +130,7 @@ async def test_upload_edit_stronger_and_morph_in_a_browser(web):
     await expect(alice.locator(".msg.you .text").last).to_have_text(hostile)
     await expect(alice.locator(".msg.bot").last).to_contain_text("unknown command")
     assert await alice.title() != "pwned"
-    assert await alice.locator(".msg img:not(.result)").count() == 0
+    assert await alice.locator(".msg .text img").count() == 0
 
     # a second tab is a second person: bob shares his face, alice morphs with it
     bob = await join(browser, url, "bob")
@@ -98,6 +142,8 @@ async def test_upload_edit_stronger_and_morph_in_a_browser(web):
     await send(alice, "/morph @me @bob 4")
     await expect(results).to_have_count(4, timeout=60_000)
     await expect(results.last).to_contain_text("morph, 4 frames")
+    assert await buttons(results.last) == ["redo"]
+    await alice.wait_for_function(LAST_IN_VIEW, timeout=5_000)
     frames = await results.last.locator("img.result").evaluate(
         "async i => (await fetch(i.src)).headers.get('content-type')")
     assert frames == "image/gif"
@@ -106,8 +152,10 @@ async def test_upload_edit_stronger_and_morph_in_a_browser(web):
     media = await results.last.locator("img.result").get_attribute("src")
     assert (await bob.request.get(url.rstrip("/") + media)).status == 404
 
-    ARTIFACTS.mkdir(exist_ok=True)
     await alice.screenshot(path=str(ARTIFACTS / "web-chat.png"), full_page=True)
+    await alice.set_viewport_size({"width": 1280, "height": 800})
+    await alice.wait_for_function(LAST_IN_VIEW, timeout=5_000)
+    await alice.screenshot(path=str(ARTIFACTS / "web-chat-desktop.png"))
 
 
 async def test_the_page_after_a_reload_keeps_the_conversation(web):

@@ -21,7 +21,7 @@ import discord
 from discord import app_commands
 
 from adapters.base import EventPump, Result, rerun_hint
-from bot.core import ACTIONS, COMMANDS, BotCore, Command, Reaction, Reply, human_size
+from bot.core import COMMANDS, BotCore, Command, Reaction, Reply, human_size
 
 log = logging.getLogger("stylebot.discord")
 
@@ -275,15 +275,15 @@ class StyleBot(discord.AutoShardedClient):
                 text = (f"couldn't post that result: it is {human_size(len(result.payload))} and this server "
                         f"takes files up to {human_size(limit)}")
             else:
-                text = result.text + (f"\n{rerun_hint(self.core)}" if result.result_id else "")
+                text = result.text + (f"\n{rerun_hint(self.core, result.actions)}" if result.actions else "")
                 upload = bool(result.payload)
 
         def attached() -> dict:  # a File is read once: a fresh one per attempt
             if not upload:
                 return {}
             extra: dict = {"file": discord.File(io.BytesIO(result.payload), filename=result.filename)}
-            if result.result_id:
-                extra["view"] = self._buttons(result.result_id)
+            if result.actions:
+                extra["view"] = self._buttons(result.result_id, result.actions)
             return extra
 
         if self._fresh(origin):
@@ -299,9 +299,9 @@ class StyleBot(discord.AutoShardedClient):
         sent = await channel.send(content[:2000], allowed_mentions=_only(mention) if mention else None, **attached())
         return _ref(sent.channel.id, sent.id)
 
-    def _buttons(self, result_id: str) -> discord.ui.View:
+    def _buttons(self, result_id: str, actions: tuple[str, ...]) -> discord.ui.View:
         view = discord.ui.View(timeout=None)
-        for action in ACTIONS:
+        for action in actions:
             emoji = getattr(self.core.chat, f"{action}_emoji").split()[0]
             view.add_item(RerunButton(action, result_id, f"{emoji} {action}"))
         return view

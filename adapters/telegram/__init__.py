@@ -21,7 +21,7 @@ from telegram.ext import (AIORateLimiter, Application, CallbackQueryHandler, Con
                           MessageReactionHandler, filters)
 
 from adapters.base import EventPump, Result, rerun_hint
-from bot.core import ACTIONS, BotCore, Command, Reaction, human_size
+from bot.core import BotCore, Command, Reaction, human_size
 
 log = logging.getLogger("stylebot.telegram")
 
@@ -179,12 +179,12 @@ class TelegramBot:
         if not result.ok:
             await bot.send_message(chat, f"couldn't do that: {result.text}", reply_parameters=reply_to)
             return None
-        caption = result.text + (f"\n{rerun_hint(self.core)}" if result.result_id else "")
+        caption = result.text + (f"\n{rerun_hint(self.core, result.actions)}" if result.actions else "")
         markup = None
-        if result.result_id:
+        if result.actions:
             markup = InlineKeyboardMarkup([[InlineKeyboardButton(
                 f"{getattr(self.core.chat, f'{a}_emoji').split()[0]} {a}",
-                callback_data=f"{BUTTON}:{a}:{result.result_id}") for a in ACTIONS]])
+                callback_data=f"{BUTTON}:{a}:{result.result_id}") for a in result.actions]])
         media = InputFile(result.payload, filename=result.filename)
         send = bot.send_animation if result.kind == "animation" else bot.send_photo
         sent = await send(chat, media, caption=caption[:1024], reply_parameters=reply_to, reply_markup=markup)

@@ -29,13 +29,14 @@ from aiohttp import web
 
 from adapters.base import EventPump, Result
 from bot.core import ACTIONS, BotCore, Command, human_size
+from engine.errors import command as cli_command
 
 log = logging.getLogger("stylebot.web")
 
 STATIC = Path(__file__).parent / "static"
 COOKIE = "stylebot_session"
 NICKNAME = re.compile(r"[A-Za-z0-9_]{2,24}")
-DOWNLOAD_HINT = "stylebot weights download ffhq-256"
+DOWNLOAD_HINT = "weights download ffhq-256"
 # Built-in random models (tiny, stylegan1-tiny): the page says their faces look like nothing. Read from the
 # registry file itself, without importing the engine (and torch) into a front end.
 BUILTIN_MODELS = frozenset(name for name, entry in tomllib.loads(
@@ -140,7 +141,7 @@ class WebChat:
                 models.append((beat.decode() if isinstance(beat, bytes) else beat).split()[0])
         model = models[0] if models else None
         return self._json({"nickname": v.nickname, "engines": len(models), "model": model,
-                           "tiny": model in BUILTIN_MODELS, "download": DOWNLOAD_HINT,
+                           "tiny": model in BUILTIN_MODELS, "download": cli_command(DOWNLOAD_HINT),
                            "max_photo_bytes": self.core.limits.max_photo_bytes,
                            "actions": {a: getattr(self.core.chat, f"{a}_emoji").split()[0] for a in ACTIONS}}, new)
 
@@ -263,8 +264,9 @@ class WebChat:
         v = self._owner(origin)
         if v is None:
             v = self.visitors[origin["user"]] = Visitor(origin["user"])  # posted before the browser came back
-        if "status" in origin:
-            v.update(origin["status"], progress="", preview="")
+        if "status" in origin:  # the acknowledgement stops saying "waiting" or "step 20 of 40"
+            doing = origin.get("doing") or origin.get("op", "your job")
+            v.update(origin["status"], text=f"{doing}: {'done' if result.ok else 'stopped'}", progress="", preview="")
         if not result.ok:
             v.message("bot", f"couldn't do that: {result.text}", error=True)
             return None
@@ -273,7 +275,9 @@ class WebChat:
             content_type = "image/gif" if result.kind == "animation" else "image/png"
             extra["media"] = f"/media/{v.keep(result.payload, content_type)}"
             extra["filename"] = result.filename
-        msg = v.message("bot", result.text, rerun=bool(result.result_id), engine=result.engine, **extra)
+        if result.aligned:  # what the bot saw: the aligned face crop, shown beside the reconstruction
+            extra["aligned"] = f"/media/{v.keep(result.aligned, 'image/png')}"
+        msg = v.message("bot", result.text, actions=list(result.actions), model=result.model, **extra)
         return msg["id"]
 
 

@@ -22,23 +22,24 @@ function render(m) {
   const div = el("div", "msg " + (m.by === "you" ? "you" : "bot") + (m.error ? " error" : ""));
   div.dataset.id = m.id;
   div.appendChild(el("span", "text", m.text));
-  if (m.attachment) div.appendChild(el("span", "att", "📷 " + m.attachment));
+  if (m.attachment) div.appendChild(el("span", "att", "photo: " + m.attachment));
   if (m.progress || m.preview) {
     const p = el("div", "progress");
-    if (m.preview) { const img = el("img"); img.src = m.preview; img.alt = "preview"; p.appendChild(img); }
+    if (m.preview) { const img = el("img"); img.src = m.preview; img.alt = "your face so far"; p.appendChild(img); }
     p.appendChild(el("span", "", m.progress || ""));
     div.appendChild(p);
   }
   if (m.media) {
-    const img = el("img", "result");
-    img.src = m.media;
-    img.alt = m.text;
-    div.appendChild(img);
+    const row = el("div", "figures");
+    if (m.aligned) row.appendChild(figure(m.aligned, "the face I found", "aligned"));
+    row.appendChild(figure(m.media, m.aligned ? "your face in " + (m.model || "the model") : "", "result"));
+    div.appendChild(row);
   }
-  if (m.rerun) {
+  const applies = m.actions || (m.rerun ? Object.keys(actions) : []);
+  if (applies.length) {
     const row = el("div", "actions");
-    for (const [action, emoji] of Object.entries(actions)) {
-      const b = el("button", "", emoji + " " + action);
+    for (const action of applies) {
+      const b = el("button", "", ((actions[action] || "") + " " + action).trim());
       b.type = "button";
       b.dataset.action = action;
       b.addEventListener("click", () => react(m.id, action));
@@ -46,8 +47,18 @@ function render(m) {
     }
     div.appendChild(row);
   }
-  if (m.engine) div.appendChild(el("div", "meta", "made by " + m.engine));
+  if (m.model && m.media) div.appendChild(el("div", "meta", "made with the " + m.model + " model"));
   return div;
+}
+
+function figure(src, caption, cls) {
+  const f = el("figure", cls);
+  const img = el("img", cls);
+  img.src = src;
+  img.alt = caption || "result";
+  f.appendChild(img);
+  if (caption) f.appendChild(el("figcaption", "", caption));
+  return f;
 }
 
 function show(m) {
@@ -57,7 +68,13 @@ function show(m) {
   const old = shown.get(m.id);
   if (old) old.replaceWith(div); else log.appendChild(div);
   shown.set(m.id, div);
-  if (atBottom || !old) log.scrollTop = log.scrollHeight;
+  if (atBottom || !old) {
+    log.scrollTop = log.scrollHeight;
+    // images take their height only once loaded: scroll again then, so the newest result is fully in view
+    for (const img of div.querySelectorAll("img")) {
+      if (!img.complete) img.addEventListener("load", () => { log.scrollTop = log.scrollHeight; }, { once: true });
+    }
+  }
 }
 
 async function post(url, body) {
@@ -110,7 +127,7 @@ function setup() {
   photo.addEventListener("change", () => {
     const f = photo.files[0];
     $("chosen").hidden = !f;
-    $("chosen").textContent = f ? "📷 " + f.name + " ✕" : "";
+    $("chosen").textContent = f ? f.name + " (remove)" : "";
   });
   $("chosen").addEventListener("click", () => { photo.value = ""; photo.dispatchEvent(new Event("change")); });
   $("composer").addEventListener("submit", async (e) => {
