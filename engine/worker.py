@@ -166,6 +166,8 @@ class Worker:
     async def _store_face(self, job: Job, target: np.ndarray, ws: torch.Tensor, image: np.ndarray, psnr: float,
                           steps: int, warnings: list[str], refined: int = 0) -> None:
         """An inversion's result: the user's face, a rerunnable result with its aligned crop, the reply."""
+        if await self._diverged(job, ws):
+            return
         distance = await asyncio.to_thread(likeness, target, image)
         meta = {"op": "invert", "psnr": round(psnr, 2), "steps": steps, "refined": refined, "warnings": warnings,
                 "likeness": None if distance is None else round(distance, 3), "redo": {"op": "invert", "params": {}}}
@@ -185,6 +187,14 @@ class Worker:
         await self._finish(job, {"text": text, "kind": "image", "result_id": job.job_id, "result_kind": "face"},
                            payload=_png(image), aligned=_png(target))
 
+    async def _diverged(self, job: Job, *latents) -> bool:
+        """True (and the job failed with the reason) when an optimisation's result holds NaN or infinity."""
+        if all(x is None or bool(torch.isfinite(torch.as_tensor(x)).all()) for x in latents):
+            return False
+        log.warning("job %s (%s): the optimisation diverged; nothing stored", job.job_id, job.op)
+        await self._fail(job, "the optimisation went wrong on this one (its numbers blew up); please send it again")
+        return True
+
     async def _latent(self, job: Job, user_id: str, result_id: str | None = None) -> StoredLatent | None:
         """A stored latent usable with this engine's model, or None after failing the job with the reason."""
         lat = await (self.store.result(user_id, result_id) if result_id else self.store.face(user_id))
@@ -192,6 +202,10 @@ class Worker:
         if lat is None:
             await self._fail(job, "that result has expired; react to a newer one" if result_id else
                                   f"there is no face for {who} yet: send a photo with /invert first")
+            return None
+        if not lat.finite:
+            await self._fail(job, f"the stored face of {who} is damaged (it holds invalid numbers): "
+                                  "send the photo again with /invert")
             return None
         if lat.model_id != self.G.model_id or lat.ws.shape != (self.G.num_ws, self.G.w_dim):
             family = FAMILY_NAMES.get(self.G.cfg.family, self.G.cfg.family)
@@ -232,6 +246,8 @@ class Worker:
         result = await asyncio.to_thread(edit, self.G, self._clip, w0, prompts, steps=self.settings.edit_steps,
                                          progress=progress, preview=preview, preview_every=self.settings.preview_every)
         for i, (job, _) in enumerate(ready):
+            if await self._diverged(job, result.ws[i]):
+                continue
             meta = {"op": "edit", "prompt": prompts[i], "strength": 1.0,
                     "redo": {"op": "edit", "params": {"prompt": prompts[i]}}}
             await self.store.set_result(job.user_id, job.job_id, StoredLatent(result.ws[i].numpy(), self.G.model_id,
@@ -249,6 +265,8 @@ class Worker:
         strength = float(lat.meta.get("strength", 1.0)) * float(job.params["factor"])
         ws, images = await asyncio.to_thread(restyle, self.G, torch.from_numpy(lat.w0),
                                              torch.from_numpy(lat.ws), float(job.params["factor"]))
+        if await self._diverged(job, ws):
+            return
         meta = dict(lat.meta, strength=round(strength, 3))
         await self.store.set_result(job.user_id, job.job_id, StoredLatent(ws[0].numpy(), self.G.model_id, meta=meta,
                                                                           w0=lat.w0))
@@ -303,6 +321,8 @@ class Worker:
                                              steps=steps, init_ws=torch.from_numpy(lat.ws)[None],
                                              progress=progress, preview=preview,
                                              preview_every=self.settings.preview_every)
+            if await self._diverged(job, result.ws):
+                return
             meta = dict(lat.meta, refined=int(lat.meta.get("refined", 0)) + 1)
             await self.store.set_result(job.user_id, job.job_id, StoredLatent(result.ws[0].numpy(), self.G.model_id,
                                                                               meta=meta, w0=lat.w0))

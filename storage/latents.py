@@ -23,8 +23,19 @@ class StoredLatent:
     meta: dict = field(default_factory=dict)  # e.g. recipe, psnr, likeness, prompt
     w0: np.ndarray | None = None        # an edit's start latent (for stronger / weaker)
 
+    @property
+    def finite(self) -> bool:
+        """False when the latent holds NaN or infinity (a diverged optimisation, a damaged value): never render it."""
+        return bool(np.isfinite(self.ws).all() and (self.w0 is None or np.isfinite(self.w0).all()))
+
+
+class NonFiniteLatent(ValueError):
+    """A latent with NaN or infinite values was about to be stored."""
+
 
 def _pack(lat: StoredLatent) -> dict[str, bytes | str]:
+    if not lat.finite:
+        raise NonFiniteLatent("refusing to store a latent that holds NaN or infinite values")
     d: dict[str, bytes | str] = {"ws": np.ascontiguousarray(lat.ws, dtype="<f4").tobytes(),
                                  "shape": json.dumps(list(lat.ws.shape)), "model_id": lat.model_id,
                                  "created": repr(lat.created), "meta": json.dumps(lat.meta)}

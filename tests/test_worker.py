@@ -113,3 +113,31 @@ async def test_morph_edit_and_stronger_jobs(parts):
     assert answer["type"] == "done" and "x1.50" in answer["text"]
     edited, strong = await store.result("alice", edit_job.job_id), await store.result("alice", stronger.job_id)
     assert np.allclose(strong.ws - strong.w0, 1.5 * (edited.ws - edited.w0), atol=1e-5)
+
+
+async def test_a_latent_with_nan_is_never_stored_nor_rendered(parts, client):
+    """A damaged latent in Redis (NaN) is refused with a reason, not rendered black; storing one is refused."""
+    import pytest
+
+    from storage.latents import NonFiniteLatent, StoredLatent, _pack
+
+    queue, store = parts
+    G = build_builtin(registry_entries()["tiny"])
+    worker = Worker(G, queue, store, vgg=load_vgg16(width=0.125), settings=WorkerSettings(name="e3"))
+    good = np.zeros((8, 64), np.float32)
+    await store.set_face("bob", StoredLatent(good, "tiny"))
+    bad = good.copy()
+    bad[3, 7] = np.nan
+    with pytest.raises(NonFiniteLatent):
+        await store.set_face("alice", StoredLatent(bad, "tiny"))
+    # written behind our back (an older version, a hand edit): the engine reads it and refuses it
+    await client.hset(store.keys.latent("alice"), mapping={**_pack(StoredLatent(good, "tiny")),
+                                                            "ws": bad.astype("<f4").tobytes()})
+    morph = Job(op="morph", user_id="bob", adapter="web", params={"a": "bob", "b": "alice", "frames": 4,
+                                                                 "names": {"alice": "@alice"}})
+    await queue.enqueue(morph)
+    [answer] = await _run_until_answered(worker, queue, 1)
+    assert answer["type"] == "failed"
+    assert answer["error"] == ("the stored face of @alice is damaged (it holds invalid numbers): "
+                               "send the photo again with /invert")
+    assert await store.result("bob", morph.job_id) is None
