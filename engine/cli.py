@@ -417,6 +417,7 @@ def cmd_engine(args: argparse.Namespace, cfg: Config) -> int:
     import logging
     import signal
 
+    from bot.logs import setup_logging
     from engine.registry import load_vgg
     from engine.worker import Worker, WorkerSettings
     from storage.connect import connect
@@ -424,7 +425,7 @@ def cmd_engine(args: argparse.Namespace, cfg: Config) -> int:
     from storage.latents import LatentStore
     from storage.queue import JobQueue
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     G, dev = open_model(cfg, args.model, args.device)
     vgg, warning = load_vgg(_cache(cfg), G)
     if warning:

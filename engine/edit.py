@@ -8,8 +8,10 @@ w0 + k (w - w0), one synthesis pass, no new optimisation.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +24,8 @@ import torch.nn.functional as F
 from engine.errors import StylebotError
 from engine.images import to_uint8
 from engine.optim import Preview, Progress, adam_step, lr_schedule, report
+
+log = logging.getLogger("stylebot.clip")
 
 TINY_CLIP = "stylebot-tiny-clip"    # a tiny open_clip architecture (engine/clip_configs/), random weights, for tests
 MAX_PROMPT_CHARS = 200
@@ -63,12 +67,13 @@ class ClipScorer:
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                self.model = open_clip.create_model(name, pretrained=pretrained or None, device=device)
+                with _open_clip_logs_as_ours():
+                    self.model = open_clip.create_model(name, pretrained=pretrained or None, device=device)
+                    self.tokenizer = open_clip.get_tokenizer(name)
         except RuntimeError as e:
             raise EditError(f"CLIP model {name} ({pretrained}) is not available: {str(e).splitlines()[0][:200]}. "
                             "With internet open_clip downloads it once into its cache; offline, use --clip tiny") from None
         self.model.eval().requires_grad_(False)
-        self.tokenizer = open_clip.get_tokenizer(name)
         self.name, self.pretrained = name, pretrained
         cfg = self.model.visual.preprocess_cfg
         self.size = self.model.visual.image_size
@@ -88,6 +93,26 @@ class ClipScorer:
         x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True)
         x = (x - self.mean) / self.std
         return F.normalize(self.model.encode_image(x).float(), dim=-1)
+
+
+class _RerouteRootRecords(logging.Filter):
+    """Records logged straight on the root logger (open_clip's `logging.info(...)`) go to ours at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        log.debug("open_clip: %s", record.getMessage())
+        return False
+
+
+@contextmanager
+def _open_clip_logs_as_ours():
+    """While open_clip builds a model: its chatter ("Model initialized randomly", which is what a tiny or not yet
+    loaded CLIP is) reaches our log at DEBUG instead of the terminal; we say what matters ourselves."""
+    f = _RerouteRootRecords()
+    logging.getLogger().addFilter(f)  # a logger's filters see only records logged on it, not propagated ones
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(f)
 
 
 def _check_reachable(name: str, pretrained: str | None, timeout: float = 3.0) -> None:

@@ -90,3 +90,28 @@ def test_uncached_clip_weights_fail_in_seconds_with_what_to_do(tmp_path, monkeyp
     assert time.monotonic() - t0 < 10
     assert str(e.value).startswith("CLIP model ViT-B-32 (openai) is not in open_clip's cache and 127.0.0.1 cannot")
     assert str(e.value).endswith("run once with internet to cache it, or use --clip tiny")
+
+
+def test_open_clip_chatter_stays_out_of_the_terminal():
+    """The engine logs our messages at INFO; building a CLIP must not add open_clip's INFO lines nor its warning
+    "No pretrained weights loaded ... initialized randomly" (for the tiny CLIP that is the point): they go to our
+    DEBUG log, shown with STYLEBOT_LOG_LEVEL=DEBUG."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("from bot.logs import setup_logging; setup_logging(); import logging; "
+            "logging.getLogger('stylebot.engine').info('engine ready'); "
+            "from engine.edit import TINY_CLIP, ClipScorer; ClipScorer(TINY_CLIP, None)")
+
+    def stderr(**env) -> list[str]:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                             env={**os.environ, **env})
+        assert run.returncode == 0, run.stderr
+        return run.stderr.strip().splitlines()
+
+    quiet = stderr()
+    assert len(quiet) == 1 and quiet[0].endswith("stylebot.engine engine ready"), quiet
+    assert any("open_clip: No pretrained weights loaded" in line for line in stderr(STYLEBOT_LOG_LEVEL="DEBUG"))
