@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,7 +41,7 @@ class Result:
     engine: str = ""                    # the engine process that made it (for logs, not for users)
     model: str = ""                     # the generator that made it, e.g. "ffhq-1024"
     actions: tuple[str, ...] = ()       # the reruns that apply (buttons to show), see `bot.core.RESULT_ACTIONS`
-    aligned: bytes = b""                # PNG: the aligned face crop a face result was made from
+    kind_of: str = ""                   # what the result shows: "face" | "edit" | "morph" ("" when unknown)
 
     @property
     def filename(self) -> str:
@@ -84,6 +85,7 @@ class EventPump:
         self.max_attempts = max_attempts
         self._last_progress: dict[str, float] = {}
         self._previews: dict[str, bytes] = {}   # newest preview of each running job
+        self._finished: OrderedDict[str, None] = OrderedDict()  # recently posted jobs (bounded)
         self._attempts: dict[str, int] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -103,7 +105,7 @@ class EventPump:
         latest_progress: dict[str, tuple[str, dict]] = {}
         done = 0
         for entry_id, event in events:
-            if event["type"] == "progress" and event.get("preview"):
+            if event["type"] == "progress" and event.get("preview") and event["job_id"] not in self._finished:
                 self._previews[event["job_id"]] = event["preview"]
                 event["new_preview"] = True
             if event["type"] == "progress":
@@ -115,12 +117,16 @@ class EventPump:
                     done += 1
                 latest_progress[event["job_id"]] = (entry_id, event)
                 continue
-            latest_progress.pop(event["job_id"], (None,))
+            superseded = latest_progress.pop(event["job_id"], None)
+            if superseded is not None:  # progress read with its result: shown never, acknowledged now
+                await self.core.queue.ack_event(self.platform.name, superseded[0])
+                done += 1
             if await self._post_result(event):
                 await self.core.queue.ack_event(self.platform.name, entry_id)
                 done += 1
         for entry_id, event in latest_progress.values():
-            await self._show_progress(event)
+            if event["job_id"] not in self._finished:  # progress that arrives after its result is not shown
+                await self._show_progress(event)
             await self.core.queue.ack_event(self.platform.name, entry_id)
             done += 1
         if events and not done:
@@ -150,6 +156,9 @@ class EventPump:
         job_id = event["job_id"]
         self._last_progress.pop(job_id, None)
         self._previews.pop(job_id, None)
+        self._finished[job_id] = None
+        while len(self._finished) > 1000:
+            self._finished.popitem(last=False)
         origin = await self.core.origin(event["user_id"], job_id)
         if origin is None:  # the user said /forget, or the origin expired: nobody to answer
             return True
@@ -157,7 +166,7 @@ class EventPump:
         result = Result(job_id, event["user_id"], ok, event.get("text", "") if ok else event.get("error", "failed"),
                         kind=event.get("kind", "") if ok else "", payload=event.get("payload", b"") if ok else b"",
                         result_id=event.get("result_id") if ok else None, engine=event.get("engine", ""),
-                        model=event.get("model", ""), aligned=event.get("aligned", b"") if ok else b"",
+                        model=event.get("model", ""), kind_of=event.get("result_kind", "") if ok else "",
                         actions=result_actions(event.get("result_kind")) if ok and event.get("result_id") else ())
         try:
             ref = await self.platform.show_result(origin, result)

@@ -60,7 +60,7 @@ class QueueConfig:
 @dataclass(frozen=True)
 class LimitsConfig:
     max_photo_bytes: int = 15728640     # 15 MiB; bigger uploads are refused before they are read whole
-    max_photo_pixels: int = 40000000    # width x height, read from the header before decoding
+    max_photo_pixels: int = 64000000    # width x height, read from the header (a 50 MP phone photo fits)
     max_frames: int = 120               # most frames a /morph may ask for
     default_frames: int = 24            # frames when /morph names none
     max_jobs_per_user: int = 3          # queued + running per user

@@ -174,6 +174,10 @@ class BotCore:
         await self.queue.r.set(self.keys.message(adapter, message_ref), f"{user_id} {result_id}",
                                ex=self.chat.result_ttl_s)
 
+    async def aligned_crop(self, user_id: str, result_id: str | None) -> bytes | None:
+        """PNG of the aligned face crop behind a face result (kept with it for refines), or None."""
+        return await self.queue.r.get(self.keys.target(user_id, result_id)) if result_id else None
+
     async def result_at(self, adapter: str, message_ref: str) -> tuple[str, str] | None:
         """(owner user id, result id) of the result a message shows, or None."""
         raw = await self.queue.r.get(self.keys.message(adapter, message_ref))

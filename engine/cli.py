@@ -19,7 +19,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                    "generate.py); several seeds are tiled into one grid image.")
     p.add_argument("--model", help=f"model name (see `{command('weights list')}`); default: config [engine] model")
     seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=None, help="one seed (default 0)")
+    seeds.add_argument("--seed", type=seed_number, default=None, help="one seed (default 0)")
     seeds.add_argument("--seeds", type=parse_seeds, help="several seeds for a grid, e.g. 1-8 or 1,4,9-12")
     p.add_argument("--truncation", type=finite_float, default=None, metavar="PSI",
                    help="truncation psi (default: the model's; 1 = off for StyleGAN2, 0.7 for StyleGAN1 as the "
@@ -56,7 +56,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-pingpong", action="store_true", help="do not play back from B to A")
     p.add_argument("--layers", choices=["all", "coarse", "middle", "fine"], default="all",
                    help="morph only these layers (style mixing); default all")
-    p.add_argument("--fps", type=positive_float, default=12)
+    p.add_argument("--fps", type=frame_rate, default=12, help="frames per second (0.5 to 50; default 12)")
     p.add_argument("--max-mib", type=positive_float, default=10.0,
                    help="size budget; frames shrink to fit (default 10)")
     p.add_argument("--model", help="model name; default: the latents' model")
@@ -130,12 +130,30 @@ def parse_seeds(text: str) -> list[int]:
     try:
         for part in text.split(","):
             lo, _, hi = part.strip().partition("-")
-            seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+            run = range(int(lo), int(hi) + 1) if hi else range(int(lo), int(lo) + 1)
+            if len(seeds) + len(run) > 256:
+                raise argparse.ArgumentTypeError("give between 1 and 256 seeds")
+            seeds.extend(valid_seed(s) for s in run)
     except ValueError:
         raise argparse.ArgumentTypeError(f"seeds must look like 1-8 or 1,4,9-12, got {text!r}") from None
-    if not seeds or len(seeds) > 256:
+    if not seeds:
         raise argparse.ArgumentTypeError("give between 1 and 256 seeds")
     return seeds
+
+
+def seed_number(text: str) -> int:
+    """argparse type: a seed for NumPy's RandomState, 0 to 2**32 - 1."""
+    try:
+        return valid_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number, got {text!r}") from None
+
+
+def valid_seed(n: int) -> int:
+    """`n` when NumPy's RandomState takes it as a seed, else an argparse error."""
+    if not 0 <= n < 2**32:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number from 0 to {2**32 - 1}, got {n}")
+    return n
 
 
 def positive_int(text: str) -> int:
@@ -168,6 +186,14 @@ def positive_float(text: str) -> float:
     return x
 
 
+def frame_rate(text: str) -> float:
+    """argparse type: frames per second a GIF and an MP4 can both hold (a GIF frame lasts 10 ms to 655 s)."""
+    x = finite_float(text)
+    if not 0.5 <= x <= 50:
+        raise argparse.ArgumentTypeError(f"frames per second go from 0.5 to 50, got {text}")
+    return x
+
+
 def check_writable(path: Path | None, suffixes: tuple[str, ...] = (), hint: str = "") -> None:
     """Refuse, before any work, an output path that cannot be written; its folder is made when it can be.
     `suffixes`: the endings allowed (any when empty), `hint`: what to say about another ending."""
@@ -189,11 +215,11 @@ def check_writable(path: Path | None, suffixes: tuple[str, ...] = (), hint: str 
 
 
 def check_image_out(path: Path | None) -> None:
-    """check_writable for an image: a name PIL knows how to write (.png, .jpg, ...)."""
-    from PIL import Image
+    """check_writable for an image: a name ending in one of IMAGE_SUFFIXES."""
+    check_writable(path, IMAGE_SUFFIXES, "end the image's file name with .png or .jpg")
 
-    formats = tuple(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE)
-    check_writable(path, formats, "end the image's file name with .png or .jpg")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # RGB formats PIL always writes
 
 
 def check_latent_out(path: Path | None) -> None:

