@@ -1,0 +1,191 @@
+"""Continuous batching for the latent optimisations: a pool of inversions and edits that share one synthesis
+forward and one backward per tick, where every row is one job with its own target, step counter, learning-rate
+schedule and Adam moments (`engine.pool.RowAdam`), and rows join and leave at any tick.
+
+`OptimisationPool` is pure (no I/O, no queue): the worker admits jobs with `add_inversion` / `add_edit`, calls
+`tick()` in a thread, and stores what `tick` reports finished. A row alone follows exactly the steps of `invert()`
+or `edit()` (same losses, same schedules, same Adam); in a pool its latent differs from its lone run only by the
+rounding of sums taken over another batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.edit import EDIT_RECIPES, ClipScorer, check_prompt
+from engine.edit import learning_rate as edit_learning_rate
+from engine.images import from_uint8, to_uint8
+from engine.invert import RECIPES, learning_rate, psnr
+from engine.perceptual import image2stylegan_loss, lpips_like_loss, resize
+from engine.pool import RowAdam
+
+
+@dataclass
+class Row:
+    """One optimisation in the pool."""
+
+    key: Any                            # the caller's handle (the worker's job)
+    kind: str                           # "invert" | "edit"
+    total: int                          # steps to run
+    step: int = 0                       # steps done
+    losses: list[float] = field(default_factory=list)
+    target: torch.Tensor | None = None  # invert: [1, 3, R, R] in [-1, 1]
+    target_feats: list[torch.Tensor] = field(default_factory=list)  # invert: VGG features of the target
+    w0: torch.Tensor | None = None      # edit: [1, num_ws, w_dim], the L2 anchor
+    text: torch.Tensor | None = None    # edit: [1, D] normalised CLIP text embedding
+    prompt: str = ""
+
+
+@dataclass
+class Finished:
+    """A row that left the pool: its latent and rendering, or the reason it failed."""
+
+    key: Any
+    kind: str
+    steps: int
+    ws: torch.Tensor | None = None      # [num_ws, w_dim] on the CPU
+    image: np.ndarray | None = None     # uint8 [R, R, 3]
+    losses: np.ndarray | None = None    # [steps]
+    psnr: float | None = None           # invert: reconstruction vs target
+    similarity: float | None = None     # edit: CLIP cosine similarity image <-> prompt
+    w0: torch.Tensor | None = None      # edit: the start latent, [num_ws, w_dim] on the CPU
+    error: str | None = None
+
+
+@dataclass
+class TickReport:
+    progress: list[tuple[Any, int, int, float]] = field(default_factory=list)       # (key, step, total, loss)
+    previews: list[tuple[Any, int, int, np.ndarray]] = field(default_factory=list)  # (key, step, total, uint8 image)
+    finished: list[Finished] = field(default_factory=list)
+
+
+class OptimisationPool:
+    """Inversions (Image2StyleGAN-style recipe `invert_recipe`) and StyleCLIP edits in one continuous batch."""
+
+    def __init__(self, G, *, vgg=None, clip: ClipScorer | None = None, invert_recipe: str = "default",
+                 edit_recipe: str = "default", preview_every: int = 100):
+        self.G, self.vgg, self.clip = G, vgg, clip
+        self.recipe, self.edit_recipe = RECIPES[invert_recipe], EDIT_RECIPES[edit_recipe]
+        if self.recipe.w_only_fraction:
+            raise ValueError("the pool optimises W+ rows; a recipe with a W stage runs with invert()")
+        self.preview_every = preview_every
+        self.device = G.mapping.w_avg.device
+        self.adam = RowAdam((G.num_ws, G.w_dim), device=self.device)
+        self.rows: list[Row] = []
+        res = G.img_resolution
+        self.vgg_size = min(self.recipe.vgg_size, res) if res < self.recipe.vgg_size else self.recipe.vgg_size
+        self.layers = list(self.recipe.layers)
+        self.feature_loss = image2stylegan_loss if self.recipe.loss == "image2stylegan" else lpips_like_loss
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add_inversion(self, key: Any, target: np.ndarray, *, steps: int | None = None,
+                      init_ws: torch.Tensor | None = None) -> None:
+        """Join an inversion of `target` (uint8 [R, R, 3], aligned at the model's resolution)."""
+        t = from_uint8(target, self.device)
+        if t.shape[-1] != self.G.img_resolution or t.shape[0] != 1:
+            raise ValueError(f"an inversion target is one {self.G.img_resolution} px image, got {tuple(t.shape)}")
+        with torch.no_grad():
+            feats = self.vgg.to(self.device)(resize(t, self.vgg_size), self.layers)
+        if init_ws is None:
+            base = (torch.zeros([self.G.w_dim], device=self.device) if self.recipe.init == "zeros"
+                    else self.G.mapping.w_avg)
+            init_ws = base.reshape(1, -1).repeat(self.G.num_ws, 1)
+        self._join(Row(key, "invert", steps or self.recipe.steps, target=t, target_feats=feats), init_ws)
+
+    def add_edit(self, key: Any, w0: torch.Tensor, prompt: str, *, steps: int | None = None,
+                 init_ws: torch.Tensor | None = None) -> None:
+        """Join an edit of `w0` ([num_ws, w_dim]) toward `prompt`; `init_ws` to go on from an earlier edit."""
+        w0 = w0.to(self.device, torch.float32).reshape(1, self.G.num_ws, self.G.w_dim)
+        text = self.clip.encode_text([check_prompt(prompt)])
+        row = Row(key, "edit", steps or self.edit_recipe.steps, w0=w0, text=text, prompt=prompt)
+        self._join(row, w0[0] if init_ws is None else init_ws)
+
+    def _join(self, row: Row, start: torch.Tensor) -> None:
+        self.adam.add(start.to(self.device, torch.float32).reshape(self.G.num_ws, self.G.w_dim))
+        self.rows.append(row)
+
+    def drop(self, key: Any) -> bool:
+        """Take a row out without finishing it (its job was cancelled); True if it was there."""
+        for i, row in enumerate(self.rows):
+            if row.key is key:
+                self.adam.remove(i)
+                del self.rows[i]
+                return True
+        return False
+
+    def _lr(self, row: Row) -> float:
+        if row.kind == "invert":
+            return learning_rate(row.step, row.total, self.recipe)
+        return edit_learning_rate(row.step, row.total, self.edit_recipe.lr)
+
+    def tick(self) -> TickReport:
+        """One step for every row: one synthesis forward, each row's own loss, one backward, one Adam update per
+        row. Rows that have done their steps (or whose loss is not finite) leave the pool, rendered."""
+        report = TickReport()
+        if not self.rows:
+            return report
+        ws = self.adam.params.clone().requires_grad_(True)
+        img = self.G.synthesis(ws, noise_mode="const")
+        per_row = self._losses(ws, img)
+        per_row.sum().backward()
+        grad = torch.nan_to_num(ws.grad, nan=0.0, posinf=0.0, neginf=0.0)  # a broken row must not spoil others
+        self.adam.step(grad, [self._lr(row) for row in self.rows])
+        losses = per_row.detach().cpu().tolist()
+        done: list[int] = []
+        for i, (row, loss) in enumerate(zip(self.rows, losses)):
+            row.step += 1
+            row.losses.append(loss)
+            report.progress.append((row.key, row.step, row.total, loss))
+            if row.step % self.preview_every == 0 and row.step < row.total:
+                report.previews.append((row.key, row.step, row.total, to_uint8(img[i:i + 1].detach())[0]))
+            if row.step >= row.total or not np.isfinite(loss):
+                done.append(i)
+        for i in reversed(done):
+            report.finished.append(self._finish(i))
+        report.finished.reverse()
+        return report
+
+    def _losses(self, ws: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        """[rows] each row's own loss: the recipe's pixel + VGG loss for inversions, CLIP + L2 for edits."""
+        parts, where = [], []
+        inv = [i for i, row in enumerate(self.rows) if row.kind == "invert"]
+        if inv:
+            rows = [self.rows[i] for i in inv]
+            im = img[inv]
+            target = torch.cat([r.target for r in rows])
+            feats = [torch.cat(f) for f in zip(*(r.target_feats for r in rows))]
+            loss = (im - target).square().flatten(1).mean(1) * self.recipe.pixel_weight
+            parts.append(loss + self.feature_loss(self.vgg, im, feats, self.vgg_size, self.layers))
+            where += inv
+        ed = [i for i, row in enumerate(self.rows) if row.kind == "edit"]
+        if ed:
+            rows = [self.rows[i] for i in ed]
+            text, w0 = torch.cat([r.text for r in rows]), torch.cat([r.w0 for r in rows])
+            sim = (self.clip.encode_image(img[ed]) * text).sum(-1)
+            parts.append((1 - sim) + self.edit_recipe.l2 * (ws[ed] - w0).square().flatten(1).sum(1))
+            where += ed
+        order = torch.tensor(where, device=img.device)
+        return torch.empty(len(self.rows), device=img.device).index_copy(0, order, torch.cat(parts))
+
+    def _finish(self, i: int) -> Finished:
+        row = self.rows.pop(i)
+        ws = self.adam.remove(i)[None]
+        out = Finished(row.key, row.kind, row.step, losses=np.asarray(row.losses, dtype=np.float32))
+        if not torch.isfinite(ws).all() or not np.isfinite(row.losses[-1]):
+            out.error = "the optimisation went wrong on this one (its numbers blew up); please send it again"
+            return out
+        with torch.no_grad():
+            img = self.G.synthesis(ws, noise_mode="const")
+            out.ws, out.image = ws[0].cpu(), to_uint8(img)[0]
+            if row.kind == "invert":
+                out.psnr = psnr(out.image, to_uint8(row.target)[0])
+            else:
+                out.similarity = (self.clip.encode_image(img) * row.text).sum(-1).item()
+                out.w0 = row.w0[0].cpu()
+        return out
