@@ -26,6 +26,15 @@ class ConfigError(StylebotError, ValueError):
 class EngineConfig:
     device: str = "auto"                # auto | cpu | cuda
     model: str = "auto"                 # auto (ffhq-1024 on a GPU, ffhq-256 on a CPU, if downloaded; else tiny) | name
+    scheduler: str = "continuous"       # continuous (a pool of optimisations stepped together) | static (batches)
+    max_active: int = 8                 # continuous: optimisations in the pool at once
+    drain_s: float = 30.0               # continuous: on SIGTERM, jobs that end within this are finished
+
+    def __post_init__(self):
+        if self.scheduler not in ("continuous", "static"):
+            raise ConfigError(f"[engine] scheduler must be \"continuous\" or \"static\", got {self.scheduler!r}")
+        if self.max_active < 1 or self.drain_s < 0:
+            raise ConfigError("[engine] max_active must be at least 1 and drain_s at least 0")
 
 
 @dataclass(frozen=True)

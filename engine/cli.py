@@ -81,8 +81,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_edit)
 
     p = sub.add_parser("engine", help="run the engine worker: take jobs from the Redis queue until stopped",
-                       description="Load the model once, then claim, run, store and acknowledge jobs. SIGTERM or "
-                                   "Ctrl-C finishes the batch in hand and exits 0. Run one per GPU.")
+                       description="Load the model once, then claim, run, store and acknowledge jobs ([engine] "
+                                   "scheduler: continuous batching by default). SIGTERM or Ctrl-C stops taking "
+                                   "jobs, finishes those that end within [engine] drain_s, leaves the rest for "
+                                   "another engine and exits 0. Run one per GPU.")
     p.add_argument("--model", help="model name; default: config [engine] model")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
     p.add_argument("--name", default="", help="consumer name in the queue (default host:pid)")
@@ -463,7 +465,8 @@ def cmd_engine(args: argparse.Namespace, cfg: Config) -> int:
     def clip_factory():
         return ClipScorer(clip_name, cfg.edit.clip_pretrained, device=dev)
 
-    settings = WorkerSettings(name=args.name, batch_size=cfg.queue.batch_size,
+    settings = WorkerSettings(name=args.name, batch_size=cfg.queue.batch_size, scheduler=cfg.engine.scheduler,
+                              max_active=cfg.engine.max_active, drain_s=cfg.engine.drain_s,
                               heartbeat_ttl_s=cfg.queue.heartbeat_ttl_s, invert_steps=args.invert_steps)
 
     async def serve() -> None:

@@ -1,8 +1,14 @@
 """The engine worker (`stylebot engine`): a thin loop over the job queue.
 
-Claim a batch, group jobs that can share a forward pass (same operation and settings), run them in a thread (so the
-heartbeat keeps beating), store each result, then acknowledge it: a job is acknowledged only after its result is
-stored, and `JobQueue.finish` stores it at most once, so a job reclaimed after a crash is posted once.
+The default scheduler is continuous batching: optimisations (invert, refine, edit) are rows of one
+`OptimisationPool`; every tick runs one step for all of them in a thread, rows join as jobs are claimed and leave
+as they finish (stored, acknowledged and posted at once), and one-pass jobs (stronger / weaker, morph) run between
+ticks, so they never wait for an optimisation. Whatever fails for one job (its photo, its latent, a loss that blows
+up) fails that job alone with its reason. `scheduler = "static"` keeps the older loop (claim a batch, run each group
+of alike jobs to the end) for comparison.
+
+Either way a job is acknowledged only after its result is stored, and `JobQueue.finish` stores it at most once, so
+a job reclaimed after a crash is posted once; every job this engine holds stays claimed (touched) until then.
 Several engines (one per GPU, any machines) share one queue through its consumer group with no other coordination.
 """
 
@@ -14,11 +20,12 @@ import logging
 import os
 import socket
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import redis.exceptions as redis
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -46,6 +53,9 @@ class WorkerSettings:
     progress_every: int = 25            # steps between progress events
     preview_every: int = 100            # steps between low-resolution previews
     preview_size: int = 64              # preview side in pixels
+    scheduler: str = "continuous"       # "continuous" (a pool of rows, stepped together) | "static" (batch to end)
+    max_active: int = 8                 # continuous: optimisations in the pool at once
+    drain_s: float = 30.0               # continuous: on stop, rows that end within this are finished, others left
 
 
 class Worker:
@@ -56,16 +66,25 @@ class Worker:
         self.settings = settings
         self.name = settings.name or f"{socket.gethostname()}:{os.getpid()}"
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.claimed: dict[str, Job] = {}   # continuous: every job this engine holds and has not answered yet
 
     async def heartbeat(self) -> None:
         await self.queue.r.set(self.queue.keys.heartbeat(self.name),
                                f"{self.G.model_id} {time.time():.0f}", ex=self.settings.heartbeat_ttl_s)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Until `stop` is set: claim, run, store, acknowledge. A batch in flight is finished before returning."""
+        """Until `stop` is set: claim, run, store, acknowledge (see the module's docstring for the two schedulers)."""
         self.loop = asyncio.get_running_loop()
         await self.queue.ensure_groups()
-        log.info("engine %s serving %s", self.name, self.G.model_id)
+        log.info("engine %s serving %s (%s scheduler)", self.name, self.G.model_id, self.settings.scheduler)
+        if self.settings.scheduler == "continuous":
+            await ContinuousLoop(self).run(stop)
+        else:
+            await self._run_static(stop)
+        await self.queue.r.delete(self.queue.keys.heartbeat(self.name))
+
+    async def _run_static(self, stop: asyncio.Event) -> None:
+        """Claim a batch, run each group of alike jobs to its end; a batch in flight is finished before returning."""
         while not stop.is_set():
             await self.heartbeat()
             jobs, exhausted = await self.queue.claim(self.name, self.settings.batch_size, block_ms=500)
@@ -77,14 +96,15 @@ class Worker:
                     await self.run_group(group)
                 finally:
                     beat.cancel()
-        await self.queue.r.delete(self.queue.keys.heartbeat(self.name))
 
     async def _finish(self, job: Job, event: dict, payload: bytes = b"") -> None:
         """Store and post a result: `event["result_kind"]` says what it shows ("face", "edit" or "morph")."""
         await self.queue.finish(job, {"model": self.G.model_id, **event}, payload=payload, engine=self.name)
+        self.claimed.pop(job.job_id, None)
 
     async def _fail(self, job: Job, reason: str) -> None:
         await self.queue.fail(job, reason, engine=self.name)
+        self.claimed.pop(job.job_id, None)
 
     async def _beat_while_busy(self, jobs: list[Job]) -> None:
         """Heartbeat, and keep this batch's jobs claimed (their idle time reset) while they run."""
@@ -134,10 +154,7 @@ class Worker:
 
         def preview(step: int, images: np.ndarray) -> None:
             for job, image in zip(jobs, images):
-                small = Image.fromarray(image).resize((size, size), Image.BILINEAR)
-                buf = io.BytesIO()
-                small.save(buf, "JPEG", quality=80)
-                asyncio.run_coroutine_threadsafe(self.queue.progress(job, step, total, preview=buf.getvalue(),
+                asyncio.run_coroutine_threadsafe(self.queue.progress(job, step, total, preview=_jpeg(image, size),
                                                                      eta_s=eta(step, total)), self.loop)
         return progress, preview
 
@@ -245,14 +262,8 @@ class Worker:
         result = await asyncio.to_thread(edit, self.G, self._clip, w0, prompts, steps=self.settings.edit_steps,
                                          progress=progress, preview=preview, preview_every=self.settings.preview_every)
         for i, (job, _) in enumerate(ready):
-            if await self._diverged(job, result.ws[i]):
-                continue
-            meta = {"op": "edit", "prompt": prompts[i], "strength": 1.0,
-                    "redo": {"op": "edit", "params": {"prompt": prompts[i]}}}
-            await self.store.set_result(job.user_id, job.job_id, StoredLatent(result.ws[i].numpy(), self.G.model_id,
-                                                                              meta=meta, w0=result.w0[i].numpy()))
-            await self._finish(job, {"text": f"edited: {prompts[i]}", "kind": "image", "result_id": job.job_id,
-                                     "result_kind": "edit"}, payload=_png(result.images[i]))
+            await self._store_edit(job, result.ws[i], result.w0[i], result.images[i], edit_meta(prompts[i]),
+                                   f"edited: {prompts[i]}")
 
     async def _restyle(self, job: Job) -> None:
         lat = await self._latent(job, job.user_id, job.params["result_id"])
@@ -273,33 +284,60 @@ class Worker:
                                  "kind": "image", "result_id": job.job_id, "result_kind": "edit"},
                            payload=_png(images[0]))
 
-    async def _refine(self, job: Job) -> None:
-        """More optimisation steps for an inversion (against its kept aligned crop) or an edit (same prompt)."""
-        restart = bool(job.params.get("restart"))
-        result_id = job.params["result_id"]
+    async def _refine_start(self, job: Job) -> tuple[StoredLatent, np.ndarray | None] | None:
+        """What a refine goes on from: the stored result and, for an inversion, its aligned crop at this model's
+        resolution; None after failing the job with the reason."""
+        restart, result_id = bool(job.params.get("restart")), job.params["result_id"]
         if restart:  # a redo of an inversion: from scratch, on whatever model the engine runs now
             lat = await self.store.result(job.user_id, result_id)
             if lat is None:
                 await self._fail(job, "that result has expired; send the photo again with /invert")
-                return
+                return None
         else:
             lat = await self._latent(job, job.user_id, result_id)
             if lat is None:
-                return
-        op = lat.meta.get("op")
+                return None
+        if lat.meta.get("op") == "edit" and lat.w0 is not None:
+            return lat, None
+        if lat.meta.get("op") != "invert":
+            await self._fail(job, "only faces and edits can be refined")
+            return None
+        png = await self.queue.r.get(self.queue.keys.target(job.user_id, result_id))
+        if png is None:
+            await self._fail(job, "the face behind that result has expired; send the photo again with /invert")
+            return None
+        target = Image.open(io.BytesIO(png)).convert("RGB")
+        res = self.G.img_resolution
+        if target.size != (res, res):  # the same FFHQ crop, at this model's resolution
+            target = target.resize((res, res), Image.LANCZOS)
+        return lat, np.asarray(target)
+
+    def _refine_steps(self, op: str, restart: bool = False) -> int:
+        """Steps of a refine: half the recipe's (`refine_fraction`), or the whole recipe for a redo."""
         if op == "invert":
-            png = await self.queue.r.get(self.queue.keys.target(job.user_id, result_id))
-            if png is None:
-                await self._fail(job, "the face behind that result has expired; send the photo again with /invert")
-                return
-            target = Image.open(io.BytesIO(png)).convert("RGB")
-            res = self.G.img_resolution
-            if target.size != (res, res):  # the same FFHQ crop, at this model's resolution
-                target = target.resize((res, res), Image.LANCZOS)
-            target = np.asarray(target)
             steps = self.settings.invert_steps or RECIPES["default"].steps
-            if not restart:
-                steps = max(1, int(steps * self.settings.refine_fraction))
+            return steps if restart else max(1, int(steps * self.settings.refine_fraction))
+        return max(1, int((self.settings.edit_steps or EDIT_RECIPES["default"].steps) * self.settings.refine_fraction))
+
+    async def _store_edit(self, job: Job, ws: torch.Tensor, w0: torch.Tensor, image: np.ndarray, meta: dict,
+                          text: str) -> None:
+        """An edit's result: a rerunnable result (with its start latent, for stronger / weaker) and the reply."""
+        if await self._diverged(job, ws):
+            return
+        await self.store.set_result(job.user_id, job.job_id, StoredLatent(ws.numpy(), self.G.model_id, meta=meta,
+                                                                          w0=w0.numpy()))
+        await self._finish(job, {"text": text, "kind": "image", "result_id": job.job_id, "result_kind": "edit"},
+                           payload=_png(image))
+
+    async def _refine(self, job: Job) -> None:
+        """More optimisation steps for an inversion (against its kept aligned crop) or an edit (same prompt)."""
+        restart = bool(job.params.get("restart"))
+        start = await self._refine_start(job)
+        if start is None:
+            return
+        lat, target = start
+        if target is not None:
+            steps = self._refine_steps("invert", restart)
             progress, preview = self._reporters([job], steps)
             result = await asyncio.to_thread(
                 invert, self.G, self.vgg, target[None], steps=steps,
@@ -309,26 +347,24 @@ class Worker:
             await self._store_face(job, target, result.ws[0], result.images[0], result.psnr[0],
                                    int(lat.meta.get("steps", 0)) * (not restart) + steps, lat.meta.get("warnings", []),
                                    refined)
-        elif op == "edit" and lat.w0 is not None:
+        else:
             if self._clip is None:
                 self._clip = await asyncio.to_thread(self.clip_factory)
-            steps = max(1, int((self.settings.edit_steps or EDIT_RECIPES["default"].steps)
-                               * self.settings.refine_fraction))
+            steps = self._refine_steps("edit")
             prompt = lat.meta["prompt"]
             progress, preview = self._reporters([job], steps)
             result = await asyncio.to_thread(edit, self.G, self._clip, torch.from_numpy(lat.w0)[None], [prompt],
                                              steps=steps, init_ws=torch.from_numpy(lat.ws)[None],
                                              progress=progress, preview=preview,
                                              preview_every=self.settings.preview_every)
-            if await self._diverged(job, result.ws):
-                return
             meta = dict(lat.meta, refined=int(lat.meta.get("refined", 0)) + 1)
-            await self.store.set_result(job.user_id, job.job_id, StoredLatent(result.ws[0].numpy(), self.G.model_id,
-                                                                              meta=meta, w0=lat.w0))
-            await self._finish(job, {"text": f"edited: {prompt} (refined {meta['refined']}x)", "kind": "image",
-                                     "result_id": job.job_id, "result_kind": "edit"}, payload=_png(result.images[0]))
-        else:
-            await self._fail(job, "only faces and edits can be refined")
+            await self._store_edit(job, result.ws[0], torch.from_numpy(lat.w0), result.images[0], meta,
+                                   f"edited: {prompt} (refined {meta['refined']}x)")
+
+
+def edit_meta(prompt: str) -> dict:
+    """What a new edit's result keeps: its prompt (for refines), strength 1, and how to redo it."""
+    return {"op": "edit", "prompt": prompt, "strength": 1.0, "redo": {"op": "edit", "params": {"prompt": prompt}}}
 
 
 def group_jobs(jobs: list[Job]) -> list[list[Job]]:
@@ -356,3 +392,204 @@ def _png(image: np.ndarray) -> bytes:
     Image.fromarray(image, "RGB").save(buf, "PNG")
     return buf.getvalue()
 
+
+
+ONE_PASS = ("restyle", "morph")     # jobs that run between ticks, never in the pool
+
+
+class ContinuousLoop:
+    """The continuous-batching scheduler of one `Worker` (see the module's docstring)."""
+
+    def __init__(self, worker: Worker):
+        from engine.scheduler import OptimisationPool
+
+        self.w, s = worker, worker.settings
+        self.pool = OptimisationPool(worker.G, vgg=worker.vgg, clip=worker._clip, preview_every=s.preview_every)
+        self.backlog: deque[Job] = deque()  # claimed optimisations waiting for a row
+        self.context: dict[str, dict] = {}  # job id -> what storing its result needs
+        self.tick_s: float | None = None    # moving average of a tick's duration: the ETA's step time
+        self.last_claim = 0.0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        keeper = asyncio.create_task(self._keep_claimed())
+        try:
+            while not stop.is_set():
+                try:
+                    await self._claim()
+                    await self._admit()
+                    if len(self.pool):
+                        await self._tick()
+                except (redis.ConnectionError, redis.TimeoutError) as e:  # Redis restarting: jobs stay claimed
+                    log.warning("Redis is not answering (%s); retrying", e)
+                    await asyncio.sleep(1)
+            await self._drain()
+        finally:
+            keeper.cancel()
+
+    async def _keep_claimed(self) -> None:
+        """Heartbeat, and keep every job this engine holds claimed (waiting or running), so none is taken over."""
+        w = self.w
+        while True:
+            try:
+                await w.heartbeat()
+                await w.queue.touch(w.name, list(w.claimed.values()))
+            except redis.RedisError as e:
+                log.warning("heartbeat failed (%s)", e)
+            await asyncio.sleep(min(w.settings.heartbeat_ttl_s, w.queue.reclaim_idle_ms / 1000) / 3)
+
+    async def _claim(self) -> None:
+        """Take new jobs while there is room (at most every 0.1 s while busy); run one-pass jobs at once."""
+        w, s = self.w, self.w.settings
+        room = s.max_active - len(self.pool) - len(self.backlog)
+        if room <= 0:  # full: still take one at a time (up to max_active waiting), so that a stronger / weaker
+            room = 1 if len(self.backlog) < s.max_active else 0  # behind queued inversions is not stuck there
+        busy = len(self.pool) > 0
+        if room <= 0 or (busy and time.monotonic() - self.last_claim < 0.1):
+            return
+        self.last_claim = time.monotonic()
+        jobs, exhausted = await w.queue.claim(w.name, room, block_ms=None if busy else 500)
+        for job in exhausted:
+            await w._fail(job, "this job failed on the engine several times; try another photo or prompt")
+        for job in jobs:
+            w.claimed[job.job_id] = job
+        for job in jobs:
+            if job.op in ONE_PASS:
+                await self._one_pass(job)
+            else:
+                self.backlog.append(job)
+
+    async def _one_pass(self, job: Job) -> None:
+        """stronger / weaker / morph: between ticks, failing alone."""
+        try:
+            await (self.w._restyle(job) if job.op == "restyle" else self.w._morph(job))
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
+        except Exception:  # noqa: BLE001 - this job's problem, not the engine's
+            log.exception("%s job %s failed", job.op, job.job_id)
+            await self.w._fail(job, "something went wrong on the engine with this one; please send it again")
+
+    async def _admit(self) -> None:
+        """Backlog jobs into the pool while it has room; each one's preparation fails it alone."""
+        while self.backlog and len(self.pool) < self.w.settings.max_active:
+            job = self.backlog.popleft()
+            try:
+                await self._prepare(job)
+            except (redis.ConnectionError, redis.TimeoutError):
+                self.backlog.appendleft(job)
+                raise
+            except StylebotError as e:
+                await self.w._fail(job, str(e))
+            except Exception:  # noqa: BLE001 - this job's problem, not the engine's
+                log.exception("%s job %s could not start", job.op, job.job_id)
+                await self.w._fail(job, "something went wrong on the engine with this one; please send it again")
+
+    async def _clip(self):
+        w = self.w
+        if w._clip is None:
+            w._clip = await asyncio.to_thread(w.clip_factory)
+        self.pool.clip = w._clip
+
+    async def _prepare(self, job: Job) -> None:
+        """Turn a claimed optimisation into a row (or fail it with the reason)."""
+        w, s = self.w, self.w.settings
+        if job.op == "invert":
+            face = await asyncio.to_thread(_align_photo, await w.queue.photo(job), w.G.img_resolution)
+            steps = s.invert_steps or RECIPES["default"].steps
+            self.pool.add_inversion(job, face.image, steps=steps)
+            self.context[job.job_id] = {"target": face.image, "steps": steps, "warnings": face.warnings}
+        elif job.op == "edit":
+            lat = await w._latent(job, job.user_id, job.params.get("result_id"))
+            if lat is None:
+                return
+            await self._clip()
+            prompt = job.params["prompt"]
+            steps = s.edit_steps or EDIT_RECIPES["default"].steps
+            self.pool.add_edit(job, torch.from_numpy(lat.ws), prompt, steps=steps)
+            self.context[job.job_id] = {"meta": edit_meta(prompt), "text": f"edited: {prompt}"}
+        elif job.op == "refine":
+            restart = bool(job.params.get("restart"))
+            start = await w._refine_start(job)
+            if start is None:
+                return
+            lat, target = start
+            if target is not None:
+                steps = w._refine_steps("invert", restart)
+                self.pool.add_inversion(job, target, steps=steps,
+                                        init_ws=None if restart else torch.from_numpy(lat.ws))
+                self.context[job.job_id] = {
+                    "target": target, "warnings": lat.meta.get("warnings", []),
+                    "steps": int(lat.meta.get("steps", 0)) * (not restart) + steps,
+                    "refined": 0 if restart else int(lat.meta.get("refined", 0)) + 1}
+            else:
+                await self._clip()
+                meta = dict(lat.meta, refined=int(lat.meta.get("refined", 0)) + 1)
+                self.pool.add_edit(job, torch.from_numpy(lat.w0), meta["prompt"], steps=w._refine_steps("edit"),
+                                   init_ws=torch.from_numpy(lat.ws))
+                self.context[job.job_id] = {"meta": meta, "text": f"edited: {meta['prompt']} "
+                                                                  f"(refined {meta['refined']}x)"}
+        else:
+            await w._fail(job, f"unknown operation {job.op!r}")
+            return
+        await w.queue.progress(job, 0, self.pool.rows[-1].total)  # "started": no longer "waiting behind N"
+
+    async def _tick(self) -> None:
+        """One step of every row (in a thread), then progress, previews, and the rows that finished."""
+        w, s = self.w, self.w.settings
+        started = time.monotonic()
+        try:
+            report = await asyncio.to_thread(self.pool.tick)
+        except Exception:  # noqa: BLE001 - the shared step broke (a bug, out of memory): the jobs go back
+            log.exception("a tick of %d rows failed; their jobs are left for a retry", len(self.pool))
+            for row in list(self.pool.rows):
+                self.pool.drop(row.key)
+                w.claimed.pop(row.key.job_id, None)  # no longer touched: reclaimed after reclaim_idle_s
+            return
+        took = time.monotonic() - started
+        self.tick_s = took if self.tick_s is None else 0.8 * self.tick_s + 0.2 * took
+        for job, step, total, _ in report.progress:
+            if step % s.progress_every == 0 and step < total:
+                await w.queue.progress(job, step, total, eta_s=self.tick_s * (total - step))
+        for job, step, total, image in report.previews:
+            await w.queue.progress(job, step, total, preview=_jpeg(image, s.preview_size),
+                                   eta_s=self.tick_s * (total - step))
+        for done in report.finished:
+            await self._store(done)
+
+    async def _store(self, done) -> None:
+        """A row that left the pool: its result stored, acknowledged and posted (or its failure)."""
+        job, ctx = done.key, self.context.pop(done.key.job_id, {})
+        if done.error:
+            await self.w._fail(job, done.error)
+        elif done.kind == "invert":
+            await self.w.queue.progress(job, done.steps, done.steps)
+            await self.w._store_face(job, ctx["target"], done.ws, done.image, done.psnr, ctx["steps"],
+                                     ctx["warnings"], ctx.get("refined", 0))
+        else:
+            await self.w.queue.progress(job, done.steps, done.steps)
+            await self.w._store_edit(job, done.ws, done.w0, done.image, ctx["meta"], ctx["text"])
+
+    async def _drain(self) -> None:
+        """Stopping: rows that end within `drain_s` (at the measured tick rate) are finished; the rest, and the
+        backlog, are left unacknowledged for another engine (reclaimed after `reclaim_idle_s`)."""
+        w, deadline = self.w, time.monotonic() + self.w.settings.drain_s
+        step_s = self.tick_s or 0.0
+        for job in list(self.backlog):
+            w.claimed.pop(job.job_id, None)
+        self.backlog.clear()
+        for row in list(self.pool.rows):
+            if step_s * (row.total - row.step) > w.settings.drain_s:
+                self.pool.drop(row.key)
+                w.claimed.pop(row.key.job_id, None)
+        if len(self.pool):
+            log.info("finishing %d job(s) before stopping", len(self.pool))
+        while len(self.pool) and time.monotonic() < deadline:
+            await self._tick()
+        for row in list(self.pool.rows):
+            self.pool.drop(row.key)
+            w.claimed.pop(row.key.job_id, None)
+
+
+def _jpeg(image: np.ndarray, size: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).resize((size, size), Image.BILINEAR).save(buf, "JPEG", quality=80)
+    return buf.getvalue()

@@ -141,3 +141,77 @@ async def test_a_latent_with_nan_is_never_stored_nor_rendered(parts, client):
     assert answer["error"] == ("the stored face of @alice is damaged (it holds invalid numbers): "
                                "send the photo again with /invert")
     assert await store.result("bob", morph.job_id) is None
+
+
+async def test_continuous_engine_fails_a_bad_photo_alone_and_answers_stronger_while_faces_are_found(parts):
+    """Three good photos sent in the same moment as a 1x4000 px PNG: that one is refused alone, at once, and the
+    three good ones are answered with faces; a "stronger" sent while the inversions run is answered before any of
+    them finishes (it runs between ticks, not after the pool)."""
+    from storage.latents import StoredLatent
+
+    queue, store = parts
+    G = build_builtin(registry_entries()["tiny"])
+    worker = Worker(G, queue, store, vgg=load_vgg16(width=0.125),
+                    settings=WorkerSettings(name="e4", invert_steps=300, progress_every=50, preview_every=100))
+    obama = (FIXTURES / "faces" / "obama.jpg").read_bytes()
+    thin = io.BytesIO()
+    Image.new("RGB", (1, 4000)).save(thin, "PNG")
+    rng = np.random.default_rng(1)
+    w0 = rng.standard_normal((8, 64)).astype(np.float32)
+    await store.set_result("dora", "edit1", StoredLatent(w0 + 0.1, "tiny", meta={"op": "edit", "prompt": "angry"},
+                                                         w0=w0))
+    good = [Job(op="invert", user_id=f"user{i}", adapter="web") for i in range(3)]
+    bad = Job(op="invert", user_id="mallory", adapter="web")
+    await asyncio.gather(*(queue.enqueue(j, photo=obama) for j in good), queue.enqueue(bad, photo=thin.getvalue()))
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    order: list[str] = []
+    answers: dict[str, dict] = {}
+    stronger = Job(op="restyle", user_id="dora", adapter="web", params={"result_id": "edit1", "factor": 1.5})
+    sent_stronger = False
+    deadline = asyncio.get_running_loop().time() + 120
+    while len(answers) < 5 and asyncio.get_running_loop().time() < deadline:
+        for entry_id, event in await queue.read_events("web", "web-test", block_ms=100):
+            await queue.ack_event("web", entry_id)
+            if event["type"] == "progress" and event["step"] > 0 and not sent_stronger:
+                await queue.enqueue(stronger)  # the inversions are running now
+                sent_stronger = True
+            elif event["type"] != "progress":
+                answers[event["job_id"]] = event
+                order.append(event["job_id"])
+    stop.set()
+    await asyncio.wait_for(task, 60)
+    assert answers[bad.job_id]["type"] == "failed" and "1x4000 pixels, too small" in answers[bad.job_id]["error"]
+    assert order[0] == bad.job_id  # refused at once, not after the others' work
+    assert all(answers[j.job_id]["type"] == "done" and answers[j.job_id]["result_kind"] == "face" for j in good)
+    assert answers[stronger.job_id]["type"] == "done" and "x1.50" in answers[stronger.job_id]["text"]
+    assert order.index(stronger.job_id) < min(order.index(j.job_id) for j in good)
+    assert worker.claimed == {}  # every job this engine took was answered
+
+
+async def test_stopping_finishes_what_ends_within_drain_s_and_leaves_the_rest_claimable(parts, client):
+    """SIGTERM mid-job: with drain_s 0 the inversion is left unacknowledged (another engine takes it over), with
+    a generous drain_s it is finished first."""
+    queue, store = parts
+    G = build_builtin(registry_entries()["tiny"])
+    obama = (FIXTURES / "faces" / "obama.jpg").read_bytes()
+    for drain_s, finished in ((0.0, False), (120.0, True)):
+        worker = Worker(G, queue, store, vgg=load_vgg16(width=0.125),
+                        settings=WorkerSettings(name=f"drain{drain_s}", invert_steps=200, drain_s=drain_s))
+        job = Job(op="invert", user_id="erin", adapter="web")
+        await queue.enqueue(job, photo=obama)
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        running = False
+        while not running:
+            for entry_id, e in await queue.read_events("web", "drain-test", block_ms=100):
+                await queue.ack_event("web", entry_id)
+                running = running or (e["type"] == "progress" and e["job_id"] == job.job_id and e["step"] > 0)
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        assert bool(await client.exists(queue.keys.done(job.job_id))) is finished
+        pending = await client.xpending_range(queue.keys.jobs, "engines", min="-", max="+", count=10)
+        assert len(pending) == (0 if finished else 1)  # unfinished: still pending, for another engine to take
+        if not finished:  # leave the queue clean for the next round
+            await client.xack(queue.keys.jobs, "engines", pending[0]["message_id"])
