@@ -343,10 +343,9 @@ class Worker:
                 invert, self.G, self.vgg, target[None], steps=steps,
                 init_ws=None if restart else torch.from_numpy(lat.ws)[None],
                 progress=progress, preview=preview, preview_every=self.settings.preview_every)
-            refined = 0 if restart else int(lat.meta.get("refined", 0)) + 1
-            await self._store_face(job, target, result.ws[0], result.images[0], result.psnr[0],
-                                   int(lat.meta.get("steps", 0)) * (not restart) + steps, lat.meta.get("warnings", []),
-                                   refined)
+            ctx = refined_face(lat, restart, steps)
+            await self._store_face(job, target, result.ws[0], result.images[0], result.psnr[0], ctx["steps"],
+                                   ctx["warnings"], ctx["refined"])
         else:
             if self._clip is None:
                 self._clip = await asyncio.to_thread(self.clip_factory)
@@ -360,6 +359,12 @@ class Worker:
             meta = dict(lat.meta, refined=int(lat.meta.get("refined", 0)) + 1)
             await self._store_edit(job, result.ws[0], torch.from_numpy(lat.w0), result.images[0], meta,
                                    f"edited: {prompt} (refined {meta['refined']}x)")
+
+
+def refined_face(lat: StoredLatent, restart: bool, steps: int) -> dict:
+    """What a refined (or, with `restart`, redone) face reports: its total steps, refine count and photo warnings."""
+    return {"steps": int(lat.meta.get("steps", 0)) * (not restart) + steps, "warnings": lat.meta.get("warnings", []),
+            "refined": 0 if restart else int(lat.meta.get("refined", 0)) + 1}
 
 
 def edit_meta(prompt: str) -> dict:
@@ -516,10 +521,7 @@ class ContinuousLoop:
                 steps = w._refine_steps("invert", restart)
                 self.pool.add_inversion(job, target, steps=steps,
                                         init_ws=None if restart else torch.from_numpy(lat.ws))
-                self.context[job.job_id] = {
-                    "target": target, "warnings": lat.meta.get("warnings", []),
-                    "steps": int(lat.meta.get("steps", 0)) * (not restart) + steps,
-                    "refined": 0 if restart else int(lat.meta.get("refined", 0)) + 1}
+                self.context[job.job_id] = {"target": target, **refined_face(lat, restart, steps)}
             else:
                 await self._clip()
                 meta = dict(lat.meta, refined=int(lat.meta.get("refined", 0)) + 1)

@@ -89,7 +89,7 @@ class Stack:
     """A bot core and a running in-process engine (tiny models) on a fresh key prefix of the test Redis."""
 
     def __init__(self, client, *, chat=None, limits=None, invert_steps: int = 20, edit_steps: int = 10,
-                 model: str = "tiny"):
+                 model: str = "tiny", scheduler: str = "continuous"):
         import uuid
 
         from bot.config import ChatConfig, LimitsConfig
@@ -112,7 +112,8 @@ class Stack:
         self.worker = Worker(G, self.queue, self.store, vgg=load_vgg16(width=0.125),
                              clip_factory=lambda: ClipScorer(TINY_CLIP, None),
                              settings=WorkerSettings(name="test-engine", invert_steps=invert_steps,
-                                                     edit_steps=edit_steps, progress_every=5, preview_every=10))
+                                                     edit_steps=edit_steps, progress_every=5, preview_every=10,
+                                                     scheduler=scheduler))
         self._stop = None
         self._task = None
 

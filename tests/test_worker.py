@@ -6,6 +6,7 @@ import asyncio
 import uuid
 
 import numpy as np
+import pytest
 import pytest_asyncio
 from PIL import Image
 import io
@@ -47,11 +48,16 @@ async def _run_until_answered(worker: Worker, queue: JobQueue, n: int, timeout: 
     return answers
 
 
-async def test_invert_jobs_get_an_image_and_bad_photos_a_reason(parts):
+SCHEDULERS = pytest.mark.parametrize("scheduler", ["continuous", "static"])  # static: kept to compare with
+
+
+@SCHEDULERS
+async def test_invert_jobs_get_an_image_and_bad_photos_a_reason(parts, scheduler):
     queue, store = parts
     G = build_builtin(registry_entries()["tiny"])
     worker = Worker(G, queue, store, vgg=load_vgg16(width=0.125),
-                    settings=WorkerSettings(name="e1", invert_steps=10, progress_every=5, preview_every=4))
+                    settings=WorkerSettings(name="e1", invert_steps=10, progress_every=5, preview_every=4,
+                                            scheduler=scheduler))
     obama = (FIXTURES / "faces" / "obama.jpg").read_bytes()
     buf = io.BytesIO()
     Image.new("RGB", (200, 200), (80, 80, 80)).save(buf, "PNG")
@@ -82,14 +88,15 @@ async def test_invert_jobs_get_an_image_and_bad_photos_a_reason(parts):
     assert await queue.photo(jobs["good"]) is None  # input photos are kept only until the job finishes
 
 
-async def test_morph_edit_and_stronger_jobs(parts):
+@SCHEDULERS
+async def test_morph_edit_and_stronger_jobs(parts, scheduler):
     from engine.edit import TINY_CLIP, ClipScorer
     from storage.latents import StoredLatent
 
     queue, store = parts
     G = build_builtin(registry_entries()["tiny"])
     worker = Worker(G, queue, store, vgg=load_vgg16(width=0.125), clip_factory=lambda: ClipScorer(TINY_CLIP, None),
-                    settings=WorkerSettings(name="e2", edit_steps=5))
+                    settings=WorkerSettings(name="e2", edit_steps=5, scheduler=scheduler))
     rng = np.random.default_rng(0)
     for user in ("alice", "bob"):
         await store.set_face(user, StoredLatent(rng.standard_normal((8, 64)).astype(np.float32), "tiny"))
