@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +24,11 @@ MIN_EYE_DISTANCE = 20.0         # px between eye centres below which a face is r
 WARN_EYE_DISTANCE = 64.0        # px below which the likeness suffers: processed, with a warning
 MIN_PHOTO_SIDE = 64             # px: a shorter side cannot hold a face the detector finds (about 40 px wide)
 MAX_PHOTO_ASPECT = 10           # long side / short side: thinner images are banners, not photos of a face
+
+
+# dlib's detector, shape predictor and face encoder are not safe to call from two threads at once (the engine aligns
+# a new photo while it checks a finished face's likeness): seen hanging, then crashing. Every call goes through this.
+_DLIB = threading.Lock()
 
 
 class AlignError(StylebotError):
@@ -90,14 +96,15 @@ def detect_landmarks(photo: np.ndarray) -> tuple[list[np.ndarray], list[float]]:
     scale = min(1.0, DETECT_MAX_SIDE / max(h, w))
     small = photo if scale == 1.0 else np.asarray(Image.fromarray(photo).resize((round(w * scale), round(h * scale)),
                                                                                 Image.LANCZOS))
-    rects = detector(small, 1)  # upsample once: finds faces down to about 40 px
     faces = []
-    for r in rects:
-        box = dlib.rectangle(int(r.left() / scale), int(r.top() / scale),
-                             int(r.right() / scale), int(r.bottom() / scale))
-        shape = predictor(photo, box)
-        pts = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
-        faces.append((box.width() * box.height(), pts))
+    with _DLIB:
+        rects = detector(small, 1)  # upsample once: finds faces down to about 40 px
+        for r in rects:
+            box = dlib.rectangle(int(r.left() / scale), int(r.top() / scale),
+                                 int(r.right() / scale), int(r.bottom() / scale))
+            shape = predictor(photo, box)
+            pts = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
+            faces.append((box.width() * box.height(), pts))
     faces.sort(key=lambda f: -f[0])
     return [f[1] for f in faces], [float(f[0]) for f in faces]
 
@@ -199,8 +206,9 @@ def face_descriptor(aligned: np.ndarray) -> np.ndarray | None:
     _, predictor = _dlib_models()
     lm = faces[0]
     box = dlib.rectangle(int(lm[:, 0].min()), int(lm[:, 1].min()), int(lm[:, 0].max()), int(lm[:, 1].max()))
-    shape = predictor(img, box)
-    return np.array(_face_encoder().compute_face_descriptor(img, shape))
+    with _DLIB:
+        shape = predictor(img, box)
+        return np.array(_face_encoder().compute_face_descriptor(img, shape))
 
 
 def likeness(a: np.ndarray, b: np.ndarray) -> float | None:

@@ -414,6 +414,7 @@ class ContinuousLoop:
         self.context: dict[str, dict] = {}  # job id -> what storing its result needs
         self.tick_s: float | None = None    # moving average of a tick's duration: the ETA's step time
         self.last_claim = 0.0
+        self.storing: set[asyncio.Task] = set()  # finished rows being stored while the others tick on
 
     async def run(self, stop: asyncio.Event) -> None:
         keeper = asyncio.create_task(self._keep_claimed())
@@ -429,6 +430,7 @@ class ContinuousLoop:
                     await asyncio.sleep(1)
             await self._drain()
         finally:
+            await asyncio.gather(*self.storing, return_exceptions=True)
             keeper.cancel()
 
     async def _keep_claimed(self) -> None:
@@ -554,11 +556,21 @@ class ContinuousLoop:
         for job, step, total, image in report.previews:
             await w.queue.progress(job, step, total, preview=_jpeg(image, s.preview_size),
                                    eta_s=self.tick_s * (total - step))
-        for done in report.finished:
-            await self._store(done)
+        for done in report.finished:  # stored beside the next ticks: the likeness check, PNGs, Redis writes
+            task = asyncio.create_task(self._store(done))
+            self.storing.add(task)
+            task.add_done_callback(self.storing.discard)
 
     async def _store(self, done) -> None:
-        """A row that left the pool: its result stored, acknowledged and posted (or its failure)."""
+        """A row that left the pool: its result stored, acknowledged and posted (or its failure). If storing
+        breaks (Redis gone), the job is let go unacknowledged, so that it is run again rather than lost."""
+        try:
+            await self._store_result(done)
+        except Exception:  # noqa: BLE001 - nothing was acknowledged: the job will be reclaimed and rerun
+            log.exception("storing the result of %s failed; it is left for a retry", done.key.job_id)
+            self.w.claimed.pop(done.key.job_id, None)
+
+    async def _store_result(self, done) -> None:
         job, ctx = done.key, self.context.pop(done.key.job_id, {})
         if done.error:
             await self.w._fail(job, done.error)

@@ -72,3 +72,17 @@ def test_without_exif_the_sideways_photo_has_no_upright_face():
     rotated = Image.open(FACES / "obama.jpg").rotate(90, expand=True)
     with pytest.raises(AlignError):
         align(rotated, 128)
+
+
+def test_alignment_and_likeness_from_several_threads_at_once():
+    """The engine aligns a new photo while it checks a finished face's likeness, each in its own thread; dlib's
+    models are shared and not thread-safe (unguarded, this hung and then crashed), so every call is serialised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    photo = Image.open(FIXTURES / "faces" / "obama.jpg")
+    face = align(photo, 256).image
+    with ThreadPoolExecutor(6) as pool:
+        aligned = [pool.submit(align, photo, 256) for _ in range(3)]
+        alike = [pool.submit(likeness, face, face) for _ in range(3)]
+        assert all(np.array_equal(f.result(timeout=120).image, face) for f in aligned)
+        assert all(f.result(timeout=120) == pytest.approx(0.0, abs=1e-6) for f in alike)
