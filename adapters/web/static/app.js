@@ -35,7 +35,7 @@ function render(m) {
     row.appendChild(figure(m.media, m.aligned ? "your face in " + (m.model || "the model") : "", "result"));
     div.appendChild(row);
   }
-  const applies = m.actions || (m.rerun ? Object.keys(actions) : []);
+  const applies = m.actions || [];
   if (applies.length) {
     const row = el("div", "actions");
     for (const action of applies) {
