@@ -6,10 +6,12 @@ An adapter does two things and decides nothing:
 2. implements `Platform` (two methods) so that `EventPump` can show progress and post results.
 
 `EventPump` reads the adapter's results stream through its consumer group, so results that finished while the
-adapter was down are posted when it comes back. An event is acknowledged only after the platform accepted it;
-a result the platform keeps refusing is given up after `max_attempts` (logged), so one bad chat cannot block all.
-Progress is throttled per job (`ChatConfig.progress_interval_s`): only the newest step is shown, except that a
-new preview image is always shown (the engine sends one every `preview_every` steps: the face taking shape).
+adapter was down are posted when it comes back. A result is acknowledged (and leaves the stream) only after the
+platform accepted it; one the platform keeps refusing is given up after `max_attempts` (logged), so one bad chat
+cannot block all. Progress arrives on a pub/sub channel (best effort, never stored): it is throttled per job
+(`ChatConfig.progress_interval_s`), only the newest step is shown, except that a new preview image is always
+shown (the engine sends one every `preview_every` steps: the face taking shape), and progress of a job whose
+result was posted is dropped.
 """
 
 from __future__ import annotations
@@ -87,9 +89,11 @@ class EventPump:
         self._previews: dict[str, bytes] = {}   # newest preview of each running job
         self._finished: OrderedDict[str, None] = OrderedDict()  # recently posted jobs (bounded)
         self._attempts: dict[str, int] = {}
+        self._progress = None                   # the pub/sub subscription, opened on the first step
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.core.queue.ensure_groups(adapters=(self.platform.name,))
+        await self.subscribe()
         while not stop.is_set():
             try:
                 await self.step()
@@ -97,41 +101,56 @@ class EventPump:
                 raise
             except Exception:  # noqa: BLE001 - Redis down, a platform outage: keep pumping, events stay pending
                 log.exception("%s: event pump hiccup; retrying", self.platform.name)
+                if self._progress is not None:  # subscribe afresh on the next step
+                    await self._progress.aclose()
+                    self._progress = None
                 await asyncio.sleep(1)
 
+    async def subscribe(self) -> None:
+        """Start listening to progress (`step` does it when needed; progress published before is not seen)."""
+        if self._progress is None:
+            self._progress = await self.core.queue.listen_progress(self.platform.name)
+
     async def step(self, block_ms: int = 500) -> int:
-        """Handle one batch of events; returns how many were acknowledged."""
-        events = await self.core.queue.read_events(self.platform.name, self.consumer, block_ms=block_ms)
-        latest_progress: dict[str, tuple[str, dict]] = {}
+        """Handle one batch of results, then the progress that arrived meanwhile; returns how many results were
+        dealt with."""
+        queue = self.core.queue
+        await self.subscribe()
+        deadline = time.monotonic() + block_ms / 1000
+        while True:  # wait for results in short reads, showing progress as it comes meanwhile
+            await self._show_progress_read()
+            wait_ms = max(1, min(100, int((deadline - time.monotonic()) * 1000)))
+            events = await queue.read_events(self.platform.name, self.consumer, block_ms=wait_ms)
+            if events or time.monotonic() >= deadline:
+                break
+        await self._show_progress_read(answering={e["job_id"] for _, e in events})
         done = 0
         for entry_id, event in events:
-            if event["type"] == "progress" and event.get("preview") and event["job_id"] not in self._finished:
-                self._previews[event["job_id"]] = event["preview"]
-                event["new_preview"] = True
-            if event["type"] == "progress":
-                stale = latest_progress.get(event["job_id"])
-                if stale is not None and stale[1].get("new_preview"):
-                    event["new_preview"] = True
-                if stale is not None:
-                    await self.core.queue.ack_event(self.platform.name, stale[0])
-                    done += 1
-                latest_progress[event["job_id"]] = (entry_id, event)
-                continue
-            superseded = latest_progress.pop(event["job_id"], None)
-            if superseded is not None:  # progress read with its result: shown never, acknowledged now
-                await self.core.queue.ack_event(self.platform.name, superseded[0])
-                done += 1
             if await self._post_result(event):
-                await self.core.queue.ack_event(self.platform.name, entry_id)
+                await queue.ack_event(self.platform.name, entry_id, event.get("user_id"))
                 done += 1
-        for entry_id, event in latest_progress.values():
-            if event["job_id"] not in self._finished:  # progress that arrives after its result is not shown
-                await self._show_progress(event)
-            await self.core.queue.ack_event(self.platform.name, entry_id)
-            done += 1
         if events and not done:
             await asyncio.sleep(0.5)  # only results the platform refused: do not spin on them
         return done
+
+    async def _show_progress_read(self, answering: set[str] = frozenset()) -> None:
+        """Show the newest progress of each job among the events that have arrived: none of a job already
+        answered, and of a job about to be answered (`answering`) only its last step (the engine publishes it just
+        before storing the result), so that its status message ends complete, not at an older step."""
+        latest: dict[str, dict] = {}
+        for event in await self.core.queue.read_progress(self._progress):
+            job_id = event["job_id"]
+            if job_id in self._finished or (job_id in answering and event["step"] < event["total"]):
+                continue
+            if event.get("preview"):  # every new preview is shown (the face taking shape), in order
+                self._previews[job_id] = event["preview"]
+                event["new_preview"] = True
+                await self._show_progress(event)
+                latest.pop(job_id, None)
+            else:
+                latest[job_id] = event
+        for event in latest.values():
+            await self._show_progress(event)
 
     async def _show_progress(self, event: dict) -> None:
         job_id, now = event["job_id"], time.monotonic()
@@ -180,5 +199,6 @@ class EventPump:
             return True
         self._attempts.pop(job_id, None)
         if ref is not None and result.result_id:
-            await self.core.remember_result(self.platform.name, ref, result.user_id, result.result_id)
+            await self.core.remember_result(self.platform.name, ref, result.user_id, result.result_id,
+                                            event.get("epoch", ""))
         return True

@@ -73,7 +73,7 @@ class Bench:
                 w0 + 0.05, "tiny", meta={"op": "edit", "prompt": "angry", "strength": 1.0}, w0=w0))
         self.engine = subprocess.Popen([sys.executable, "-m", "bot.cli", "--config", str(cfg), "engine"],
                                        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while not [k async for k in self.client.scan_iter(match=self.keys.heartbeat_pattern)]:
+        while not await self.queue.engines_online():
             await asyncio.sleep(0.2)
         self.reader = asyncio.create_task(self._read_answers())
         return self

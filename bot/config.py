@@ -27,14 +27,25 @@ class EngineConfig:
     device: str = "auto"                # auto | cpu | cuda
     model: str = "auto"                 # auto (ffhq-1024 on a GPU, ffhq-256 on a CPU, if downloaded; else tiny) | name
     scheduler: str = "continuous"       # continuous (a pool of optimisations stepped together) | static (batches)
-    max_active: int = 8                 # continuous: optimisations in the pool at once
+    # continuous: optimisations in the pool at once, or auto (what the GPU's free memory holds; 8 on a CPU)
+    max_active: int | str = field(default="auto", metadata={"types": (int, str)})
     drain_s: float = 30.0               # continuous: on SIGTERM, jobs that end within this are finished
+    precision: str = "auto"             # auto (tf32 on CUDA, fp32 on a CPU) | fp32 | tf32 | bf16 (autocast)
+    compile: str = "auto"               # auto (torch.compile the generator on CUDA, not on a CPU) | off
 
     def __post_init__(self):
         if self.scheduler not in ("continuous", "static"):
             raise ConfigError(f"[engine] scheduler must be \"continuous\" or \"static\", got {self.scheduler!r}")
-        if self.max_active < 1 or self.drain_s < 0:
-            raise ConfigError("[engine] max_active must be at least 1 and drain_s at least 0")
+        if self.max_active != "auto" and (type(self.max_active) is not int or self.max_active < 1):
+            raise ConfigError(f"[engine] max_active must be \"auto\" or a whole number of at least 1, "
+                              f"got {self.max_active!r}")
+        if self.drain_s < 0:
+            raise ConfigError("[engine] drain_s must be at least 0")
+        if self.precision not in ("auto", "fp32", "tf32", "bf16"):
+            raise ConfigError(f"[engine] precision must be \"auto\", \"fp32\", \"tf32\" or \"bf16\", "
+                              f"got {self.precision!r}")
+        if self.compile not in ("auto", "off"):
+            raise ConfigError(f"[engine] compile must be \"auto\" or \"off\", got {self.compile!r}")
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,12 @@ class EditConfig:
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"  # without a password: set STYLEBOT_REDIS_PASSWORD in the environment
     prefix: str = "stylebot:"           # every key this product writes starts with this
+    max_connections: int = 64           # connections a process opens at most; commands beyond wait for one
+    pool_timeout_s: float = 5.0         # how long a command waits for a free connection before "busy"
+
+    def __post_init__(self):
+        if self.max_connections < 2 or self.pool_timeout_s <= 0:
+            raise ConfigError("[redis] max_connections must be at least 2 and pool_timeout_s above 0")
 
 
 @dataclass(frozen=True)
@@ -170,9 +187,10 @@ def _section(path: Path, name: str, cls: type, values: dict):
     if unknown:
         raise ConfigError(f"{path}: unknown option(s) in [{name}]: {sorted(unknown)}")
     for key, value in values.items():
-        expected = type(known[key].default)
+        expected = known[key].metadata.get("types", type(known[key].default))  # "types": an option of two kinds
         if expected is float and isinstance(value, int):
             values[key] = float(value)
         elif not isinstance(value, expected):
-            raise ConfigError(f"{path}: [{name}] {key} must be {expected.__name__}, got {value!r}")
+            kind = " or ".join(t.__name__ for t in expected) if isinstance(expected, tuple) else expected.__name__
+            raise ConfigError(f"{path}: [{name}] {key} must be {kind}, got {value!r}")
     return cls(**values)

@@ -7,16 +7,22 @@ No torch here: the core checks input, limits and consent, enqueues jobs and answ
 from __future__ import annotations
 
 import json
+import logging
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 from PIL import Image
+from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 
 from bot.config import ChatConfig, EditConfig, LimitsConfig
 from bot.photos import check_photo, human_size  # noqa: F401 - human_size is imported from here by the adapters
 from storage.keys import Keys
 from storage.latents import LatentStore
 from storage.queue import Job, JobQueue
+
+log = logging.getLogger("stylebot.bot")
+BUSY = "I'm busy right now: try again in a few minutes"
 
 Image.MAX_IMAGE_PIXELS = None  # we check dimensions ourselves, before decoding, with our own limit
 
@@ -78,6 +84,32 @@ def job_words(op: str, params: dict) -> str:
 class Reply:
     text: str
     job_id: str | None = None           # set when a job was queued: its result will follow
+    forgotten: bool = False             # /forget went through: adapters drop what they hold about the user too
+
+
+# A user's @name: taken when free or already theirs (the TTL refreshed), never taken from someone else; a new name
+# frees the old one. KEYS: name index, display name. ARGV: user id, "adapter:name", TTL. Returns {owner, old shown}.
+_CLAIM_NAME = """
+local owner = redis.call('GET', KEYS[1])
+if owner and owner ~= ARGV[1] then return {owner, ''} end
+local old = redis.call('GET', KEYS[2]) or ''
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return {ARGV[1], old}
+"""
+
+# Delete a name index entry only if it still names this user. KEYS: name index. ARGV: user id.
+_RELEASE_NAME = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+INVISIBLE = {"Cc", "Cf", "Co", "Cn", "Cs"}  # control, format (zero-width), private-use, unassigned, surrogates
+
+
+def clean_prompt(text: str) -> str:
+    """The prompt as CLIP should read it: invisible characters removed, whitespace collapsed."""
+    return " ".join("".join(c for c in text if unicodedata.category(c) not in INVISIBLE).split())
 
 
 class BotCore:
@@ -85,28 +117,70 @@ class BotCore:
                  edit: EditConfig = EditConfig(), chat: ChatConfig = ChatConfig()):
         self.queue, self.store, self.limits, self.edit, self.chat = queue, store, limits, edit, chat
         self.keys: Keys = queue.keys
+        self._claim_name = queue.r.register_script(_CLAIM_NAME)
+        self._release_name = queue.r.register_script(_RELEASE_NAME)
 
     @classmethod
     def from_config(cls, cfg, client) -> "BotCore":
         """The core as `stylebot` runs it: queue and store on `client` with the config's prefix and limits."""
         keys = Keys(cfg.redis.prefix)
-        queue = JobQueue(client, keys, max_deliveries=cfg.queue.max_deliveries,
-                         reclaim_idle_ms=int(cfg.queue.reclaim_idle_s * 1000), result_ttl_s=cfg.chat.result_ttl_s)
         store = LatentStore(client, keys, result_ttl_s=cfg.chat.result_ttl_s)
+        queue = JobQueue(client, keys, max_deliveries=cfg.queue.max_deliveries,
+                         reclaim_idle_ms=int(cfg.queue.reclaim_idle_s * 1000), result_ttl_s=cfg.chat.result_ttl_s,
+                         index_ttl_s=store.latent_ttl_s)
         return cls(queue, store, cfg.limits, cfg.edit, cfg.chat)
 
     async def handle(self, cmd: Command) -> Reply:
-        """Answer a command at once: queued (with position), or a one-line reason."""
-        await self.queue.r.set(self.keys.name_index(cmd.adapter, cmd.user_name), cmd.user_id)
-        await self.queue.r.set(self.keys.display_name(cmd.user_id), f"{cmd.adapter}:{cmd.user_name}")
+        """Answer a command at once: queued (with position), or a one-line reason ("busy" when Redis cannot keep
+        up: no free connection within `[redis] pool_timeout_s`)."""
+        try:
+            return await self._handle(cmd)
+        except (RedisConnectionError, RedisTimeoutError) as e:
+            log.warning("answering %s with busy: %s", cmd.adapter, e)
+            return Reply(BUSY)
+
+    async def _handle(self, cmd: Command) -> Reply:
         name, _, rest = cmd.text.strip().partition(" ")
         handler = COMMANDS.get(name.lower().split("@")[0])
         if handler is None:
             return Reply(f"unknown command {name!r}: try /help")
-        return await handler(self, cmd, rest.strip())
+        note = None if handler is BotCore.cmd_forget else await self.claim_name(cmd.adapter, cmd.user_id, cmd.user_name)
+        reply = await handler(self, cmd, rest.strip())
+        if note:
+            reply.text += "\n" + note
+        return reply
+
+    async def claim_name(self, adapter: str, user_id: str, user_name: str) -> str | None:
+        """Make @user_name name this user, unless it names someone else: then a note saying so (never taken
+        silently from its holder, for example after its former owner sent /forget and someone else took it)."""
+        if not user_name:
+            return None
+        shown = f"{adapter}:{user_name}"
+        owner, old = await self._claim_name(keys=[self.keys.name_index(adapter, user_name),
+                                                  self.keys.display_name(user_id)],
+                                            args=[user_id, shown, self.store.latent_ttl_s])
+        owner, old = _text(owner), _text(old)
+        if owner != user_id:
+            return (f"note: the name @{user_name} belongs to someone else now, so others cannot /morph with you by "
+                    "that name" + ("; choose another nickname" if adapter == "web" else ""))
+        if old and old != shown:  # renamed: the old name is free again
+            old_adapter, _, old_name = old.partition(":")
+            await self._release_name(keys=[self.keys.name_index(old_adapter, old_name)], args=[user_id])
+        return None
+
+    async def release_name(self, adapter: str, user_id: str, user_name: str) -> None:
+        """Free @user_name if it still names this user (a web visitor choosing another nickname)."""
+        await self._release_name(keys=[self.keys.name_index(adapter, user_name)], args=[user_id])
 
     async def react(self, reaction: Reaction) -> Reply:
         """Rerun a result: stronger or weaker (edits), refine (more steps), redo (same command, current face)."""
+        try:
+            return await self._react(reaction)
+        except (RedisConnectionError, RedisTimeoutError) as e:
+            log.warning("answering a reaction with busy: %s", e)
+            return Reply(BUSY)
+
+    async def _react(self, reaction: Reaction) -> Reply:
         if reaction.action not in ACTIONS:
             return Reply(f"unknown reaction {reaction.action!r}")
         result = await self.store.result(reaction.user_id, reaction.result_id)
@@ -165,17 +239,18 @@ class BotCore:
     async def set_status_message(self, user_id: str, job_id: str, ref: str) -> None:
         """Remember the message that acknowledged a job: progress edits it."""
         origin = await self.origin(user_id, job_id)
-        if origin is not None:
+        if origin is not None:  # XX: an origin deleted meanwhile (/forget) is not brought back
             origin["status"] = ref
-            await self.queue.r.set(self.keys.origin(user_id, job_id), json.dumps(origin), keepttl=True)
+            await self.queue.r.set(self.keys.origin(user_id, job_id), json.dumps(origin), keepttl=True, xx=True)
 
-    async def remember_result(self, adapter: str, message_ref: str, user_id: str, result_id: str) -> None:
-        """A platform message now shows a result: reactions on it rerun that result."""
-        await self.queue.r.set(self.keys.message(adapter, message_ref), f"{user_id} {result_id}",
-                               ex=self.chat.result_ttl_s)
+    async def remember_result(self, adapter: str, message_ref: str, user_id: str, result_id: str,
+                              epoch: str = "") -> None:
+        """A platform message now shows a result: reactions on it rerun that result (`epoch`: the result's, so
+        that a /forget sent meanwhile is not undone)."""
+        await self.queue.remember(adapter, message_ref, user_id, result_id, epoch)
 
     async def aligned_crop(self, user_id: str, result_id: str | None) -> bytes | None:
-        """PNG of the aligned face crop behind a face result (kept with it for refines), or None."""
+        """The aligned face crop behind a face result (kept with it for refines; JPEG, PNG before), or None."""
         return await self.queue.r.get(self.keys.target(user_id, result_id)) if result_id else None
 
     async def result_at(self, adapter: str, message_ref: str) -> tuple[str, str] | None:
@@ -218,11 +293,13 @@ class BotCore:
                 return Reply(f"there is no face for {who} yet: send a photo with /invert first")
             users.append(uid)
             names[uid] = "you" if uid == cmd.user_id else f"@{name}"
+        if users[0] == users[1]:
+            return Reply("a morph needs two different faces, e.g. /morph @me @friend")
         return await self._enqueue(cmd, "morph", {"a": users[0], "b": users[1], "frames": frames, "names": names})
 
     async def cmd_edit(self, cmd: Command, rest: str) -> Reply:
         """/edit <text>: change your face toward a description, e.g. /edit really angry face"""
-        prompt = " ".join(rest.split())
+        prompt = clean_prompt(rest)
         if not prompt:
             return Reply("the prompt is empty: describe the edit, e.g. /edit really angry face")
         if len(prompt) > self.edit.max_prompt_chars:
@@ -243,21 +320,16 @@ class BotCore:
 
     async def cmd_forget(self, cmd: Command, rest: str) -> Reply:
         """/forget: delete your face, your results and everything else I keep about you"""
-        name = await self.queue.r.get(self.keys.display_name(cmd.user_id))
-        if name:
-            adapter, _, user_name = (name.decode() if isinstance(name, bytes) else name).partition(":")
-            await self.queue.r.delete(self.keys.name_index(adapter, user_name))
-        for job_id in await self.queue.r.smembers(self.keys.user_jobs(cmd.user_id)):  # photos of unfinished jobs
-            await self.queue.r.delete(self.keys.photo(job_id.decode() if isinstance(job_id, bytes) else job_id))
-        n = await self.store.forget(cmd.user_id)
-        return Reply(f"done: deleted everything I kept about you ({n} items)")
+        n = await self.queue.forget(cmd.user_id, cmd.adapter)
+        return Reply(f"done: deleted everything I kept about you ({n} items), and stopped your jobs", forgotten=True)
 
     async def cmd_status(self, cmd: Command, rest: str) -> Reply:
         """/status: the queue, the engine, and your face"""
-        engines = [k async for k in self.queue.r.scan_iter(match=self.keys.heartbeat_pattern)]
+        engines = await self.queue.engines_online()
         face = await self.store.face(cmd.user_id)
-        return Reply(f"engines online: {len(engines)}; jobs in the queue: {await self.queue.pending_count()}; "
-                     + (f"your face: {face.model_id}" if face else "no face for you yet"))
+        text = (f"engines online: {len(engines)}; jobs in the queue: {await self.queue.pending_count()}; "
+                + (f"your face: {face.model_id}" if face else "no face for you yet"))
+        return Reply(text + await self._notice())
 
     async def cmd_help(self, cmd: Command, rest: str) -> Reply:
         """/help: this list"""
@@ -271,24 +343,39 @@ class BotCore:
     async def user_called(self, adapter: str, name: str) -> str | None:
         """The user id known as `name` on an adapter, or None."""
         uid = await self.queue.r.get(self.keys.name_index(adapter, name))
-        return uid.decode() if isinstance(uid, bytes) else uid
+        return _text(uid) if uid else None
+
+    async def _notice(self) -> str:
+        """A notice for everyone (set by `stylebot run` when it restarted the engine), as a line to append."""
+        notice = await self.queue.r.get(self.keys.notice)
+        return f"\nnote: {_text(notice)}" if notice else ""
 
     async def _enqueue(self, cmd: Command, op: str, params: dict, photo: bytes | None = None) -> Reply:
-        if await self.queue.pending_count() >= self.limits.max_queue:
-            return Reply("I'm busy right now: try again in a few minutes")
-        if await self.queue.r.scard(self.keys.user_jobs(cmd.user_id)) >= self.limits.max_jobs_per_user:
-            return Reply(f"you already have {self.limits.max_jobs_per_user} jobs waiting: wait for one to finish")
+        """Queue a job in one atomic step with the checks of limits and consent (`JobQueue.admit`)."""
         job = Job(op=op, user_id=cmd.user_id, adapter=cmd.adapter, params=params)
         origin = {**cmd.origin, "op": op, "job_id": job.job_id, "doing": job_words(op, params)}
-        await self.queue.r.set(self.keys.origin(cmd.user_id, job.job_id), json.dumps(origin), ex=self.chat.result_ttl_s)
-        position = await self.queue.enqueue(job, photo=photo)
-        engines = [k async for k in self.queue.r.scan_iter(match=self.keys.heartbeat_pattern)]
-        ahead = position - 1
-        if not engines:
+        others = tuple(u for u in (params["a"], params["b"]) if u != cmd.user_id) if op == "morph" else ()
+        admitted = await self.queue.admit(job, photo=photo, origin=origin, max_queue=self.limits.max_queue,
+                                          max_per_user=self.limits.max_jobs_per_user, others=others)
+        who = params.get("names", {}).get(admitted.user_id, "the other person")
+        refused = {
+            "busy": BUSY,
+            "limit": f"you already have {self.limits.max_jobs_per_user} jobs waiting: wait for one to finish",
+            "unshared": f"{who} no longer allows morphs with their face",
+            "noface": f"there is no face for {who} any more: they need to send a photo with /invert again",
+        }
+        if admitted.status != "ok":
+            return Reply(refused[admitted.status])
+        ahead = admitted.position - 1
+        if not await self.queue.engines_online():
             when = "waiting for the engine, which is offline right now" + (f" ({ahead} jobs ahead)" if ahead else "")
         else:
             when = f"waiting behind {ahead} job{'s' * (ahead > 1)}" if ahead else "starting now"
-        return Reply(f"{job_words(op, params)}: {when}", job_id=job.job_id)
+        return Reply(f"{job_words(op, params)}: {when}" + await self._notice(), job_id=job.job_id)
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else v
 
 
 COMMANDS = {

@@ -2,8 +2,10 @@
 
 `run` uses the Redis at the configured URL or starts a `redis-server` of its own on a free port, starts the engine
 as a child process (`stylebot engine`: the bot processes never import torch), serves the web chat, and adds
-Telegram and Discord when their tokens are in the environment. Ctrl-C stops all of it, the engine first (it
-finishes or hands back the batch in hand), then the Redis it started (which saves the users' latents to disk).
+Telegram and Discord when their tokens are in the environment. When the engine dies (killed, out of memory), `run`
+starts it again with backoff while the chats stay up, and leaves a notice in Redis that the chats show; the jobs it
+held are taken over as any dead engine's are. Ctrl-C stops all of it, the engine first (it finishes or hands back
+the batch in hand), then the Redis it started (which saves the users' latents to disk).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from bot.config import ENV_REDIS_URL, Config
 from bot.logs import setup_logging
 from engine.cli import positive_int
 from engine.errors import StylebotError
-from storage.queue import MIN_REDIS, redis_release
+from storage.keys import Keys
+from storage.queue import MIN_REDIS, JobQueue, redis_release
 
 log = logging.getLogger("stylebot")
 
@@ -175,7 +178,7 @@ async def frontends(cfg: Config, redis_url: str, host: str, port: int, stop: asy
     from bot.core import BotCore
     from storage.connect import connect
 
-    client = connect(redis_url)
+    client = connect(redis_url, max_connections=cfg.redis.max_connections, pool_timeout_s=cfg.redis.pool_timeout_s)
     core = BotCore.from_config(cfg, client)
     tasks = []
     try:
@@ -246,31 +249,107 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     for flag, value in (("--model", args.model), ("--device", args.device), ("--invert-steps", args.invert_steps)):
         if value is not None:
             engine_cmd += [flag, str(value)]
-    engine = subprocess.Popen(engine_cmd, start_new_session=True)  # our Ctrl-C reaches it through us, in order
+    engine = EngineSupervisor(engine_cmd, url, Keys(cfg.redis.prefix))
+    engine.start()
 
     async def main(stop: asyncio.Event) -> int:
-        async def watch_engine() -> None:
-            while engine.poll() is None and not stop.is_set():
-                await asyncio.sleep(0.5)
-            if engine.returncode is not None:
-                print(f"error: the engine stopped (exit {engine.returncode}); see its log above", file=sys.stderr)
-                stop.set()
-
-        watcher = asyncio.create_task(watch_engine())
+        watcher = asyncio.create_task(engine.supervise(stop))
         try:
             await frontends(cfg, url, host, port, stop)
         finally:
             watcher.cancel()
-        return 0 if engine.poll() is None else 1
+            await asyncio.gather(watcher, return_exceptions=True)
+        return 1 if engine.failed else 0
 
     try:
         return _serve(main, host, port)
     finally:
         print("stopping: the engine finishes the batch in hand...", flush=True)
-        _stop(engine, 60)
+        if engine.proc is not None:
+            _stop(engine.proc, 60)
         if redis_proc is not None:
             _stop(redis_proc, 15)
         print("stopped", flush=True)
+
+
+class EngineSupervisor:
+    """`stylebot engine` as a child of `run`, started again whenever it dies on its own.
+
+    Restarts wait `first_delay_s`, doubling up to `max_delay_s`, back to `first_delay_s` once an engine has stayed
+    up `steady_s`. A dead engine is struck off the engines online at once (the chats say "offline", not "1 engine"),
+    and each restart leaves a notice (`Keys.notice`, for `NOTICE_TTL_S`) that the chats show; the dead engine's jobs
+    are taken over as any dead engine's are. The first engine exiting with an error of its own before `STARTUP_S`
+    (an unknown model, weights missing) is not retried: `run` stops, and the engine's own message says why.
+    """
+
+    STARTUP_S = 60.0
+    NOTICE_TTL_S = 600
+
+    def __init__(self, cmd: list[str], redis_url: str, keys: Keys, *, first_delay_s: float = 1.0,
+                 max_delay_s: float = 60.0, steady_s: float = 300.0):
+        self.cmd, self.redis_url, self.keys = cmd, redis_url, keys
+        self.first_delay_s, self.max_delay_s, self.steady_s = first_delay_s, max_delay_s, steady_s
+        self.proc: subprocess.Popen | None = None
+        self.name = ""                          # the running engine's consumer name in the queue
+        self.started_at = 0.0
+        self.starts = 0
+        self.failed = False                     # the first engine could not start: `run` exits 1
+
+    def start(self) -> None:
+        self.starts += 1
+        self.name = f"{socket.gethostname()}:{os.getpid()}.{self.starts}"
+        self.proc = subprocess.Popen(self.cmd + ["--name", self.name],  # in a session of its own: our Ctrl-C
+                                     start_new_session=True)            # reaches it through us, in order
+        self.started_at = time.monotonic()
+        log.info("the engine is starting (pid %d)", self.proc.pid)
+
+    async def supervise(self, stop: asyncio.Event) -> None:
+        """Watch the engine until `stop` is set; restart it when it exits (not when we stop it)."""
+        delay = self.first_delay_s
+        while not await _stopped(stop, 0.5):
+            code = self.proc.poll()
+            if code is None:
+                continue
+            up = time.monotonic() - self.started_at
+            if self.starts == 1 and code > 0 and up < self.STARTUP_S:
+                print(f"error: the engine stopped (exit {code}) before it came up; see its log above",
+                      file=sys.stderr, flush=True)
+                self.failed = True
+                stop.set()
+                return
+            if up >= self.steady_s:
+                delay = self.first_delay_s
+            log.warning("the engine stopped (exit %d); restarting it in %s s", code, f"{delay:g}")
+            await self._tell_redis(lambda r: JobQueue(r, self.keys).leave(self.name))
+            if await _stopped(stop, delay):
+                return
+            self.start()
+            delay = min(delay * 2, self.max_delay_s)
+            notice = (f"the engine restarted at {time.strftime('%H:%M')} after it stopped unexpectedly "
+                      f"(exit {code}); jobs in flight are picked up again")
+            await self._tell_redis(lambda r: r.set(self.keys.notice, notice, ex=self.NOTICE_TTL_S))
+
+    async def _tell_redis(self, write) -> None:
+        """Best effort: a Redis that does not answer now costs a notice, never the supervision."""
+        import redis.asyncio as aioredis
+
+        client = aioredis.from_url(self.redis_url, password=os.environ.get("STYLEBOT_REDIS_PASSWORD") or None,
+                                   socket_connect_timeout=5, socket_timeout=5)
+        try:
+            await write(client)
+        except (aioredis.RedisError, OSError) as e:
+            log.warning("could not tell Redis about the engine (%s)", e)
+        finally:
+            await client.aclose()
+
+
+async def _stopped(stop: asyncio.Event, timeout: float) -> bool:
+    """Wait up to `timeout` s for `stop`; whether it is set."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout)
+    except asyncio.TimeoutError:
+        pass
+    return stop.is_set()
 
 
 def _stop(proc: subprocess.Popen, timeout: float) -> None:

@@ -465,12 +465,23 @@ def cmd_engine(args: argparse.Namespace, cfg: Config) -> int:
     def clip_factory():
         return ClipScorer(clip_name, cfg.edit.clip_pretrained, device=dev)
 
+    from engine.device import configure_backends, resolve_precision, use_compile
+    from engine.scheduler import auto_max_active
+
+    precision = resolve_precision(dev, cfg.engine.precision)
+    configure_backends(dev, precision)
+    logging.getLogger("stylebot.engine").info("precision %s on %s (config: %s)", precision, dev, cfg.engine.precision)
+    max_active = cfg.engine.max_active
+    if max_active == "auto":
+        max_active = auto_max_active(G, vgg, precision=precision)
     settings = WorkerSettings(name=args.name, batch_size=cfg.queue.batch_size, scheduler=cfg.engine.scheduler,
-                              max_active=cfg.engine.max_active, drain_s=cfg.engine.drain_s,
-                              heartbeat_ttl_s=cfg.queue.heartbeat_ttl_s, invert_steps=args.invert_steps)
+                              max_active=max_active, drain_s=cfg.engine.drain_s, precision=precision,
+                              compile=use_compile(dev, cfg.engine.compile), heartbeat_ttl_s=cfg.queue.heartbeat_ttl_s,
+                              invert_steps=args.invert_steps)
 
     async def serve() -> None:
-        client = connect(args.redis or cfg.redis.url)
+        client = connect(args.redis or cfg.redis.url, max_connections=cfg.redis.max_connections,
+                         pool_timeout_s=cfg.redis.pool_timeout_s)
         keys = Keys(cfg.redis.prefix)
         queue = JobQueue(client, keys, max_deliveries=cfg.queue.max_deliveries,
                          reclaim_idle_ms=int(cfg.queue.reclaim_idle_s * 1000), result_ttl_s=cfg.chat.result_ttl_s)

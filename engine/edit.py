@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.device import autocast_for
 from engine.errors import StylebotError
 from engine.images import to_uint8
 from engine.optim import Preview, Progress, adam_step, lr_schedule, report
@@ -87,12 +88,15 @@ class ClipScorer:
             t = self.model.encode_text(self.tokenizer(prompts).to(self.mean.device))
         return F.normalize(t.float(), dim=-1)
 
-    def encode_image(self, img: torch.Tensor) -> torch.Tensor:
-        """Generator images [N, 3, H, W] in [-1, 1] -> unit CLIP embeddings, differentiably."""
+    def encode_image(self, img: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+        """Generator images [N, 3, H, W] in [-1, 1] -> unit CLIP embeddings (float32), differentiably; the image
+        encoder runs in `precision` (bf16: under autocast)."""
         x = (img + 1) / 2
         x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True)
         x = (x - self.mean) / self.std
-        return F.normalize(self.model.encode_image(x).float(), dim=-1)
+        with autocast_for(x.device, precision):
+            emb = self.model.encode_image(x)
+        return F.normalize(emb.float(), dim=-1)
 
 
 class _RerouteRootRecords(logging.Filter):
@@ -178,6 +182,7 @@ def edit(
     progress: Progress | None = None,
     preview: Preview | None = None,     # low-resolution look at the current images, every preview_every steps
     preview_every: int = 100,
+    precision: str = "fp32",            # "bf16": generator and CLIP's image encoder under bf16 autocast; else float32
 ) -> EditResult:
     r = EDIT_RECIPES[recipe]
     total, l2 = steps or r.steps, r.l2 if l2 is None else l2
@@ -191,8 +196,10 @@ def edit(
     opt = torch.optim.Adam([w], lr=r.lr)
     history = np.zeros([total, n], dtype=np.float32)
     for step in range(total):
-        img = G.synthesis(w, noise_mode="const")
-        sim = (clip.encode_image(img) * text).sum(-1)
+        with autocast_for(device, precision):
+            img = G.synthesis(w, noise_mode="const")
+        img = img.float()
+        sim = (clip.encode_image(img, precision) * text).sum(-1)
         per_sample = (1 - sim) + l2 * (w - w0).square().flatten(1).sum(1)
         history[step] = adam_step(opt, per_sample, learning_rate(step, total, r.lr))
         report(step + 1, total, history[step], img, progress, preview, preview_every)

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from engine.device import autocast_for
 from engine.images import from_uint8, to_uint8
 from engine.optim import Preview, Progress, adam_step, lr_schedule, report
-from engine.perceptual import VGG16Features, image2stylegan_loss, lpips_like_loss, resize
+from engine.perceptual import VGG16Features, features, image2stylegan_loss, lpips_like_loss, resize
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ def invert(
     progress: Progress | None = None,
     preview: Preview | None = None,     # low-resolution look at the current images, every preview_every steps
     preview_every: int = 100,
+    precision: str = "fp32",            # "bf16": generator and VGG under bf16 autocast (engine.device); else float32
 ) -> InversionResult:
     r = RECIPES[recipe]
     total = r.steps if steps is None else steps
@@ -91,7 +93,7 @@ def invert(
     vgg_size = min(r.vgg_size, res) if res < r.vgg_size else r.vgg_size
     layers = list(r.layers)
     with torch.no_grad():
-        target_feats = vgg(resize(target, vgg_size), layers)
+        target_feats = features(vgg, resize(target, vgg_size), layers, precision)
     feature_loss = image2stylegan_loss if r.loss == "image2stylegan" else lpips_like_loss
 
     if init_ws is not None:
@@ -110,9 +112,11 @@ def invert(
             w = w.detach().repeat(1, G.num_ws, 1).requires_grad_(True)
             opt = torch.optim.Adam([w], lr=r.lr, betas=(0.9, 0.999), eps=1e-8)
         ws = w if w.shape[1] == G.num_ws else w.expand(-1, G.num_ws, -1)
-        img = G.synthesis(ws, noise_mode="const")
+        with autocast_for(device, precision):
+            img = G.synthesis(ws, noise_mode="const")
+        img = img.float()
         per_sample = (img - target).square().flatten(1).mean(1) * r.pixel_weight
-        per_sample = per_sample + feature_loss(vgg, img, target_feats, vgg_size, layers)
+        per_sample = per_sample + feature_loss(vgg, img, target_feats, vgg_size, layers, precision)
         history[step] = adam_step(opt, per_sample, learning_rate(step, total, r))
         report(step + 1, total, history[step], img, progress, preview, preview_every)
 

@@ -1,8 +1,9 @@
 """Morphs between two W+ latents, and their encoding as a looping GIF or an MP4 under a size budget.
 
 `morph(G, wa, wb, frames=...)` renders the frames (weights (1 - t, t) that sum to 1, the seed's rule; optional
-easing, ping-pong and layer ranges for style mixing). `encode_gif` / `encode_mp4` turn frames into bytes and shrink
-the frames or the frame count rather than fail when a budget is given.
+easing, ping-pong and layer ranges for style mixing); `MorphRender` renders them a few at a time, between an
+engine's other work. `encode_gif` / `encode_mp4` turn frames into bytes and shrink the frames or the frame count
+rather than fail when a budget is given.
 """
 
 from __future__ import annotations
@@ -53,24 +54,45 @@ def weights(frames: int, easing: str = "cosine") -> list[float]:
 
 
 def morph(G, wa: torch.Tensor, wb: torch.Tensor, *, frames: int = 24, easing: str = "cosine", pingpong: bool = True,
-          layers: str = "all", batch: int = 8, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+          layers: str = "all", batch: int = 4, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """uint8 [F, R, R, 3]: (1 - t) * wa + t * wb on the chosen layers (wa elsewhere); ping-pong returns to wa."""
-    device = G.mapping.w_avg.device
-    wa, wb = wa.to(device).reshape(1, G.num_ws, G.w_dim), wb.to(device).reshape(1, G.num_ws, G.w_dim)
-    mask = layer_mask(G, layers).to(device).reshape(1, -1, 1)
-    ts = weights(frames, easing)
-    t = torch.tensor(ts, device=device).reshape(-1, 1, 1)
-    ws = wa + mask * t * (wb - wa)  # (1 - t) wa + t wb where the mask is 1
-    out = []
-    with torch.no_grad():
-        for i in range(0, frames, batch):
-            out.append(to_uint8(G.synthesis(ws[i:i + batch], noise_mode="const")))
-            if progress:
-                progress(min(i + batch, frames), frames)
-    video = np.concatenate(out)
-    if pingpong and frames > 2:
-        video = np.concatenate([video, video[-2:0:-1]])
-    return video
+    render = MorphRender(G, wa, wb, frames=frames, easing=easing, pingpong=pingpong, layers=layers, batch=batch)
+    done = False
+    while not done:
+        done = render.step()
+        if progress:
+            progress(render.rendered, frames)
+    return render.video()
+
+
+class MorphRender:
+    """A morph rendered `batch` frames per `step()`, so that an engine can run other work between the steps;
+    `video()` is then exactly what `morph()` returns with the same arguments (it is how `morph()` renders)."""
+
+    def __init__(self, G, wa: torch.Tensor, wb: torch.Tensor, *, frames: int = 24, easing: str = "cosine",
+                 pingpong: bool = True, layers: str = "all", batch: int = 4):
+        device = G.mapping.w_avg.device
+        wa, wb = wa.to(device).reshape(1, G.num_ws, G.w_dim), wb.to(device).reshape(1, G.num_ws, G.w_dim)
+        mask = layer_mask(G, layers).to(device).reshape(1, -1, 1)
+        t = torch.tensor(weights(frames, easing), device=device).reshape(-1, 1, 1)
+        self.ws = wa + mask * t * (wb - wa)  # (1 - t) wa + t wb where the mask is 1
+        self.G, self.frames, self.pingpong, self.batch = G, frames, pingpong, batch
+        self.chunks: list[np.ndarray] = []
+        self.rendered = 0
+
+    def step(self) -> bool:
+        """Render the next `batch` frames; True once every frame is rendered."""
+        with torch.no_grad():
+            ws = self.ws[self.rendered:self.rendered + self.batch]
+            self.chunks.append(to_uint8(self.G.synthesis(ws, noise_mode="const")))
+        self.rendered += len(ws)
+        return self.rendered >= self.frames
+
+    def video(self) -> np.ndarray:
+        video = np.concatenate(self.chunks)
+        if self.pingpong and self.frames > 2:
+            video = np.concatenate([video, video[-2:0:-1]])
+        return video
 
 
 def encode_gif(frames: np.ndarray, *, fps: float = 12, max_bytes: int | None = None, min_side: int = 64) -> bytes:

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
+from engine.device import autocast_for
+
 # Index of each named ReLU in torchvision's vgg16().features.
 RELU = {"relu1_1": 1, "relu1_2": 3, "relu2_2": 8, "relu3_2": 13, "relu3_3": 15, "relu4_2": 20, "relu4_3": 22,
         "relu5_3": 29}
@@ -65,18 +67,25 @@ def resize(img: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(img, size=(size, size), mode=mode, **({} if mode == "area" else {"align_corners": False}))
 
 
+def features(vgg: VGG16Features, img: torch.Tensor, layers: list[str], precision: str = "fp32") -> list[torch.Tensor]:
+    """`vgg(img, layers)` in `precision` (bf16: under autocast), returned in float32 for the losses."""
+    with autocast_for(img.device, precision):
+        feats = vgg(img, layers)
+    return [f.float() for f in feats]
+
+
 def image2stylegan_loss(vgg: VGG16Features, img: torch.Tensor, target_feats: list[torch.Tensor], size: int,
-                        layers: list[str]) -> torch.Tensor:
+                        layers: list[str], precision: str = "fp32") -> torch.Tensor:
     """Per-sample sum over layers of the MSE between VGG activations (Abdal et al. 2019): [N]."""
-    feats = vgg(resize(img, size), layers)
+    feats = features(vgg, resize(img, size), layers, precision)
     return sum((f - t).square().flatten(1).mean(1) for f, t in zip(feats, target_feats))
 
 
 def lpips_like_loss(vgg: VGG16Features, img: torch.Tensor, target_feats: list[torch.Tensor], size: int,
-                    layers: list[str]) -> torch.Tensor:
+                    layers: list[str], precision: str = "fp32") -> torch.Tensor:
     """Per-sample LPIPS distance without the learned weights: channel-normalised features, squared difference
     summed over channels, averaged over positions, summed over layers: [N]."""
-    feats = vgg(resize(img, size), layers)
+    feats = features(vgg, resize(img, size), layers, precision)
     return sum((_unit(f) - _unit(t)).square().sum(1).flatten(1).mean(1) for f, t in zip(feats, target_feats))
 
 

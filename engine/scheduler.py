@@ -6,22 +6,29 @@ schedule and Adam moments (`engine.pool.RowAdam`), and rows join and leave at an
 `tick()` in a thread, and stores what `tick` reports finished. A row alone follows exactly the steps of `invert()`
 or `edit()` (same losses, same schedules, same Adam); in a pool its latent differs from its lone run only by the
 rounding of sums taken over another batch size.
+
+`precision` ("bf16": the generator and the feature networks under autocast, losses and Adam in float32) and
+`synthesis` (a compiled generator, padded to a few batch sizes: `engine.device`) are set once at start-up.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from engine.device import CPU_MAX_ACTIVE, autocast_for, rows_that_fit
 from engine.edit import EDIT_RECIPES, ClipScorer, check_prompt
 from engine.edit import learning_rate as edit_learning_rate
 from engine.images import from_uint8, to_uint8
 from engine.invert import RECIPES, learning_rate, psnr
-from engine.perceptual import image2stylegan_loss, lpips_like_loss, resize
+from engine.perceptual import features, image2stylegan_loss, lpips_like_loss, resize
 from engine.pool import RowAdam
+
+log = logging.getLogger("stylebot.engine")
 
 
 @dataclass
@@ -67,8 +74,11 @@ class OptimisationPool:
     """Inversions (Image2StyleGAN-style recipe `invert_recipe`) and StyleCLIP edits in one continuous batch."""
 
     def __init__(self, G, *, vgg=None, clip: ClipScorer | None = None, invert_recipe: str = "default",
-                 edit_recipe: str = "default", preview_every: int = 100):
+                 edit_recipe: str = "default", preview_every: int = 100, precision: str = "fp32",
+                 synthesis: Callable | None = None):
         self.G, self.vgg, self.clip = G, vgg, clip
+        self.precision = precision                  # "fp32" | "tf32" | "bf16" (engine.device)
+        self.synthesis = synthesis or G.synthesis   # the ticks' generator: G.synthesis, or compiled and padded
         self.recipe, self.edit_recipe = RECIPES[invert_recipe], EDIT_RECIPES[edit_recipe]
         if self.recipe.w_only_fraction:
             raise ValueError("the pool optimises W+ rows; a recipe with a W stage runs with invert()")
@@ -91,7 +101,7 @@ class OptimisationPool:
         if t.shape[-1] != self.G.img_resolution or t.shape[0] != 1:
             raise ValueError(f"an inversion target is one {self.G.img_resolution} px image, got {tuple(t.shape)}")
         with torch.no_grad():
-            feats = self.vgg.to(self.device)(resize(t, self.vgg_size), self.layers)
+            feats = features(self.vgg.to(self.device), resize(t, self.vgg_size), self.layers, self.precision)
         if init_ws is None:
             base = (torch.zeros([self.G.w_dim], device=self.device) if self.recipe.init == "zeros"
                     else self.G.mapping.w_avg)
@@ -131,7 +141,9 @@ class OptimisationPool:
         if not self.rows:
             return report
         ws = self.adam.params.clone().requires_grad_(True)
-        img = self.G.synthesis(ws, noise_mode="const")
+        with autocast_for(self.device, self.precision):
+            img = self.synthesis(ws, noise_mode="const")
+        img = img.float()
         per_row = self._losses(ws, img)
         per_row.sum().backward()
         grad = torch.nan_to_num(ws.grad, nan=0.0, posinf=0.0, neginf=0.0)  # a broken row must not spoil others
@@ -161,13 +173,13 @@ class OptimisationPool:
             target = torch.cat([r.target for r in rows])
             feats = [torch.cat(f) for f in zip(*(r.target_feats for r in rows))]
             loss = (im - target).square().flatten(1).mean(1) * self.recipe.pixel_weight
-            parts.append(loss + self.feature_loss(self.vgg, im, feats, self.vgg_size, self.layers))
+            parts.append(loss + self.feature_loss(self.vgg, im, feats, self.vgg_size, self.layers, self.precision))
             where += inv
         ed = [i for i, row in enumerate(self.rows) if row.kind == "edit"]
         if ed:
             rows = [self.rows[i] for i in ed]
             text, w0 = torch.cat([r.text for r in rows]), torch.cat([r.w0 for r in rows])
-            sim = (self.clip.encode_image(img[ed]) * text).sum(-1)
+            sim = (self.clip.encode_image(img[ed], self.precision) * text).sum(-1)
             parts.append((1 - sim) + self.edit_recipe.l2 * (ws[ed] - w0).square().flatten(1).sum(1))
             where += ed
         order = torch.tensor(where, device=img.device)
@@ -189,3 +201,26 @@ class OptimisationPool:
                 out.similarity = (self.clip.encode_image(img) * row.text).sum(-1).item()
                 out.w0 = row.w0[0].cpu()
         return out
+
+
+def auto_max_active(G, vgg, *, precision: str = "fp32") -> int:
+    """`[engine] max_active = "auto"`: on CUDA, the rows that fit in 0.8 of the free memory at what one inversion
+    row's step (forward and backward) measured at start-up; CPU_MAX_ACTIVE on a CPU. Logged."""
+    device = G.mapping.w_avg.device
+    if device.type != "cuda":
+        log.info("max_active auto: %d on a CPU", CPU_MAX_ACTIVE)
+        return CPU_MAX_ACTIVE
+    pool = OptimisationPool(G, vgg=vgg, precision=precision)
+    with torch.no_grad():
+        target = to_uint8(G.synthesis(G.mapping.w_avg.reshape(1, 1, -1).repeat(1, G.num_ws, 1)))[0]
+    pool.add_inversion("probe", target, steps=2)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    pool.tick()
+    row = torch.cuda.max_memory_allocated(device) - before
+    pool.drop("probe")
+    free, _ = torch.cuda.mem_get_info(device)
+    rows = rows_that_fit(free, row)
+    log.info("max_active auto: %d (one row's step takes %.0f MiB, %.0f MiB free)", rows, row / 2**20, free / 2**20)
+    return rows

@@ -36,7 +36,7 @@ from engine.invert import RECIPES, invert
 from engine.latents import FAMILY_NAMES
 from engine.morph import encode_gif, morph
 from storage.latents import LatentStore, StoredLatent
-from storage.queue import Job, JobQueue
+from storage.queue import Job, JobQueue, Write
 
 log = logging.getLogger("stylebot.engine")
 
@@ -56,6 +56,9 @@ class WorkerSettings:
     scheduler: str = "continuous"       # "continuous" (a pool of rows, stepped together) | "static" (batch to end)
     max_active: int = 8                 # continuous: optimisations in the pool at once
     drain_s: float = 30.0               # continuous: on stop, rows that end within this are finished, others left
+    precision: str = "fp32"             # continuous: "fp32" | "tf32" | "bf16", resolved (engine.device)
+    compile: bool = False               # continuous: compile the generator at start-up (CUDA) for the pool's sizes
+    morph_chunk: int = 4                # continuous: morph frames rendered between two ticks (= morph()'s batch)
 
 
 class Worker:
@@ -69,25 +72,57 @@ class Worker:
         self.claimed: dict[str, Job] = {}   # continuous: every job this engine holds and has not answered yet
 
     async def heartbeat(self) -> None:
-        await self.queue.r.set(self.queue.keys.heartbeat(self.name),
-                               f"{self.G.model_id} {time.time():.0f}", ex=self.settings.heartbeat_ttl_s)
+        await self.queue.beat(self.name, self.G.model_id, self.settings.heartbeat_ttl_s)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop` is set: claim, run, store, acknowledge (see the module's docstring for the two schedulers)."""
         self.loop = asyncio.get_running_loop()
-        await self.queue.ensure_groups()
+        if not await self._wait_for_redis(stop):
+            return
         log.info("engine %s serving %s (%s scheduler)", self.name, self.G.model_id, self.settings.scheduler)
         if self.settings.scheduler == "continuous":
             await ContinuousLoop(self).run(stop)
         else:
             await self._run_static(stop)
-        await self.queue.r.delete(self.queue.keys.heartbeat(self.name))
+        try:
+            await self.queue.leave(self.name)
+        except redis.RedisError as e:  # stopping while Redis is away: the heartbeat expires on its own
+            log.warning("could not say goodbye to Redis (%s)", e)
+
+    async def _wait_for_redis(self, stop: asyncio.Event) -> bool:
+        """Create the queue's groups, waiting for Redis as long as it takes (backoff 1 s doubling to 30 s, a log
+        line per try); False when told to stop first."""
+        delay = 1.0
+        while not stop.is_set():
+            attempt = asyncio.create_task(self.queue.ensure_groups())
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait([attempt, stopped], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if not attempt.done():  # told to stop while the client was still retrying
+                attempt.cancel()
+                return False
+            try:
+                attempt.result()
+                return True
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                log.warning("Redis is not answering (%s); trying again in %.0f s", e, delay)
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+                delay = min(30.0, delay * 2)
+        return False
 
     async def _run_static(self, stop: asyncio.Event) -> None:
         """Claim a batch, run each group of alike jobs to its end; a batch in flight is finished before returning."""
         while not stop.is_set():
-            await self.heartbeat()
-            jobs, exhausted = await self.queue.claim(self.name, self.settings.batch_size, block_ms=500)
+            try:
+                await self.heartbeat()
+                jobs, exhausted = await self.queue.claim(self.name, self.settings.batch_size, block_ms=500)
+            except (redis.ConnectionError, redis.TimeoutError) as e:  # Redis away: wait for it, hold nothing
+                log.warning("Redis is not answering (%s); retrying", e)
+                await asyncio.sleep(1)
+                continue
             for job in exhausted:
                 await self._fail(job, "this job failed on the engine several times; try another photo or prompt")
             for group in group_jobs(jobs):
@@ -97,9 +132,15 @@ class Worker:
                 finally:
                     beat.cancel()
 
-    async def _finish(self, job: Job, event: dict, payload: bytes = b"") -> None:
-        """Store and post a result: `event["result_kind"]` says what it shows ("face", "edit" or "morph")."""
-        await self.queue.finish(job, {"model": self.G.model_id, **event}, payload=payload, engine=self.name)
+    async def _finish(self, job: Job, event: dict, payload: bytes = b"", writes: list[Write] = (),
+                      refusal: str = "") -> None:
+        """Store `writes` and post a result, in one step guarded by the user's epoch (a user who said /forget
+        meanwhile gets nothing stored and no answer): `event["result_kind"]` says what it shows ("face", "edit" or
+        "morph"); `refusal` is the answer instead when the other person of a morph stopped sharing."""
+        stored = await self.queue.finish(job, {"model": self.G.model_id, **event}, payload=payload,
+                                         engine=self.name, writes=writes, refusal=refusal)
+        if stored < 0:
+            log.info("job %s: its user said /forget while it ran; nothing stored", job.job_id)
         self.claimed.pop(job.job_id, None)
 
     async def _fail(self, job: Job, reason: str) -> None:
@@ -188,10 +229,8 @@ class Worker:
         meta = {"op": "invert", "psnr": round(psnr, 2), "steps": steps, "refined": refined, "warnings": warnings,
                 "likeness": None if distance is None else round(distance, 3), "redo": {"op": "invert", "params": {}}}
         latent = StoredLatent(ws.numpy(), self.G.model_id, meta=meta)
-        await self.store.set_face(job.user_id, latent)
-        await self.store.set_result(job.user_id, job.job_id, latent)
-        await self.queue.r.set(self.queue.keys.target(job.user_id, job.job_id), _png(target),
-                               ex=self.store.result_ttl_s)
+        writes = [self.store.face_write(job.user_id, latent), self.store.result_write(job.user_id, job.job_id, latent),
+                  Write(self.queue.keys.target(job.user_id, job.job_id), _crop(target), self.store.result_ttl_s)]
         text = f"your face as the {self.G.model_id} model draws it"
         if refined:
             text += f", refined {refined}x"
@@ -201,7 +240,7 @@ class Worker:
             text += f"; dlib's face check: {verdict} (distance {distance:.2f}, under 0.6 is a match)"
         text += "".join(f"\nnote: {w}" for w in warnings)
         await self._finish(job, {"text": text, "kind": "image", "result_id": job.job_id, "result_kind": "face"},
-                           payload=_png(image))
+                           payload=_png(image), writes=writes)
 
     async def _diverged(self, job: Job, *latents) -> bool:
         """True (and the job failed with the reason) when an optimisation's result holds NaN or infinity."""
@@ -230,20 +269,22 @@ class Worker:
             return None
         return lat
 
-    async def _morph(self, job: Job) -> None:
+    async def _morph(self, job: Job, video: np.ndarray | None = None) -> None:
+        """A morph rendered (or its frames `video`, rendered already between ticks), encoded and stored."""
         a, b = job.params["a"], job.params["b"]
         la = await self._latent(job, a)
         lb = la and await self._latent(job, b)
         if lb is None:
             return
         frames = int(job.params.get("frames", 24))
-        video = await asyncio.to_thread(morph, self.G, torch.from_numpy(la.ws), torch.from_numpy(lb.ws),
-                                        frames=frames, layers=job.params.get("layers", "all"))
+        if video is None:
+            video = await asyncio.to_thread(morph, self.G, torch.from_numpy(la.ws), torch.from_numpy(lb.ws),
+                                            frames=frames, layers=job.params.get("layers", "all"))
         gif = await asyncio.to_thread(encode_gif, video, max_bytes=self.settings.max_upload_bytes)
         meta = {"op": "morph", "frames": frames, "redo": {"op": "morph", "params": job.params}}
-        await self.store.set_result(job.user_id, job.job_id, StoredLatent(la.ws, self.G.model_id, meta=meta))
+        result = self.store.result_write(job.user_id, job.job_id, StoredLatent(la.ws, self.G.model_id, meta=meta))
         await self._finish(job, {"text": f"morph, {frames} frames", "kind": "animation", "result_id": job.job_id,
-                                 "result_kind": "morph"}, payload=gif)
+                                 "result_kind": "morph"}, payload=gif, writes=[result], refusal=_unshared(job))
 
     async def _edit(self, jobs: list[Job]) -> None:
         if self._clip is None:
@@ -278,11 +319,11 @@ class Worker:
         if await self._diverged(job, ws):
             return
         meta = dict(lat.meta, strength=round(strength, 3))
-        await self.store.set_result(job.user_id, job.job_id, StoredLatent(ws[0].numpy(), self.G.model_id, meta=meta,
-                                                                          w0=lat.w0))
+        result = self.store.result_write(job.user_id, job.job_id, StoredLatent(ws[0].numpy(), self.G.model_id,
+                                                                               meta=meta, w0=lat.w0))
         await self._finish(job, {"text": f"{meta.get('prompt', 'edit')} x{strength:.2f} (edit strength)",
                                  "kind": "image", "result_id": job.job_id, "result_kind": "edit"},
-                           payload=_png(images[0]))
+                           payload=_png(images[0]), writes=[result])
 
     async def _refine_start(self, job: Job) -> tuple[StoredLatent, np.ndarray | None] | None:
         """What a refine goes on from: the stored result and, for an inversion, its aligned crop at this model's
@@ -302,11 +343,11 @@ class Worker:
         if lat.meta.get("op") != "invert":
             await self._fail(job, "only faces and edits can be refined")
             return None
-        png = await self.queue.r.get(self.queue.keys.target(job.user_id, result_id))
-        if png is None:
+        crop = await self.queue.r.get(self.queue.keys.target(job.user_id, result_id))
+        if crop is None:
             await self._fail(job, "the face behind that result has expired; send the photo again with /invert")
             return None
-        target = Image.open(io.BytesIO(png)).convert("RGB")
+        target = Image.open(io.BytesIO(crop)).convert("RGB")
         res = self.G.img_resolution
         if target.size != (res, res):  # the same FFHQ crop, at this model's resolution
             target = target.resize((res, res), Image.LANCZOS)
@@ -324,10 +365,10 @@ class Worker:
         """An edit's result: a rerunnable result (with its start latent, for stronger / weaker) and the reply."""
         if await self._diverged(job, ws):
             return
-        await self.store.set_result(job.user_id, job.job_id, StoredLatent(ws.numpy(), self.G.model_id, meta=meta,
-                                                                          w0=w0.numpy()))
+        result = self.store.result_write(job.user_id, job.job_id, StoredLatent(ws.numpy(), self.G.model_id,
+                                                                               meta=meta, w0=w0.numpy()))
         await self._finish(job, {"text": text, "kind": "image", "result_id": job.job_id, "result_kind": "edit"},
-                           payload=_png(image))
+                           payload=_png(image), writes=[result])
 
     async def _refine(self, job: Job) -> None:
         """More optimisation steps for an inversion (against its kept aligned crop) or an edit (same prompt)."""
@@ -372,6 +413,13 @@ def edit_meta(prompt: str) -> dict:
     return {"op": "edit", "prompt": prompt, "strength": 1.0, "redo": {"op": "edit", "params": {"prompt": prompt}}}
 
 
+def _unshared(job: Job) -> str:
+    """A morph's answer when the other person stops sharing before it is stored (checked in the same step)."""
+    names = job.params.get("names", {})
+    who = next((names.get(u, "the other person") for u in job.epochs if u != job.user_id), "the other person")
+    return f"{who} no longer allows morphs with their face, so the morph was not kept"
+
+
 def group_jobs(jobs: list[Job]) -> list[list[Job]]:
     """Jobs that can share one forward/backward pass: same operation and same settings."""
     groups: dict[tuple, list[Job]] = defaultdict(list)
@@ -398,6 +446,15 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _crop(image: np.ndarray) -> bytes:
+    """The aligned crop kept for refines, as JPEG quality 95: a quarter of a PNG's bytes at 1024 px (221 against
+    911 KiB, benchmarks/users.py), which is most of what a user costs in Redis; its error (about 40 dB PSNR) is far
+    below what an inversion reaches (20-30 dB), so a refine's target is unchanged for practical purposes."""
+    buf = io.BytesIO()
+    Image.fromarray(image, "RGB").save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
 
 ONE_PASS = ("restyle", "morph")     # jobs that run between ticks, never in the pool
 
@@ -415,19 +472,33 @@ class ContinuousLoop:
         self.tick_s: float | None = None    # moving average of a tick's duration: the ETA's step time
         self.last_claim = 0.0
         self.storing: set[asyncio.Task] = set()  # finished rows being stored while the others tick on
+        self.forgotten: set[str] = set()    # job ids whose users said /forget: dropped before the next tick
 
     async def run(self, stop: asyncio.Event) -> None:
+        from engine.device import compile_synthesis, pool_sizes
+
+        s = self.w.settings
+        self.pool.precision = s.precision
+        if s.compile:  # before the first heartbeat: the engine is online once no job would pay for compiling
+            self.pool.synthesis = await asyncio.to_thread(compile_synthesis, self.w.G, pool_sizes(s.max_active),
+                                                          s.precision)
+        self.morphs: dict[str, tuple] = {}  # job id -> (job, MorphRender): morphs rendered a chunk between ticks
         keeper = asyncio.create_task(self._keep_claimed())
         try:
             while not stop.is_set():
                 try:
                     await self._claim()
+                    await self._cancel_forgotten()
                     await self._admit()
                     if len(self.pool):
                         await self._tick()
+                    if self.morphs:  # the oldest morph's next frames, ahead of the next tick
+                        await self._one_pass(next(iter(self.morphs.values()))[0])
                 except (redis.ConnectionError, redis.TimeoutError) as e:  # Redis restarting: jobs stay claimed
                     log.warning("Redis is not answering (%s); retrying", e)
                     await asyncio.sleep(1)
+            for job_id in self.morphs:  # morphs still rendering are left unacknowledged for another engine
+                self.w.claimed.pop(job_id, None)
             await self._drain()
         finally:
             await asyncio.gather(*self.storing, return_exceptions=True)
@@ -439,7 +510,9 @@ class ContinuousLoop:
         while True:
             try:
                 await w.heartbeat()
-                await w.queue.touch(w.name, list(w.claimed.values()))
+                held = list(w.claimed.values())
+                await w.queue.touch(w.name, held)
+                self.forgotten.update(j.job_id for j, ok in zip(held, await w.queue.wanted(held)) if not ok)
             except redis.RedisError as e:
                 log.warning("heartbeat failed (%s)", e)
             await asyncio.sleep(min(w.settings.heartbeat_ttl_s, w.queue.reclaim_idle_ms / 1000) / 3)
@@ -450,7 +523,7 @@ class ContinuousLoop:
         room = s.max_active - len(self.pool) - len(self.backlog)
         if room <= 0:  # full: still take one at a time (up to max_active waiting), so that a stronger / weaker
             room = 1 if len(self.backlog) < s.max_active else 0  # behind queued inversions is not stuck there
-        busy = len(self.pool) > 0
+        busy = len(self.pool) > 0 or bool(self.morphs)
         if room <= 0 or (busy and time.monotonic() - self.last_claim < 0.1):
             return
         self.last_claim = time.monotonic()
@@ -465,15 +538,59 @@ class ContinuousLoop:
             else:
                 self.backlog.append(job)
 
-    async def _one_pass(self, job: Job) -> None:
-        """stronger / weaker / morph: between ticks, failing alone."""
+    async def _cancel_forgotten(self) -> None:
+        """Jobs whose users said /forget leave the pool and the backlog unanswered (nothing of theirs is stored)."""
+        if not self.forgotten:
+            return
+        gone, self.forgotten = self.forgotten, set()
+        for job_id in gone:
+            job = self.w.claimed.pop(job_id, None)
+            if job is None:
+                continue
+            self.pool.drop(job)
+            if job in self.backlog:
+                self.backlog.remove(job)
+            self.context.pop(job_id, None)
+            await self.w.queue.drop(job)
+            log.info("job %s: its user said /forget; stopped", job_id)
+
+    async def _one_pass(self, job: Job, video: np.ndarray | None = None) -> None:
+        """stronger / weaker at once; a morph in steps between ticks (called by `_claim`, then by `run`): its
+        latents checked, then `morph_chunk` frames rendered per call, then, with its `video`, encoded and stored in
+        a task beside the next ticks (`Worker._morph`). Each fails its job alone; a job let go meanwhile stops."""
+        from engine.morph import MorphRender
+
+        w = self.w
         try:
-            await (self.w._restyle(job) if job.op == "restyle" else self.w._morph(job))
+            if job.job_id not in w.claimed:  # its user said /forget
+                self.morphs.pop(job.job_id, None)
+            elif job.op == "restyle":
+                await w._restyle(job)
+            elif video is not None:
+                await w._morph(job, video=video)
+            elif job.job_id in self.morphs:
+                render = self.morphs[job.job_id][1]
+                if await asyncio.to_thread(render.step):
+                    del self.morphs[job.job_id]
+                    task = asyncio.create_task(self._one_pass(job, render.video()))
+                    self.storing.add(task)
+                    task.add_done_callback(self.storing.discard)
+            else:
+                la = await w._latent(job, job.params["a"])
+                lb = la and await w._latent(job, job.params["b"])
+                if lb is not None:
+                    self.morphs[job.job_id] = (job, MorphRender(
+                        w.G, torch.from_numpy(la.ws), torch.from_numpy(lb.ws), frames=int(job.params.get("frames", 24)),
+                        layers=job.params.get("layers", "all"), batch=w.settings.morph_chunk))
         except (redis.ConnectionError, redis.TimeoutError):
-            raise
+            if video is None:
+                raise
+            log.exception("storing the morph %s failed; it is left for a retry", job.job_id)
+            w.claimed.pop(job.job_id, None)  # nothing was acknowledged: reclaimed and rerun
         except Exception:  # noqa: BLE001 - this job's problem, not the engine's
+            self.morphs.pop(job.job_id, None)
             log.exception("%s job %s failed", job.op, job.job_id)
-            await self.w._fail(job, "something went wrong on the engine with this one; please send it again")
+            await w._fail(job, "something went wrong on the engine with this one; please send it again")
 
     async def _admit(self) -> None:
         """Backlog jobs into the pool while it has room; each one's preparation fails it alone."""

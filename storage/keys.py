@@ -15,28 +15,37 @@ class Keys:
         """Stream of jobs; engines read it through the consumer group `ENGINE_GROUP`."""
         return f"{self.prefix}jobs"
 
-    def job(self, job_id: str) -> str:
-        """Hash: the job's state (status, user, adapter, delivered, error)."""
-        return f"{self.prefix}job:{job_id}"
-
     def done(self, job_id: str) -> str:
         """String set once when the job's result is stored: makes storing a result idempotent."""
         return f"{self.prefix}done:{job_id}"
 
     def results(self, adapter: str) -> str:
-        """Stream of results and progress for one adapter, read through its own consumer group."""
+        """Stream of results for one adapter, read through its own consumer group; an entry leaves it once the
+        adapter has posted it (or the user said /forget), or when it is older than the results' TTL."""
         return f"{self.prefix}results:{adapter}"
+
+    def progress(self, adapter: str) -> str:
+        """Pub/sub channel of progress events (and previews) for one adapter: best effort, nothing stored."""
+        return f"{self.prefix}progress:{adapter}"
 
     def photo(self, job_id: str) -> str:
         """The input photo of a job, kept only until the job finishes."""
         return f"{self.prefix}photo:{job_id}"
 
-    def heartbeat(self, engine: str) -> str:
-        return f"{self.prefix}engine:{engine}"
+    @property
+    def engines(self) -> str:
+        """Sorted set: engine name -> time of its last heartbeat (online = beat within the heartbeat TTL)."""
+        return f"{self.prefix}engines"
 
     @property
-    def heartbeat_pattern(self) -> str:
-        return f"{self.prefix}engine:*"
+    def engine_models(self) -> str:
+        """Hash: engine name -> the model it serves."""
+        return f"{self.prefix}engines:model"
+
+    @property
+    def notice(self) -> str:
+        """String: a short notice for every user (e.g. "the engine restarted at 14:03"), with a TTL."""
+        return f"{self.prefix}notice"
 
     # -- users -------------------------------------------------------------------------------------------------
     def user(self, user_id: str) -> str:
@@ -76,8 +85,27 @@ class Keys:
         return f"{self.prefix}message:{adapter}:{ref}"
 
     def user_jobs(self, user_id: str) -> str:
-        """Set of the user's unfinished job ids (per-user limits)."""
+        """Hash: the user's unfinished jobs, job id -> entry id on the jobs stream (per-user limits, /forget)."""
         return f"{self.user(user_id)}jobs"
+
+    def epoch(self, user_id: str) -> str:
+        """String: a random token, made at the user's first job and deleted by /forget. Every job carries the
+        token it was queued under; the engine writes a job's results only while the token is still the user's."""
+        return f"{self.user(user_id)}epoch"
+
+    def index(self, user_id: str) -> str:
+        """Sorted set: every key of the user whose name holds an id (results, crops, origins, message links),
+        scored by when it expires; /forget deletes them without scanning the keyspace."""
+        return f"{self.user(user_id)}keys"
+
+    def outbox(self, user_id: str) -> str:
+        """Set: entry ids of the user's results not yet posted by their adapter (/forget deletes them)."""
+        return f"{self.user(user_id)}outbox"
+
+    def fixed(self, user_id: str) -> list[str]:
+        """The user's keys with fixed names (what /forget deletes besides those in `index`)."""
+        return [self.latent(user_id), self.shared(user_id), self.display_name(user_id), self.user_jobs(user_id),
+                self.epoch(user_id), self.index(user_id), self.outbox(user_id)]
 
 
 ENGINE_GROUP = "engines"

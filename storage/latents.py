@@ -1,4 +1,5 @@
 """Per-user latents in Redis: the user's current face, the latents behind their recent results, consent to share.
+(/forget is `JobQueue.forget`: it also takes the user's jobs off the queue.)
 
 Latents are stored as raw little-endian float32 bytes with their shape and model id, never pickled; no torch here.
 """
@@ -13,6 +14,7 @@ import numpy as np
 import redis.asyncio as redis
 
 from storage.keys import Keys
+from storage.queue import Write
 
 
 @dataclass
@@ -61,22 +63,32 @@ class LatentStore:
         self.r, self.keys = client, keys
         self.latent_ttl_s, self.result_ttl_s = latent_ttl_s, result_ttl_s
 
+    def face_write(self, user_id: str, latent: StoredLatent) -> Write:
+        """The user's face, as one of a job's guarded writes (`JobQueue.finish`)."""
+        return Write(self.keys.latent(user_id), _pack(latent), self.latent_ttl_s)
+
+    def result_write(self, user_id: str, result_id: str, latent: StoredLatent) -> Write:
+        """The latents behind one of the user's results, as one of a job's guarded writes."""
+        return Write(self.keys.result_latent(user_id, result_id), _pack(latent), self.result_ttl_s)
+
     async def set_face(self, user_id: str, latent: StoredLatent) -> None:
-        key = self.keys.latent(user_id)
-        async with self.r.pipeline(transaction=True) as p:
-            p.delete(key)
-            p.hset(key, mapping=_pack(latent))
-            p.expire(key, self.latent_ttl_s)
-            await p.execute()
+        """Store a face directly (tools, tests); the engine stores through `face_write`, guarded by the epoch."""
+        await self._put(user_id, self.face_write(user_id, latent))
 
     async def face(self, user_id: str) -> StoredLatent | None:
         return _unpack(await self.r.hgetall(self.keys.latent(user_id)))
 
     async def set_result(self, user_id: str, result_id: str, latent: StoredLatent) -> None:
-        key = self.keys.result_latent(user_id, result_id)
+        """Store a result's latents directly (tools, tests)."""
+        await self._put(user_id, self.result_write(user_id, result_id, latent))
+
+    async def _put(self, user_id: str, w: Write) -> None:
         async with self.r.pipeline(transaction=True) as p:
-            p.hset(key, mapping=_pack(latent))
-            p.expire(key, self.result_ttl_s)
+            p.delete(w.key)
+            p.hset(w.key, mapping=w.value)
+            p.expire(w.key, w.ttl_s)
+            p.zadd(self.keys.index(user_id), {w.key: time.time() + w.ttl_s})
+            p.expire(self.keys.index(user_id), max(self.latent_ttl_s, self.result_ttl_s))
             await p.execute()
 
     async def result(self, user_id: str, result_id: str) -> StoredLatent | None:
@@ -90,10 +102,3 @@ class LatentStore:
 
     async def is_shared(self, user_id: str) -> bool:
         return bool(await self.r.exists(self.keys.shared(user_id)))
-
-    async def forget(self, user_id: str) -> int:
-        """Delete every key that belongs to the user; returns how many."""
-        deleted = 0
-        async for key in self.r.scan_iter(match=f"{self.keys.user(user_id)}*", count=500):
-            deleted += await self.r.delete(key)
-        return deleted

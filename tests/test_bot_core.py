@@ -61,7 +61,7 @@ async def test_invert_is_queued_with_a_position(bot):
     assert reply.job_id
     # no engine heartbeat in this test: the user is told why nothing moves
     assert reply.text == "finding your face: waiting for the engine, which is offline right now"
-    await bot.queue.r.set(bot.keys.heartbeat("e1"), "tiny 0", ex=30)
+    await bot.queue.beat("e1", "tiny", 30)
     second = await bot.handle(say("/invert", user="bob", photo=OBAMA))
     assert second.text == "finding your face: waiting behind 1 job"
     third = await bot.handle(say("/edit really angry face", user="alice"))

@@ -6,6 +6,7 @@ and the one-line answers users get to what cannot be done."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 from adapters.discord import serve
 from bot.config import Config, DiscordConfig
 from conftest import FIXTURES
-from fakes.discord_api import EPHEMERAL, Call, FakeDiscord
+from fakes.discord_api import EPHEMERAL, OPTION_TYPES, Call, FakeDiscord
 
 OBAMA = (FIXTURES / "faces" / "obama.jpg").read_bytes()
 BIDEN = (FIXTURES / "faces" / "biden.jpg").read_bytes()
@@ -67,7 +68,7 @@ def buttons(call: Call) -> dict[str, str]:
     return {b["label"]: b["custom_id"] for row in call.json["components"] for b in row["components"]}
 
 
-async def test_invert_edit_a_reaction_and_a_button(discord_api):
+async def test_invert_edit_a_reaction_and_a_button(discord_api, stack):
     fake = discord_api
     assert fake.gateway_queries[0]["encoding"] == "json" and fake.gateway_queries[0]["v"] == "10"
     assert sorted(fake.commands) == ["edit", "forget", "help", "invert", "morph", "share", "status", "unshare"]
@@ -109,7 +110,9 @@ async def test_invert_edit_a_reaction_and_a_button(discord_api):
     assert stronger_call.files[0][1] != edited_call.files[0][1]
     stronger = fake.messages[stronger_call.response["id"]]
 
-    # 👌 on the face: refine it; progress edits the channel message that said "refining: "
+    # 👌 on the face: refine it; progress edits the channel message that said "refining: " (a refine long enough
+    # for progress to come before the result: progress that arrives with its result is not shown)
+    stack.worker.settings = dataclasses.replace(stack.worker.settings, invert_steps=200)
     seen = len(fake.calls)
     await fake.react(alice, fake.messages[face.response["id"]], "👌")
     queued = await fake.wait_for(channel_post(fake, "refining: "), after=seen)
@@ -185,3 +188,18 @@ async def test_refusals_are_one_line_and_big_files_are_not_downloaded(discord_ap
     assert told.content == "/retired is not one of my commands any more: try /help"
     ix = await fake.slash(bob, "status")  # and the client carries on
     await fake.wait_for(original_edit(fake, ix, "engines online: 1"))
+
+
+async def test_an_invert_that_carries_several_photos_gets_one_line(discord_api, stack):
+    """Discord's picker takes one file for `photo:`; an interaction that resolves more is answered, not guessed at."""
+    fake = discord_api
+    erin = fake.user(41, "erin")
+    photos = [fake.attachment(f"{n}.jpg", "image/jpeg", OBAMA) for n in ("first", "second")]
+    data = {"id": fake.commands["invert"]["id"], "name": "invert", "type": 1,
+            "options": [{"name": "photo", "type": OPTION_TYPES["attachment"], "value": photos[0]["id"]}],
+            "resolved": {"attachments": {p["id"]: p for p in photos}}}
+    ix = fake._interaction(erin, 2, data)
+    await fake.dispatch("INTERACTION_CREATE", ix)
+    await fake.wait_for(original_edit(fake, ix, "send one photo per /invert (this message has 2)"))
+    assert fake.downloads("first.jpg") == [] and fake.downloads("second.jpg") == []  # nothing downloaded
+    assert await stack.queue.pending_count() == 0  # nor queued

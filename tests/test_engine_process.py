@@ -76,15 +76,15 @@ async def test_sigkill_mid_batch_then_another_engine_every_job_answered_once(set
 async def test_sigterm_exits_zero_and_drops_the_heartbeat(setup, client):
     cfg, queue = setup
     engine = start_engine(cfg, "engine-t")
-    key = queue.keys.heartbeat("engine-t")
     for _ in range(200):
-        if await client.exists(key):
+        if "engine-t" in await queue.engines_online():
             break
         await asyncio.sleep(0.1)
-    assert await client.exists(key), engine.stderr.read1().decode() if engine.poll() is not None else "no heartbeat"
+    online = await queue.engines_online()
+    assert online.get("engine-t") == "tiny", engine.stderr.read1().decode() if engine.poll() is not None else online
     engine.send_signal(signal.SIGTERM)
     assert engine.wait(30) == 0
-    assert not await client.exists(key)
+    assert await queue.engines_online() == {}  # it said it left: no waiting for its heartbeat to expire
 
 
 async def test_two_engines_share_one_queue(setup, client):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest_asyncio
 
 from storage.keys import Keys
+from storage.queue import JobQueue
 from storage.latents import LatentStore, StoredLatent
 
 
@@ -43,7 +44,8 @@ async def test_share_and_forget_everything(store):
     await store.share("alice", True)
     await store.set_face("bob", StoredLatent(np.zeros((8, 64), np.float32), "tiny"))
     assert await store.is_shared("alice") and not await store.is_shared("bob")
-    assert await store.forget("alice") == 3
+    queue = JobQueue(store.r, store.keys)
+    assert await queue.forget("alice", "web") == 4  # face, result, consent, the index of her keys
     left = [k async for k in store.r.scan_iter(match=f"{store.keys.prefix}*alice*")]
     assert left == []
     assert await store.face("bob") is not None  # only alice's keys went

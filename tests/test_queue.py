@@ -27,7 +27,7 @@ async def test_a_job_is_answered_once_and_its_photo_dropped(queue):
     jobs, exhausted = await queue.claim("engine-a", count=8, block_ms=100)
     assert [j.job_id for j in jobs] == [job.job_id] and not exhausted
     assert await queue.photo(jobs[0]) == b"jpeg bytes"
-    assert await queue.finish(jobs[0], {"text": "here is your face"}) is True
+    assert await queue.finish(jobs[0], {"text": "here is your face"}) == 1
     assert await queue.photo(jobs[0]) is None
     events = await queue.read_events("web", "web-1", block_ms=100)
     assert [(e["job_id"], e["type"], e["text"]) for _, e in events] == [(job.job_id, "done", "here is your face")]
@@ -44,8 +44,8 @@ async def test_a_dead_engines_job_is_reclaimed_and_posted_once(queue):
     await asyncio.sleep(0.1)
     again, _ = await queue.claim("engine-b", count=1, block_ms=100)
     assert [j.job_id for j in again] == [job.job_id] and again[0].deliveries == 2
-    assert await queue.finish(again[0], {"text": "b"}) is True
-    assert await queue.finish(taken[0], {"text": "a, late"}) is False  # the zombie's result is not posted
+    assert await queue.finish(again[0], {"text": "b"}) == 1
+    assert await queue.finish(taken[0], {"text": "a, late"}) == 0  # the zombie's result is not posted
     events = await queue.read_events("web", "web-1", block_ms=100)
     assert [e["text"] for _, e in events] == ["b"]
 
@@ -68,12 +68,37 @@ async def test_a_restarted_adapter_still_gets_what_finished_while_it_was_down(qu
     job = Job(op="edit", user_id="u2", adapter="web")
     await queue.enqueue(job)
     jobs, _ = await queue.claim("engine", count=1, block_ms=100)
-    await queue.progress(jobs[0], 1, 10)
     await queue.finish(jobs[0], {"text": "edited"})
     first = await queue.read_events("web", "web-1", block_ms=100)  # read, then the adapter crashes before posting
-    assert [e["type"] for _, e in first] == ["progress", "done"]
+    assert [e["type"] for _, e in first] == ["done"]
     again = await queue.read_events("web", "web-1", block_ms=100)  # restarted: its unacknowledged events come back
-    assert [e["type"] for _, e in again] == ["progress", "done"]
+    assert [e["type"] for _, e in again] == ["done"]
+
+
+async def test_progress_is_published_never_stored(queue):
+    """Progress (with its face preview) goes to whoever listens and leaves nothing in Redis."""
+    job = Job(op="invert", user_id="u3", adapter="web")
+    await queue.enqueue(job)
+    jobs, _ = await queue.claim("engine", count=1, block_ms=100)
+    sub = await queue.listen_progress("web")
+    await queue.progress(jobs[0], 5, 10, preview=b"\xff\xd8 jpeg", eta_s=2.25)
+    events = await queue.read_progress(sub, timeout_s=2)
+    assert [(e["step"], e["total"], e["preview"], e["eta_s"]) for e in events] == [(5, 10, b"\xff\xd8 jpeg", 2.2)]
+    assert await queue.r.xlen(queue.keys.results("web")) == 0
+    await sub.aclose()
+
+
+async def test_a_damaged_result_entry_is_skipped_not_fatal(queue):
+    """An entry without an event (a foreign writer, a damaged stream) is logged, acknowledged and skipped; the
+    results behind it still arrive."""
+    await queue.ensure_groups(adapters=("web",))
+    await queue.r.xadd(queue.keys.results("web"), {"junk": "1"})
+    job = Job(op="edit", user_id="u4", adapter="web")
+    await queue.enqueue(job)
+    jobs, _ = await queue.claim("engine", count=1, block_ms=100)
+    await queue.finish(jobs[0], {"text": "edited"})
+    events = await queue.read_events("web", "web-1", block_ms=100)
+    assert [e["text"] for _, e in events] == ["edited"]
 
 
 async def test_queue_position_counts_waiting_and_running_jobs(queue):

@@ -108,3 +108,52 @@ def test_previews_and_progress_per_row(G, vgg, clip, faces):
     assert [r.progress[0][1:3] for r in reports] == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
     assert [(p[1], p[3].shape) for r in reports for p in r.previews] == [(2, (32, 32, 3)), (4, (32, 32, 3))]
     assert reports[-1].finished[0].key == "a" and len(pool) == 0
+
+
+async def test_a_long_morph_renders_between_ticks_and_makes_the_same_gif(client):
+    """A 120-frame morph claimed just before a 2-step inversion: the morph is rendered 4 frames between two ticks,
+    so the inversion is answered first (rendered in one go, as before, the morph was answered first); the morph's
+    GIF is byte for byte the one the unchunked render (the static engine's `morph()`) gives."""
+    import asyncio
+    import uuid
+
+    from conftest import FIXTURES
+    from engine.morph import encode_gif, morph
+    from engine.worker import Worker, WorkerSettings
+    from storage.keys import Keys
+    from storage.latents import LatentStore, StoredLatent
+    from storage.queue import Job, JobQueue
+
+    keys = Keys(prefix=f"test-{uuid.uuid4().hex[:8]}:")
+    queue, store = JobQueue(client, keys, reclaim_idle_ms=60_000), LatentStore(client, keys)
+    await queue.ensure_groups(adapters=("web",))
+    G = build_builtin(registry_entries()["tiny"])
+    settings = WorkerSettings(name="m1", invert_steps=2, morph_chunk=4)
+    worker = Worker(G, queue, store, vgg=load_vgg16(width=0.125), settings=settings)
+    rng = np.random.default_rng(0)
+    faces = {user: rng.standard_normal((8, 64)).astype(np.float32) for user in ("alice", "bob")}
+    for user, ws in faces.items():
+        await store.set_face(user, StoredLatent(ws, "tiny"))
+    morph_job = Job(op="morph", user_id="alice", adapter="web", params={"a": "alice", "b": "bob", "frames": 120})
+    invert_job = Job(op="invert", user_id="bob", adapter="web")
+    await queue.enqueue(morph_job)
+    await queue.enqueue(invert_job, photo=(FIXTURES / "faces" / "obama.jpg").read_bytes())
+
+    stop, answers = asyncio.Event(), []
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        for _ in range(300):
+            for entry_id, event in await queue.read_events("web", "web-test", block_ms=200):
+                await queue.ack_event("web", entry_id)
+                answers.append(event)
+            if len(answers) == 2:
+                break
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        async for key in client.scan_iter(match=f"{keys.prefix}*"):
+            await client.delete(key)
+    assert [a["job_id"] for a in answers] == [invert_job.job_id, morph_job.job_id]
+    assert answers[0]["type"] == "done" and "PSNR" in answers[0]["text"]
+    video = morph(G, torch.from_numpy(faces["alice"]), torch.from_numpy(faces["bob"]), frames=120)
+    assert answers[1]["payload"] == encode_gif(video, max_bytes=settings.max_upload_bytes)

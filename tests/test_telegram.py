@@ -116,3 +116,25 @@ async def test_invert_as_a_reply_to_a_photo_and_morph_by_replying(telegram):
     _, gif = await fake.wait_for(lambda m, p: m == "sendAnimation")
     assert gif["caption"].startswith("morph, 4 frames")
     assert Image.open(io.BytesIO(gif["animation"]["bytes"])).format == "GIF"
+
+
+async def test_an_album_with_invert_gets_one_line_and_nothing_is_queued(telegram):
+    """Several photos sent at once come as one message each, sharing a media_group_id: the album is answered once."""
+    fake = telegram
+    erin = fake.user(41, "erin")
+    album = [fake.message(erin, "/invert", photo=OBAMA), fake.message(erin, photo=OBAMA)]  # caption on the first
+    plain = [fake.message(erin, photo=OBAMA) for _ in range(3)]  # no caption: photos alone in a private chat
+    for group, messages in (("album-1", album), ("album-2", plain)):
+        for msg in messages:
+            msg["media_group_id"] = group
+            await fake.push({"message": msg})
+    _, two = await fake.wait_for(lambda m, p: m == "sendMessage" and "(this message has 2)" in p["text"])
+    assert two["text"] == "send one photo per /invert (this message has 2)"
+    _, three = await fake.wait_for(lambda m, p: m == "sendMessage" and "(this message has 3)" in p["text"])
+    assert three["text"] == "send one photo per /invert (this message has 3)"
+    await fake.say(erin, "/status")  # after both albums were answered
+    await fake.wait_for(lambda m, p: m == "sendMessage" and p["text"].startswith("engines online"))
+    texts = [p.get("text", "") for m, p in fake.calls if m == "sendMessage"]
+    assert not [t for t in texts if t.startswith("finding your face")]  # nothing queued
+    assert sum(1 for t in texts if t.startswith("send one photo per /invert")) == 2  # one answer per album
+    assert not [m for m, _ in fake.calls if m == "getFile"]  # nothing downloaded

@@ -189,3 +189,34 @@ async def test_uploads_are_capped_before_they_are_read_and_nicknames_are_checked
         resp = await other.post("/nickname", json={"nickname": "Dave"})
         assert resp.status == 409 and (await resp.json())["error"] == "@Dave is taken: choose another nickname"
     await s.close()
+
+
+async def test_a_nickname_survives_a_restart_when_a_result_arrives_before_its_owner(stack):
+    """wanda asks for her face and leaves; the web chat restarts; her result arrives while she is away, then she
+    comes back (same cookie): she is still wanda, and her face is there, not a request to choose a nickname."""
+    from adapters.base import EventPump
+    from adapters.web import COOKIE
+
+    before = WebChat(stack.core)
+    async with TestClient(TestServer(before.app)) as http:
+        named = await http.post("/nickname", json={"nickname": "wanda"})
+        cookie = named.cookies[COOKIE].value
+        form = FormData()
+        form.add_field("photo", OBAMA.read_bytes(), filename="me.jpg")
+        assert (await (await http.post("/command", data=form)).json())["reply"].startswith("finding your face")
+    after = WebChat(stack.core)  # the restart: nothing in memory, the same Redis
+    stop = asyncio.Event()
+    pump = asyncio.create_task(EventPump(stack.core, after).run(stop))
+    for _ in range(600):
+        if any(m.get("media") for v in after.visitors.values() for m in v.log):
+            break
+        await asyncio.sleep(0.1)
+    stop.set()
+    await asyncio.wait_for(pump, 10)
+    async with TestClient(TestServer(after.app), headers={"Cookie": f"{COOKIE}={cookie}"}) as http:
+        info = await (await http.get("/info")).json()
+        assert info["nickname"] == "wanda"
+        resp = await http.post("/command", data=FormData({"text": "/help"}, default_to_multipart=True))
+        assert resp.status == 200 and "/invert" in (await resp.json())["reply"]  # no "choose a nickname first"
+    [visitor] = after.visitors.values()
+    assert any(m.get("media") and m["text"].startswith("your face as the tiny model draws it") for m in visitor.log)

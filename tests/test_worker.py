@@ -33,16 +33,19 @@ async def parts(client):
 async def _run_until_answered(worker: Worker, queue: JobQueue, n: int, timeout: float = 60,
                               progress: list | None = None) -> list[dict]:
     stop = asyncio.Event()
+    sub = await queue.listen_progress("web")
     task = asyncio.create_task(worker.run(stop))
     answers: list[dict] = []
     deadline = asyncio.get_running_loop().time() + timeout
     while len(answers) < n and asyncio.get_running_loop().time() < deadline:
+        if progress is not None:
+            progress.extend(await queue.read_progress(sub))
         for entry_id, event in await queue.read_events("web", "web-test", block_ms=200):
             await queue.ack_event("web", entry_id)
-            if event["type"] != "progress":
-                answers.append(event)
-            elif progress is not None:
-                progress.append(event)
+            answers.append(event)
+    if progress is not None:
+        progress.extend(await queue.read_progress(sub, timeout_s=0.5))
+    await sub.aclose()
     stop.set()
     await asyncio.wait_for(task, 30)
     return answers
@@ -172,6 +175,7 @@ async def test_continuous_engine_fails_a_bad_photo_alone_and_answers_stronger_wh
     await asyncio.gather(*(queue.enqueue(j, photo=obama) for j in good), queue.enqueue(bad, photo=thin.getvalue()))
 
     stop = asyncio.Event()
+    sub = await queue.listen_progress("web")
     task = asyncio.create_task(worker.run(stop))
     order: list[str] = []
     answers: dict[str, dict] = {}
@@ -179,14 +183,14 @@ async def test_continuous_engine_fails_a_bad_photo_alone_and_answers_stronger_wh
     sent_stronger = False
     deadline = asyncio.get_running_loop().time() + 120
     while len(answers) < 5 and asyncio.get_running_loop().time() < deadline:
+        if not sent_stronger and any(e["step"] > 0 for e in await queue.read_progress(sub)):
+            await queue.enqueue(stronger)  # the inversions are running now
+            sent_stronger = True
         for entry_id, event in await queue.read_events("web", "web-test", block_ms=100):
             await queue.ack_event("web", entry_id)
-            if event["type"] == "progress" and event["step"] > 0 and not sent_stronger:
-                await queue.enqueue(stronger)  # the inversions are running now
-                sent_stronger = True
-            elif event["type"] != "progress":
-                answers[event["job_id"]] = event
-                order.append(event["job_id"])
+            answers[event["job_id"]] = event
+            order.append(event["job_id"])
+    await sub.aclose()
     stop.set()
     await asyncio.wait_for(task, 60)
     assert answers[bad.job_id]["type"] == "failed" and "1x4000 pixels, too small" in answers[bad.job_id]["error"]
@@ -209,12 +213,12 @@ async def test_stopping_finishes_what_ends_within_drain_s_and_leaves_the_rest_cl
         job = Job(op="invert", user_id="erin", adapter="web")
         await queue.enqueue(job, photo=obama)
         stop = asyncio.Event()
+        sub = await queue.listen_progress("web")
         task = asyncio.create_task(worker.run(stop))
         running = False
         while not running:
-            for entry_id, e in await queue.read_events("web", "drain-test", block_ms=100):
-                await queue.ack_event("web", entry_id)
-                running = running or (e["type"] == "progress" and e["job_id"] == job.job_id and e["step"] > 0)
+            running = any(e["job_id"] == job.job_id and e["step"] > 0 for e in await queue.read_progress(sub, 0.1))
+        await sub.aclose()
         stop.set()
         await asyncio.wait_for(task, 60)
         assert bool(await client.exists(queue.keys.done(job.job_id))) is finished

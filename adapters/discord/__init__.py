@@ -169,6 +169,11 @@ class StyleBot(discord.AutoShardedClient):
         """A slash command: defer at once, hand it to the core, show the reply in the original response."""
         await interaction.response.defer(thinking=True)
         user, photo = interaction.user, None
+        attached = len(((interaction.data or {}).get("resolved") or {}).get("attachments") or {})
+        if attachment is not None and attached > 1:  # /invert has one photo option; a client may send more
+            await interaction.edit_original_response(content=f"send one photo per /invert (this message has "
+                                                             f"{attached})")
+            return
         if attachment is not None:
             limit = self.core.limits.max_photo_bytes
             if attachment.size > limit:  # refused on what Discord says, before anything is downloaded

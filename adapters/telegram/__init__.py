@@ -1,7 +1,9 @@
 """Telegram front end (python-telegram-bot 22): Telegram updates -> `bot.core.Command`s, answers -> messages.
 
 - `/invert` as the caption of a photo, as a reply to a photo, or on a photo sent as a file (uncompressed); the
-  file size Telegram reports is checked against `[limits]` before anything is downloaded.
+  file size Telegram reports is checked against `[limits]` before anything is downloaded. An album (several photos
+  sent at once arrive as one message each, with one `media_group_id`) is answered once, when all of it is in: one
+  line that asks for one photo per /invert.
 - `/morph @a @b [frames]`: @usernames are resolved by the core from the users it has seen; a text mention (a user
   without a username) carries the user id; replying to someone's message with `/morph @me` names them.
 - Reactions on a result rerun it (`message_reaction` updates; in groups a bot sees them only as an admin), and
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup, InputFile, Message, ReplyParameters, Update
 from telegram.constants import ChatType
@@ -27,6 +30,7 @@ log = logging.getLogger("stylebot.telegram")
 
 ALLOWED_UPDATES = ["message", "message_reaction", "callback_query"]
 BUTTON = "rr"                           # callback data: "rr:<action>:<result id>" (at most 64 bytes)
+ALBUM_WAIT_S = 1.0                      # an album's messages arrive within a moment of each other: wait for the rest
 
 
 def _uid(user) -> str:
@@ -48,6 +52,8 @@ class TelegramBot:
 
     def __init__(self, core: BotCore, app: Application):
         self.core, self.app = core, app
+        self._albums: dict[str, list[Message]] = {}   # media_group_id -> its messages so far
+        self._answered: OrderedDict[str, tuple[str, int]] = OrderedDict()  # album -> (its command, photos seen)
         app.add_handler(MessageReactionHandler(self.on_reaction))
         app.add_handler(CallbackQueryHandler(self.on_button, pattern=rf"^{BUTTON}:"))
         app.add_handler(MessageHandler(filters.TEXT | filters.CAPTION | filters.PHOTO | filters.Document.ALL,
@@ -57,27 +63,55 @@ class TelegramBot:
     # -- platform -> core ------------------------------------------------------------------------------------
 
     async def on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """A command, with or without a photo."""
+        """A command, with or without a photo; an album's messages are gathered and answered once."""
         msg = update.effective_message
         user = update.effective_user
         if msg is None or user is None or user.is_bot:
             return
+        if msg.media_group_id in self._answered:  # a late photo of an album answered already
+            command, photos = self._answered[msg.media_group_id]
+            self._answered[msg.media_group_id] = (command, photos + 1)
+            if command == "/invert":
+                await msg.reply_text(f"send one photo per /invert (this message has {photos + 1})")
+            return
+        if msg.media_group_id:
+            album = self._albums.setdefault(msg.media_group_id, [])
+            album.append(msg)
+            if len(album) == 1:
+                context.application.create_task(self._on_album(msg.media_group_id), update=update)
+            return
+        await self._on_message(msg, user)
+
+    async def _on_album(self, group_id: str) -> None:
+        """Several photos sent at once: the album's caption is the command, and /invert takes one photo."""
+        await asyncio.sleep(ALBUM_WAIT_S)
+        album = self._albums.pop(group_id)
+        msg = next((m for m in album if m.caption), album[0])
+        photos = sum(1 for m in album if m.photo or m.document)
+        self._answered[group_id] = (await self._on_message(msg, album[0].from_user, photos) or "", photos)
+        while len(self._answered) > 1000:
+            self._answered.popitem(last=False)
+
+    async def _on_message(self, msg: Message, user, photos: int = 1) -> str | None:
+        """Answer one message (`photos`: how many its album has); the command it was, None when none."""
         text = (msg.text or msg.caption or "").strip()
         if not text.startswith("/"):
             if (msg.photo or msg.document) and msg.chat.type == ChatType.PRIVATE:
                 text = "/invert"  # a photo sent to the bot on its own means /invert
             else:
-                return
+                return None
         name, _, rest = text.partition(" ")
         command = name.split("@")[0].lower()
         if command == "/start":
             text = "/help"
         photo, refusal = None, None
-        if command == "/invert":
+        if command == "/invert" and photos > 1:
+            refusal = f"send one photo per /invert (this message has {photos})"
+        elif command == "/invert":
             photo, refusal = await self._photo(msg)
         if refusal:
             await msg.reply_text(refusal)
-            return
+            return command
         mentions, text = self._mentions(msg, command, text)
         origin = {"chat_id": msg.chat_id, "reply_to": msg.message_id}
         reply = await self.core.handle(Command("telegram", _uid(user), _name(user), text, photo=photo,
@@ -85,6 +119,7 @@ class TelegramBot:
         sent = await msg.reply_text(reply.text)
         if reply.job_id:
             await self.core.set_status_message(_uid(user), reply.job_id, str(sent.message_id))
+        return command
 
     async def _photo(self, msg: Message) -> tuple[bytes | None, str | None]:
         """The photo of an /invert (its own, or the one it replies to), checked for size before downloading."""

@@ -3,7 +3,7 @@
 A visitor is identified by a random cookie and a nickname they choose, so two browser tabs (two people) can
 /share and /morph each other. Commands go to the bot core exactly as the chat platforms' do; answers come back
 through the same `EventPump` and reach the browser as server-sent events. The chat log, the results' images
-and GIFs live in memory (the latents live in Redis): a restart clears the page, not the faces.
+and GIFs live in memory (the latents and nicknames live in Redis): a restart clears the page, not the faces or names.
 
 Binds to 127.0.0.1 unless told otherwise; uploads are capped by size before they are read whole; the page
 shows everything users typed with `textContent`, never as HTML, under a strict Content-Security-Policy.
@@ -25,10 +25,11 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
+from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 
 from adapters.base import EventPump, Result
-from bot.core import ACTIONS, BotCore, Command, human_size
+from bot.core import ACTIONS, BUSY, BotCore, Command, human_size
 from engine.errors import command as cli_command
 
 log = logging.getLogger("stylebot.web")
@@ -55,6 +56,7 @@ class Visitor:
     log: deque = field(default_factory=lambda: deque(maxlen=200))
     media: OrderedDict = field(default_factory=OrderedDict)     # media id -> (content type, bytes)
     streams: set = field(default_factory=set)                   # asyncio.Queue per open /events
+    named: bool = False                                         # nickname read from Redis (or chosen here)
 
     def message(self, by: str, text: str, **extra) -> dict:
         msg = {"id": uuid.uuid4().hex[:12], "by": by, "text": text, "time": time.time(), **extra}
@@ -106,14 +108,19 @@ class WebChat:
         if not re.fullmatch(r"[A-Za-z0-9_-]{20,64}", token):
             token = new = secrets.token_urlsafe(24)
         user_id = "web:" + hashlib.sha256(token.encode()).hexdigest()[:20]
+        return await self._visitor(user_id), new
+
+    async def _visitor(self, user_id: str) -> Visitor:
+        """The visitor with this id, made if need be, with the nickname Redis knows (it outlives restarts)."""
         v = self.visitors.get(user_id)
         if v is None:
             v = self.visitors[user_id] = Visitor(user_id)
+        if not v.named:
             known = await self.core.queue.r.get(self.core.keys.display_name(user_id))
-            if known:
-                adapter, _, name = (known.decode() if isinstance(known, bytes) else known).partition(":")
-                v.nickname = name if adapter == "web" else ""
-        return v, new
+            if not v.named:  # not chosen meanwhile
+                adapter, _, name = (known.decode() if isinstance(known, bytes) else known or "").partition(":")
+                v.nickname, v.named = (name if adapter == "web" else ""), True
+        return v
 
     @staticmethod
     def _json(data: dict, new_cookie: str | None = None, status: int = 200) -> web.Response:
@@ -134,11 +141,7 @@ class WebChat:
     async def info(self, request: web.Request) -> web.Response:
         """Which model the engine runs, whether it is online, who you are."""
         v, new = await self.visitor(request)
-        models = []
-        async for key in self.core.queue.r.scan_iter(match=self.core.keys.heartbeat_pattern):
-            beat = await self.core.queue.r.get(key)
-            if beat:
-                models.append((beat.decode() if isinstance(beat, bytes) else beat).split()[0])
+        models = list((await self.core.queue.engines_online()).values())
         model = models[0] if models else None
         return self._json({"nickname": v.nickname, "engines": len(models), "model": model,
                            "tiny": model in BUILTIN_MODELS, "download": cli_command(DOWNLOAD_HINT),
@@ -148,20 +151,15 @@ class WebChat:
     async def nickname(self, request: web.Request) -> web.Response:
         """Choose the name others use to /morph with you."""
         v, new = await self.visitor(request)
-        try:
-            name = str((await request.json()).get("nickname", "")).strip().lstrip("@")
-        except (json.JSONDecodeError, AttributeError):
+        body = await _json_object(request)
+        if body is None:
             return self._json({"error": "send JSON like {\"nickname\": \"alice\"}"}, new, 400)
+        name = str(body.get("nickname", "")).strip().lstrip("@")
         if not NICKNAME.fullmatch(name):
             return self._json({"error": "a nickname is 2 to 24 letters, digits or _"}, new, 400)
-        owner = await self.core.user_called("web", name)
-        if owner not in (None, v.user_id) or (name.lower() == "me"):
+        if name.lower() == "me" or await self.core.claim_name("web", v.user_id, name):  # atomic: one winner
             return self._json({"error": f"@{name} is taken: choose another nickname"}, new, 409)
-        if v.nickname and v.nickname.lower() != name.lower():
-            await self.core.queue.r.delete(self.core.keys.name_index("web", v.nickname))
-        v.nickname = name
-        await self.core.queue.r.set(self.core.keys.name_index("web", name), v.user_id)
-        await self.core.queue.r.set(self.core.keys.display_name(v.user_id), f"web:{name}")
+        v.nickname, v.named = name, True
         return self._json({"nickname": name}, new)
 
     async def command(self, request: web.Request) -> web.Response:
@@ -173,18 +171,28 @@ class WebChat:
         if request.content_length and request.content_length > limit + 2**16:
             return self._json({"error": f"that upload is {human_size(request.content_length)}; "
                                         f"send a photo under {human_size(limit)}"}, new, 413)
-        text, photo, photo_name = "", None, ""
+        text, photo, photo_name, photos = "", None, "", 0
         try:
             reader = await request.multipart()
             while (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader):  # a multipart inside the form: no browser sends one
+                    raise ValueError("nested multipart")
                 if part.name == "text":
-                    text = (await part.read(decode=True)).decode("utf-8", "replace")[:2000]
+                    try:
+                        text = (await part.read(decode=True)).decode("utf-8")[:2000]
+                    except UnicodeDecodeError:
+                        return self._json({"error": "send the text as UTF-8"}, new, 400)
                 elif part.name == "photo" and part.filename:
-                    photo_name, photo = part.filename, await _read_capped(part, limit)
-                    if photo is None:
+                    photos += 1
+                    data = await _read_capped(part, limit)
+                    if data is None:
                         return self._json({"error": f"send a photo under {human_size(limit)}"}, new, 413)
-        except (ValueError, AssertionError):
+                    if photos == 1:  # the others are only counted, for the answer
+                        photo_name, photo = part.filename, data
+        except (ValueError, AssertionError, RuntimeError):  # RuntimeError: an unknown transfer encoding
             return self._json({"error": "send the form as multipart/form-data"}, new, 400)
+        if photos > 1:
+            return self._json({"error": f"send one photo per /invert (this message has {photos})"}, new, 400)
         text = text.strip() or ("/invert" if photo else "")
         if not text:
             return self._json({"error": "type a command, e.g. /help"}, new, 400)
@@ -198,16 +206,20 @@ class WebChat:
     async def react(self, request: web.Request) -> web.Response:
         """A button under a result: stronger, weaker, refine or redo."""
         v, new = await self.visitor(request)
-        try:
-            body = await request.json()
-            message_id, action = str(body["message"]), str(body["action"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+        body = await _json_object(request)
+        if body is None or "message" not in body or "action" not in body:
             return self._json({"error": "send JSON like {\"message\": ID, \"action\": \"stronger\"}"}, new, 400)
+        message_id, action = str(body["message"]), str(body["action"])
         reply = await self.core.react_message("web", v.user_id, message_id, action, origin={"user": v.user_id})
         self._acknowledge(v, reply)
         return self._json({"reply": reply.text, "job_id": reply.job_id}, new)
 
     def _acknowledge(self, v: Visitor, reply) -> None:
+        if reply.forgotten:  # /forget: the chat log, its images and the nickname go from this process too
+            v.log.clear()
+            v.media.clear()
+            v.nickname, v.named = "", False
+            v.push({"type": "reset"})
         msg = v.message("bot", reply.text, job=reply.job_id)
         if reply.job_id:
             asyncio.ensure_future(self.core.set_status_message(v.user_id, reply.job_id, msg["id"]))
@@ -261,9 +273,7 @@ class WebChat:
         v.update(origin["status"], **changes)
 
     async def show_result(self, origin: dict, result: Result) -> str | None:
-        v = self._owner(origin)
-        if v is None:
-            v = self.visitors[origin["user"]] = Visitor(origin["user"])  # posted before the browser came back
+        v = await self._visitor(origin["user"])  # perhaps posted before the browser came back
         if "status" in origin:  # the acknowledgement stops saying "waiting" or "step 20 of 40"
             doing = origin.get("doing") or origin.get("op", "your job")
             v.update(origin["status"], text=f"{doing}: {'done' if result.ok else 'stopped'}", progress="", preview="")
@@ -277,17 +287,31 @@ class WebChat:
             extra["filename"] = result.filename
         crop = await self.core.aligned_crop(result.user_id, result.result_id) if result.kind_of == "face" else None
         if crop:  # what the bot saw: the aligned face crop, shown beside the reconstruction
-            extra["aligned"] = f"/media/{v.keep(crop, 'image/png')}"
+            kind = "image/jpeg" if crop[:2] == b"\xff\xd8" else "image/png"
+            extra["aligned"] = f"/media/{v.keep(crop, kind)}"
         msg = v.message("bot", result.text, actions=list(result.actions), model=result.model, **extra)
         return msg["id"]
 
 
 @web.middleware
 async def _security_headers(request: web.Request, handler):
-    resp = await handler(request)
+    try:
+        resp = await handler(request)
+    except (RedisConnectionError, RedisTimeoutError) as e:  # no free connection in time, Redis away: "busy"
+        log.warning("answering %s with busy: %s", request.path, e)
+        resp = web.json_response({"error": BUSY}, status=503, headers={"Retry-After": "5"})
     if not isinstance(resp, web.StreamResponse) or not resp.prepared:
         resp.headers.update(HEADERS)
     return resp
+
+
+async def _json_object(request: web.Request) -> dict | None:
+    """The request's body as a JSON object, or None when it is not one (not JSON, not UTF-8, not an object)."""
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors; [[[[...
+        return None
+    return body if isinstance(body, dict) else None
 
 
 async def _read_capped(part, limit: int) -> bytes | None:

@@ -114,6 +114,7 @@ function listen() {
     const ev = JSON.parse(e.data);
     if (ev.type === "history") ev.messages.forEach(show);
     else if (ev.type === "message" || ev.type === "update") show(ev.message);
+    else if (ev.type === "reset") location.reload();  // after /forget: an empty chat, and a new nickname to choose
   };
 }
 

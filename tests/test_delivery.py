@@ -1,0 +1,100 @@
+"""Every answer delivered whatever fails, against the real Redis and a running tiny engine: Redis that comes back
+without its data, an engine started before Redis, a result stored while its user's quota is released in the same
+step."""
+
+from __future__ import annotations
+
+import asyncio
+
+from adapters.base import EventPump
+from bot.core import Command
+from conftest import FIXTURES, Stack
+from storage.queue import Job
+
+OBAMA = (FIXTURES / "faces" / "obama.jpg").read_bytes()
+
+
+class Recorder:
+    name = "web"
+
+    def __init__(self):
+        self.results = []
+
+    async def show_progress(self, origin, text, preview):
+        pass
+
+    async def show_result(self, origin, result):
+        self.results.append(result)
+        return f"m{len(self.results)}"
+
+
+def say(text: str, user: str = "alice", photo: bytes | None = None) -> Command:
+    return Command("web", f"web:{user}", user, text, photo=photo, origin={"chat": user})
+
+
+async def answered(pump: EventPump, rec: Recorder, n: int, timeout: float = 120) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(rec.results) < n:
+        assert asyncio.get_running_loop().time() < deadline, "no answer"
+        await pump.step(block_ms=200)
+
+
+async def test_redis_back_without_its_data_under_a_running_system(client):
+    """Every key is gone (a Redis restarted without persistence, or flushed) while the engine and the front end
+    run: both make their groups again, and the next command is answered."""
+    stack = Stack(client)
+    await stack.start_engine()
+    try:
+        rec = Recorder()
+        pump = EventPump(stack.core, rec)
+        await stack.queue.ensure_groups(adapters=("web",))
+        await stack.core.handle(say("/invert", photo=OBAMA))
+        await answered(pump, rec, 1)
+        async for key in client.scan_iter(match=f"{stack.keys.prefix}*"):  # the whole deployment's data
+            await client.delete(key)
+        await pump.step(block_ms=100)  # the front end notices first: no group on its results stream
+        reply = await stack.core.handle(say("/invert", photo=OBAMA))
+        assert reply.job_id
+        await answered(pump, rec, 2)
+        assert rec.results[-1].ok and rec.results[-1].job_id == reply.job_id
+    finally:
+        await stack.close()
+
+
+async def test_an_engine_started_before_redis_waits_for_it(client, unused_tcp_port):
+    """No Redis at the engine's address yet: it waits (no exit) and stops cleanly when told to."""
+    from storage.connect import connect
+    from storage.keys import Keys
+    from storage.latents import LatentStore
+    from storage.queue import JobQueue
+
+    stack = Stack(client)
+    absent = connect(f"redis://127.0.0.1:{unused_tcp_port}/0", pool_timeout_s=1)
+    worker = stack.worker
+    worker.queue = JobQueue(absent, Keys("nowhere:"))
+    worker.store = LatentStore(absent, Keys("nowhere:"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    await asyncio.sleep(3)
+    assert not task.done()  # still waiting, not crashed
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    await absent.aclose()
+    await stack.close()
+
+
+async def test_the_quota_place_is_released_in_the_step_that_stores_the_result(client):
+    """The user's unfinished-jobs entry goes in the same atomic step as the result is stored: an engine killed
+    right after storing cannot leave the user locked out of their places."""
+    stack = Stack(client)
+    try:
+        await stack.queue.ensure_groups(adapters=("web",))
+        job = Job(op="edit", user_id="web:alice", adapter="web")
+        await stack.queue.enqueue(job)
+        assert await client.hlen(stack.keys.user_jobs("web:alice")) == 1
+        assert 0 < await client.ttl(stack.keys.user_jobs("web:alice"))  # and a safety TTL, whatever happens
+        [claimed], _ = await stack.queue.claim("engine", 1, block_ms=100)
+        assert await stack.queue.finish(claimed, {"text": "edited"}) == 1
+        assert await client.hlen(stack.keys.user_jobs("web:alice")) == 0  # nothing after finish() was needed
+    finally:
+        await stack.close()

@@ -1,0 +1,263 @@
+"""People's faces and the bot's promises under concurrency, against the real Redis and a running tiny engine:
+/forget forgets (also what is running at that moment), consent is checked when the result is stored, limits hold
+when commands arrive together, no command scans the keyspace, a released @name is not taken back silently."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from adapters.base import EventPump
+from bot.config import LimitsConfig
+from bot.core import Command
+from conftest import FIXTURES, Stack
+from storage.latents import StoredLatent
+from storage.queue import Job
+
+OBAMA = (FIXTURES / "faces" / "obama.jpg").read_bytes()
+PROMPT = "really angry face"
+
+
+def say(text: str, user: str = "alice", photo: bytes | None = None) -> Command:
+    return Command("web", f"web:{user}", user, text, photo=photo, origin={"chat": user})
+
+
+class Recorder:
+    name = "web"
+
+    def __init__(self):
+        self.results = []
+
+    async def show_progress(self, origin, text, preview):
+        pass
+
+    async def show_result(self, origin, result):
+        self.results.append(result)
+        return f"m{len(self.results)}"
+
+
+async def everything(client, prefix: str) -> dict[bytes, list[bytes]]:
+    """Every key under the prefix and every value in it: strings, hash fields, set and sorted-set members,
+    stream entries."""
+    out: dict[bytes, list[bytes]] = {}
+    async for key in client.scan_iter(match=f"{prefix}*"):
+        kind = (await client.type(key)).decode()
+        if kind == "string":
+            values = [await client.get(key)]
+        elif kind == "hash":
+            values = [x for kv in (await client.hgetall(key)).items() for x in kv]
+        elif kind == "set":
+            values = list(await client.smembers(key))
+        elif kind == "zset":
+            values = await client.zrange(key, 0, -1)
+        elif kind == "stream":
+            values = [x for _, fields in await client.xrange(key) for kv in fields.items() for x in kv]
+        else:
+            values = []
+        out[key] = [v for v in values if v is not None]
+    return out
+
+
+def traces(dump: dict[bytes, list[bytes]], needles: list[bytes]) -> list[str]:
+    """Where any needle (an id, a prompt, a piece of a photo) is still found."""
+    return [f"{key!r} holds {n[:20]!r}" for key, values in dump.items() for n in needles
+            if n in key or any(n in v for v in values)]
+
+
+async def wait_for(predicate, timeout: float = 120):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def give_face(stack: Stack, user: str) -> None:
+    await stack.store.set_face(f"web:{user}", StoredLatent(np.zeros((8, 64), np.float32), "tiny"))
+
+
+async def test_forget_while_jobs_run_and_wait_leaves_no_trace_and_answers_nothing(client):
+    """Alice's inversion is running, her edit and a second photo wait, an earlier result sits unposted in the
+    stream, when she sends /forget: the engine stores nothing of hers afterwards, nobody answers her, and a scan
+    of the whole keyspace finds nothing that holds her id, her name, her prompt or her photo."""
+    stack = Stack(client, invert_steps=400, limits=LimitsConfig(max_jobs_per_user=5))
+    await stack.start_engine()
+    try:
+        rec = Recorder()
+        pump = EventPump(stack.core, rec)
+        await stack.queue.ensure_groups(adapters=("web",))
+        sub = await stack.queue.listen_progress("web")
+        await give_face(stack, "bob")
+        # an earlier result, stored and not yet posted (the web chat was down): it must go too
+        earlier = await stack.core.handle(say("/invert", photo=OBAMA))
+        await wait_for(lambda: client.exists(stack.keys.done(earlier.job_id)), timeout=300)
+        running = await stack.core.handle(say("/invert", photo=OBAMA))
+        waiting = [await stack.core.handle(say(f"/edit {PROMPT}")), await stack.core.handle(say("/invert", photo=OBAMA))]
+        assert running.job_id and all(w.job_id for w in waiting)
+
+        async def started() -> bool:
+            return any(e["job_id"] == running.job_id and e["step"] > 0
+                       for e in await stack.queue.read_progress(sub, 0.05))
+        await wait_for(started)
+        reply = await stack.core.handle(say("/forget"))
+        assert reply.text.startswith("done: deleted everything") and reply.forgotten
+
+        async def engine_let_go() -> bool:
+            return not stack.worker.claimed and await stack.queue.pending_count() == 0
+        await wait_for(engine_let_go)
+        for _ in range(3):
+            await pump.step(block_ms=100)
+        assert rec.results == []  # nothing is posted to someone who asked to be forgotten
+        status = await stack.core.handle(say("/status", user="bob"))
+        assert "jobs in the queue: 0" in status.text
+        left = traces(await everything(client, stack.keys.prefix),
+                      [b"web:alice", b"alice", PROMPT.encode(), OBAMA[2000:2064]])
+        assert left == []
+        assert (await stack.core.handle(say("/status"))).text.endswith("no face for you yet")
+        await sub.aclose()
+    finally:
+        await stack.close()
+
+
+async def test_a_morph_is_not_kept_when_the_other_person_unshares_before_it_is_stored(client):
+    """P shares, Q queues /morph @me @P, P sends /unshare and is told others can no longer use their face: Q gets
+    a one-line answer saying so, not the GIF, and nothing of the morph is stored."""
+    stack = Stack(client)
+    try:
+        await stack.queue.ensure_groups(adapters=("web",))
+        await give_face(stack, "p")
+        await give_face(stack, "q")
+        await stack.core.handle(say("/share", user="p"))
+        queued = await stack.core.handle(say("/morph @me @p 4", user="q"))
+        assert queued.job_id
+        [job], _ = await stack.queue.claim("engine", 1, block_ms=100)  # the engine has it in hand...
+        assert (await stack.core.handle(say("/unshare", user="p"))).text == "others can no longer /morph with your face"
+        await stack.worker._morph(job)  # ...and renders it all the same: the store step checks consent again
+        [(_, event)] = await stack.queue.read_events("web", "w", block_ms=100)
+        assert event["type"] == "failed" and event["error"].startswith("@p no longer allows morphs with their face")
+        assert await stack.store.result("web:q", job.job_id) is None
+        assert await stack.queue.pending_count() == 0
+    finally:
+        await stack.close()
+
+
+async def test_limits_hold_when_commands_arrive_together(client):
+    """One user sends 50 edits at once with a limit of 3: 3 are queued. The queue is at 180 of 200 and 60 people
+    send at once: exactly 20 more are queued, the others are told the bot is busy."""
+    stack = Stack(client, limits=LimitsConfig(max_jobs_per_user=3, max_queue=200))
+    try:
+        await give_face(stack, "alice")
+        replies = await asyncio.gather(*(stack.core.handle(say(f"/edit angry {i}")) for i in range(50)))
+        assert sum(r.job_id is not None for r in replies) == 3
+        assert {r.text for r in replies if r.job_id is None} == {"you already have 3 jobs waiting: wait for one to finish"}
+        for i in range(177):
+            await stack.queue.enqueue(Job(op="edit", user_id=f"web:filler{i}", adapter="web"))
+        assert await stack.queue.pending_count() == 180
+        for i in range(60):
+            await give_face(stack, f"u{i}")
+        replies = await asyncio.gather(*(stack.core.handle(say("/edit smile", user=f"u{i}")) for i in range(60)))
+        assert sum(r.job_id is not None for r in replies) == 20
+        assert await stack.queue.pending_count() == 200
+        assert {r.text for r in replies if r.job_id is None} == {"I'm busy right now: try again in a few minutes"}
+    finally:
+        await stack.close()
+
+
+async def test_no_command_scans_the_keyspace(client):
+    """/status, a queued job and /forget read a fixed number of keys, however many keys Redis holds: none of
+    them runs SCAN or KEYS (counted by Redis itself)."""
+    stack = Stack(client)
+    try:
+        await stack.queue.beat("e1", "tiny", 30)
+        await client.config_resetstat()
+        for text in ("/status", "/help"):
+            await stack.core.handle(say(text))
+        await stack.core.handle(say("/invert", photo=OBAMA))
+        await stack.core.handle(say("/forget"))
+        stats = await client.info("commandstats")
+        assert "cmdstat_scan" not in stats and "cmdstat_keys" not in stats, sorted(stats)
+    finally:
+        await stack.close()
+
+
+async def test_a_name_released_by_forget_is_not_taken_back_silently(client):
+    """J sends /forget, K takes the name "jay"; J's next command does not silently take it back: J is told, and
+    @jay still means K."""
+    stack = Stack(client)
+    try:
+        await stack.core.handle(Command("web", "web:j", "jay", "/help"))
+        assert await stack.core.user_called("web", "jay") == "web:j"
+        await stack.core.handle(Command("web", "web:j", "jay", "/forget"))
+        assert await stack.core.user_called("web", "jay") is None  # free for others
+        await stack.core.handle(Command("web", "web:k", "jay", "/help"))
+        reply = await stack.core.handle(Command("web", "web:j", "jay", "/status"))
+        assert "the name @jay belongs to someone else now" in reply.text
+        assert await stack.core.user_called("web", "jay") == "web:k"
+    finally:
+        await stack.close()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("/morph @me @me", "a morph needs two different faces, e.g. /morph @me @friend"),
+    ("/edit \u200b\u200c\u200d\u2060", "the prompt is empty: describe the edit, e.g. /edit really angry face"),
+    ("/edit \u200bangry\u200b", None),
+])
+async def test_odd_commands_get_one_line(client, text, expected):
+    stack = Stack(client)
+    try:
+        await give_face(stack, "alice")
+        reply = await stack.core.handle(say(text))
+        if expected is None:  # invisible characters are dropped from a prompt that has visible ones
+            [(_, fields)] = await client.xrange(stack.keys.jobs)
+            assert '"prompt": "angry"' in fields[b"job"].decode()
+        else:
+            assert reply.text == expected and reply.job_id is None
+    finally:
+        await stack.close()
+
+
+async def test_status_on_a_redis_no_engine_has_touched(client):
+    """/status before any engine created the queue: an answer, not `no such key`."""
+    stack = Stack(client)
+    try:
+        reply = await stack.core.handle(say("/status"))
+        assert reply.text == "engines online: 0; jobs in the queue: 0; no face for you yet"
+    finally:
+        await stack.close()
+
+
+async def test_five_hundred_web_commands_at_once_are_all_answered(client):
+    """500 commands from 50 browsers at the same moment, on a Redis pool of 8 connections: every one gets an
+    answer (the reply, or a one-line "busy" with HTTP 503), none an error page; the pool waits rather than fails."""
+    from aiohttp import FormData
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from adapters.web import COOKIE, WebChat
+    from bot.core import BUSY, BotCore
+    from conftest import REDIS_URL
+    from storage.connect import connect
+
+    stack = Stack(client)
+    small = connect(REDIS_URL, max_connections=8, pool_timeout_s=2)
+    core = BotCore(type(stack.queue)(small, stack.keys), type(stack.store)(small, stack.keys))
+    try:
+        chat = WebChat(core)
+        async with TestClient(TestServer(chat.app)) as http:
+            cookies = [f"browser{i:02d}-{'x' * 20}" for i in range(50)]
+            for i, cookie in enumerate(cookies):
+                r = await http.post("/nickname", json={"nickname": f"user{i}"}, headers={"Cookie": f"{COOKIE}={cookie}"})
+                assert r.status == 200, await r.text()
+
+            async def send(i: int):
+                form = FormData({"text": "/status" if i % 2 else "/share"}, default_to_multipart=True)
+                r = await http.post("/command", data=form, headers={"Cookie": f"{COOKIE}={cookies[i % 50]}"})
+                return r.status, await r.json()
+
+            answers = await asyncio.gather(*(send(i) for i in range(500)))
+        assert {status for status, _ in answers} <= {200, 503}
+        assert all(body.get("reply") or body.get("error") == BUSY for _, body in answers)
+        assert sum(status == 200 for status, _ in answers) > 0
+    finally:
+        await small.aclose()
+        await stack.close()
