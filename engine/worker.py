@@ -124,9 +124,10 @@ class Worker:
                 await asyncio.sleep(1)
                 continue
             for job in exhausted:
-                await self._fail(job, "this job failed on the engine several times; try another photo or prompt")
+                await self._fail(job, given_up(job))
+            self.claimed.update((job.job_id, job) for job in jobs)  # all kept claimed until answered
             for group in group_jobs(jobs):
-                beat = asyncio.create_task(self._beat_while_busy(group))
+                beat = asyncio.create_task(self._beat_while_busy())
                 try:
                     await self.run_group(group)
                 finally:
@@ -147,12 +148,13 @@ class Worker:
         await self.queue.fail(job, reason, engine=self.name)
         self.claimed.pop(job.job_id, None)
 
-    async def _beat_while_busy(self, jobs: list[Job]) -> None:
-        """Heartbeat, and keep this batch's jobs claimed (their idle time reset) while they run."""
+    async def _beat_while_busy(self) -> None:
+        """Heartbeat, and keep every job of the batch that is not answered yet claimed (their idle time reset),
+        the ones waiting behind the running group too, so that no other engine takes them over meanwhile."""
         while True:
             await asyncio.sleep(min(self.settings.heartbeat_ttl_s, self.queue.reclaim_idle_ms / 1000) / 3)
             await self.heartbeat()
-            await self.queue.touch(self.name, jobs)
+            await self.queue.touch(self.name, list(self.claimed.values()))
 
     async def run_group(self, jobs: list[Job]) -> None:
         op = jobs[0].op
@@ -175,6 +177,9 @@ class Worker:
                     await self._fail(job, f"unknown operation {op!r}")
         except Exception:  # noqa: BLE001 - a bug must not take the engine down; the job is retried, then failed
             log.exception("%s batch of %d failed; leaving it for a retry", op, len(jobs))
+            for job in jobs:
+                if self.claimed.pop(job.job_id, None) is not None:  # unanswered: no longer kept claimed
+                    await self.queue.strike(job)
 
     def _reporters(self, jobs: list[Job], total: int):
         """(progress, preview) callbacks for an optimisation over `jobs`: progress every `progress_every` steps and
@@ -413,6 +418,13 @@ def edit_meta(prompt: str) -> dict:
     return {"op": "edit", "prompt": prompt, "strength": 1.0, "redo": {"op": "edit", "params": {"prompt": prompt}}}
 
 
+def given_up(job: Job) -> str:
+    """The answer to a job handed out more than `max_deliveries` times: its own fault only if it raised."""
+    if job.strikes:
+        return "this job failed on the engine several times; try another photo or prompt"
+    return "the engine restarted while working on this; please send it again"
+
+
 def _unshared(job: Job) -> str:
     """A morph's answer when the other person stops sharing before it is stored (checked in the same step)."""
     names = job.params.get("names", {})
@@ -529,7 +541,7 @@ class ContinuousLoop:
         self.last_claim = time.monotonic()
         jobs, exhausted = await w.queue.claim(w.name, room, block_ms=None if busy else 500)
         for job in exhausted:
-            await w._fail(job, "this job failed on the engine several times; try another photo or prompt")
+            await w._fail(job, given_up(job))
         for job in jobs:
             w.claimed[job.job_id] = job
         for job in jobs:
@@ -664,6 +676,7 @@ class ContinuousLoop:
             for row in list(self.pool.rows):
                 self.pool.drop(row.key)
                 w.claimed.pop(row.key.job_id, None)  # no longer touched: reclaimed after reclaim_idle_s
+                await w.queue.strike(row.key)  # raised here: counted against it (one of them is the cause)
             return
         took = time.monotonic() - started
         self.tick_s = took if self.tick_s is None else 0.8 * self.tick_s + 0.2 * took

@@ -19,6 +19,10 @@ class Keys:
         """String set once when the job's result is stored: makes storing a result idempotent."""
         return f"{self.prefix}done:{job_id}"
 
+    def strikes(self, job_id: str) -> str:
+        """Counter: times a job raised on an engine (an engine that died holding it does not count)."""
+        return f"{self.prefix}strikes:{job_id}"
+
     def results(self, adapter: str) -> str:
         """Stream of results for one adapter, read through its own consumer group; an entry leaves it once the
         adapter has posted it (or the user said /forget), or when it is older than the results' TTL."""
@@ -106,6 +110,15 @@ class Keys:
         """The user's keys with fixed names (what /forget deletes besides those in `index`)."""
         return [self.latent(user_id), self.shared(user_id), self.display_name(user_id), self.user_jobs(user_id),
                 self.epoch(user_id), self.index(user_id), self.outbox(user_id)]
+
+    def web_log(self, user_id: str) -> str:
+        """List: a web chat visitor's chat log (JSON messages, the newest 200), with the results' TTL and listed in
+        the user's index, so that it outlives a restart of the web chat and /forget deletes it."""
+        return f"{self.user(user_id)}web:log"
+
+    def web_media(self, user_id: str, media_id: str) -> str:
+        """String: an image or GIF the web chat showed a visitor (a result, an aligned crop), listed in the index."""
+        return f"{self.user(user_id)}web:media:{media_id}"
 
 
 ENGINE_GROUP = "engines"

