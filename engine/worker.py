@@ -69,7 +69,9 @@ class Worker:
         self.settings = settings
         self.name = settings.name or f"{socket.gethostname()}:{os.getpid()}"
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.claimed: dict[str, Job] = {}   # continuous: every job this engine holds and has not answered yet
+        self.claimed: dict[str, Job] = {}   # every job this engine holds and has not answered yet
+        # look for engines whose heartbeat expired (their jobs are taken at once) a few times per heartbeat TTL
+        queue.takeover_every_s = min(queue.takeover_every_s, settings.heartbeat_ttl_s / 3)
 
     async def heartbeat(self) -> None:
         await self.queue.beat(self.name, self.G.model_id, self.settings.heartbeat_ttl_s)

@@ -105,3 +105,40 @@ async def test_two_engines_share_one_queue(setup, client):
     counts = collections.Counter(a["job_id"] for a in answers)
     assert set(counts) == {j.job_id for j in jobs} and max(counts.values()) == 1
     assert {a["engine"] for a in answers} == {"engine-1", "engine-2"}  # both took part, with no coordination
+
+
+async def test_engines_killed_at_random_moments_every_job_answered_once_and_none_blamed(setup, client):
+    """40 jobs, an engine SIGKILLed 4 times at random moments and started again each time (a new process, a new
+    name, as `stylebot run` does), jobs reclaimed only through the dead engines' expired heartbeats (the queue's
+    reclaim time is set to 10 minutes): every job answered exactly once, and none blamed on its user."""
+    import random
+
+    cfg, queue = setup
+    cfg.write_text(cfg.read_text().replace("reclaim_idle_s = 1.0", "reclaim_idle_s = 600.0")
+                   .replace("heartbeat_ttl_s = 3", "heartbeat_ttl_s = 2"))
+    photo = (FIXTURES / "faces" / "obama.jpg").read_bytes()
+    jobs = [Job(op="invert", user_id=f"user{i}", adapter="web") for i in range(40)]
+    for job in jobs:
+        await queue.enqueue(job, photo=photo)
+    rng = random.Random(7)
+    answers: list[dict] = []
+    engine = start_engine(cfg, "kill-0", steps=30)
+    kills = []
+    try:
+        for k in range(1, 5):
+            target = len(answers) + rng.randint(1, 6)
+            await collect(queue, answers, lambda: len(answers) >= target, timeout=120)
+            await asyncio.sleep(rng.uniform(0, 1.5))  # somewhere inside the next tick, or between two
+            engine.send_signal(signal.SIGKILL)
+            engine.wait(10)
+            kills.append((time.monotonic(), len(answers)))
+            engine = start_engine(cfg, f"kill-{k}", steps=30)
+        await collect(queue, answers, lambda: len(answers) >= 40, timeout=180)
+        await collect(queue, answers, lambda: False, timeout=2)  # nothing more may arrive
+    finally:
+        engine.terminate()
+        engine.wait(30)
+    counts = collections.Counter(a["job_id"] for a in answers)
+    assert set(counts) == {j.job_id for j in jobs} and max(counts.values()) == 1
+    assert not [a for a in answers if "try another photo" in a.get("error", "")]  # nobody blamed for a kill
+    assert await queue.pending_count() == 0
