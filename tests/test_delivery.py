@@ -168,3 +168,33 @@ def test_the_redis_that_run_starts_keeps_what_it_was_told_across_a_crash(tmp_pat
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_a_front_end_down_while_a_thousand_jobs_finish_posts_every_result_once(client):
+    """The web chat is down while 1,000 jobs finish, each with its progress (published to nobody): when it comes
+    back every result is posted exactly once; progress never pushed a result out, and the stream is empty after."""
+    stack = Stack(client)
+    try:
+        queue = stack.queue
+        await queue.ensure_groups(adapters=("web",))
+        jobs = [Job(op="edit", user_id=f"web:u{i % 50}", adapter="web") for i in range(1000)]
+        for job in jobs:
+            await queue.enqueue(job)
+        while True:
+            claimed, _ = await queue.claim("engine", 100, block_ms=100)
+            if not claimed:
+                break
+            for job in claimed:
+                for step in range(0, 21, 5):
+                    await queue.progress(job, step, 20, preview=b"\xff\xd8 jpeg" if step == 10 else None)
+                await queue.finish(job, {"text": "edited", "kind": ""})
+        rec = Recorder()
+        pump = EventPump(stack.core, rec)  # the front end comes back
+        for _ in range(100):
+            if not await pump.step(block_ms=100):
+                break
+        posted = [r.job_id for r in rec.results]
+        assert sorted(posted) == sorted(j.job_id for j in jobs) and len(set(posted)) == 1000
+        assert await client.xlen(stack.keys.results("web")) == 0
+    finally:
+        await stack.close()
