@@ -6,6 +6,7 @@ No torch here: the core checks input, limits and consent, enqueues jobs and answ
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -119,6 +120,8 @@ class BotCore:
         self.keys: Keys = queue.keys
         self._claim_name = queue.r.register_script(_CLAIM_NAME)
         self._release_name = queue.r.register_script(_RELEASE_NAME)
+        # photos are decoded in threads, off the event loop; two at most, so that big ones do not pile up in memory
+        self._photo_checks = asyncio.Semaphore(2)
 
     @classmethod
     def from_config(cls, cfg, client) -> "BotCore":
@@ -267,7 +270,8 @@ class BotCore:
         """/invert (with a photo): find your face's latent and show its reconstruction"""
         if cmd.photo is None:
             return Reply("send a photo with /invert as its caption")
-        problem = check_photo(cmd.photo, self.limits)
+        async with self._photo_checks:
+            problem = await asyncio.to_thread(check_photo, cmd.photo, self.limits)
         if problem:
             return Reply(problem)
         return await self._enqueue(cmd, "invert", {}, photo=cmd.photo)

@@ -121,14 +121,15 @@ def test_a_compiler_that_fails_leaves_the_generator_running_with_one_warning(G, 
         "compiling the generator failed (no C++ compiler found); running it uncompiled"]
 
 
-def test_max_active_auto_from_free_memory_and_8_on_a_cpu(G, vgg, caplog):
+def test_max_active_auto_from_free_memory_and_timed_on_a_cpu(G, vgg, caplog):
     assert rows_that_fit(70 * GiB, int(1.4 * GiB)) == 40        # floor(0.8 * 70 / 1.4)
     assert rows_that_fit(80 * GiB, 200 * 2**20) == 64           # 327 rows fit: clamped to 64
     assert rows_that_fit(1 * GiB, 2 * GiB) == 1                 # not even one: one row, as the integer form allows
     assert pool_sizes(8) == (1, 2, 4, 8) and pool_sizes(12) == (1, 2, 4, 8, 16) and pool_sizes(1) == (1,)
     with caplog.at_level(logging.INFO, logger="stylebot.engine"):
-        assert auto_max_active(G, vgg) == 8
-    assert "max_active auto: 8 on a CPU" in caplog.text
+        rows = auto_max_active(G, vgg)
+    assert rows in (1, 2, 4, 8)  # the size with the least time per row: timing-dependent, so only its form
+    assert f"max_active auto: {rows} on a CPU (ms per row and step at pool sizes: 1: " in caplog.text
 
 
 @pytest.mark.parametrize("body, message", [

@@ -220,3 +220,40 @@ async def test_a_nickname_survives_a_restart_when_a_result_arrives_before_its_ow
         assert resp.status == 200 and "/invert" in (await resp.json())["reply"]  # no "choose a nickname first"
     [visitor] = after.visitors.values()
     assert any(m.get("media") and m["text"].startswith("your face as the tiny model draws it") for m in visitor.log)
+
+
+async def test_another_visitor_is_answered_while_a_photo_is_checked(client, monkeypatch):
+    """Checking a photo (decoding it whole) runs beside the event loop, not in it: while alice's photo is being
+    checked, bob's /help is answered; then alice's photo is queued as before."""
+    import threading
+
+    import bot.core
+    from adapters.web import COOKIE
+
+    real, checking, answered, held = bot.core.check_photo, threading.Event(), threading.Event(), []
+
+    def held_check(data, limits):
+        checking.set()
+        held.append(answered.wait(30))  # False: bob was not answered while this check ran
+        return real(data, limits)
+
+    monkeypatch.setattr(bot.core, "check_photo", held_check)
+    s = Stack(client)
+    chat = WebChat(s.core)
+    try:
+        async with TestClient(TestServer(chat.app), headers={"Cookie": f"{COOKIE}={'alice' * 5}"}) as alice, \
+                TestClient(TestServer(chat.app), headers={"Cookie": f"{COOKIE}={'bob' * 8}"}) as bob:
+            for http, name in ((alice, "alice"), (bob, "bob")):
+                assert (await http.post("/nickname", json={"nickname": name})).status == 200
+            form = FormData()
+            form.add_field("photo", OBAMA.read_bytes(), filename="me.jpg")
+            upload = asyncio.create_task(alice.post("/command", data=form))
+            assert await asyncio.to_thread(checking.wait, 30)
+            resp = await bob.post("/command", data=FormData({"text": "/help"}, default_to_multipart=True))
+            assert "/invert" in (await resp.json())["reply"]
+            answered.set()
+            assert (await (await upload).json())["reply"].startswith("finding your face")
+        assert held == [True]
+    finally:
+        answered.set()
+        await s.close()

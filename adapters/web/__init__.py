@@ -2,8 +2,10 @@
 
 A visitor is identified by a random cookie and a nickname they choose, so two browser tabs (two people) can
 /share and /morph each other. Commands go to the bot core exactly as the chat platforms' do; answers come back
-through the same `EventPump` and reach the browser as server-sent events. The chat log, the results' images
-and GIFs live in memory (the latents and nicknames live in Redis): a restart clears the page, not the faces or names.
+through the same `EventPump` and reach the browser as server-sent events. The chat log, the results' images,
+GIFs and aligned crops live in Redis under the user's keys (`History`), with the results' TTL, deleted by /forget: a
+visitor who comes back after restarts of the web chat finds the conversation, and a result is acknowledged only once
+it is stored there. Progress (and previews) are shown live and not kept.
 
 Binds to 127.0.0.1 unless told otherwise; uploads are capped by size before they are read whole; the page
 shows everything users typed with `textContent`, never as HTML, under a strict Content-Security-Policy.
@@ -21,12 +23,12 @@ import secrets
 import time
 import tomllib
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import BodyPartReader, web
-from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+from redis.exceptions import ConnectionError as RedisConnectionError, RedisError, TimeoutError as RedisTimeoutError
 
 from adapters.base import EventPump, Result
 from bot.core import ACTIONS, BUSY, BotCore, Command, human_size
@@ -47,40 +49,147 @@ HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:;
            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
+LOG_SIZE = 200  # messages kept per visitor (in Redis and in memory); the images of older ones go with them
+
+# Store a visitor's messages and the images they show, in one step: a message whose id is in the log already replaces
+# it (a status message that now says "done", a result posted again after a crash before its acknowledgement), a new
+# one is appended when `add` says so; the log keeps the newest `cap` messages, and the images of those that leave it go
+# too. Every key gets the TTL and is listed in the user's index (scored by its expiry) so that /forget deletes it.
+# With `guard`, nothing is written unless the guard key (the job's origin, which /forget deletes) still exists.
+# KEYS: log, user's index, guard key, then one key per image. ARGV: TTL, now, index TTL, cap, guarded (0/1), image key
+# prefix, #messages, then per message: id, add (1) or replace only (0), JSON; then the bytes of each image.
+_WRITE = """
+if ARGV[5] == '1' and redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
+local ttl, now, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[7])
+local at = {}
+for i, item in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  local id = string.match(item, '^{"id": "([^"]*)"')
+  if id then at[id] = i - 1 end
+end
+local a = 8
+for i = 1, n do
+  local id, add, json = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  if at[id] then
+    redis.call('LSET', KEYS[1], at[id], json)
+  elseif add == '1' then
+    at[id] = redis.call('RPUSH', KEYS[1], json) - 1
+  end
+  a = a + 3
+end
+for i = 4, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[a], 'EX', ttl)
+  redis.call('ZADD', KEYS[2], now + ttl, KEYS[i])
+  a = a + 1
+end
+local over = redis.call('LLEN', KEYS[1]) - tonumber(ARGV[4])
+if over > 0 then
+  for _, item in ipairs(redis.call('LRANGE', KEYS[1], 0, over - 1)) do
+    for id in string.gmatch(item, '"/media/(%x+)"') do
+      redis.call('DEL', ARGV[6] .. id)
+      redis.call('ZREM', KEYS[2], ARGV[6] .. id)
+    end
+  end
+  redis.call('LTRIM', KEYS[1], over, -1)
+end
+if redis.call('EXPIRE', KEYS[1], ttl) == 1 then redis.call('ZADD', KEYS[2], now + ttl, KEYS[1]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('TTL', KEYS[2]) < tonumber(ARGV[3]) then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
+return 1
+"""
+
+
+class History:
+    """Each visitor's chat log (`Keys.web_log`, JSON messages) and the images it shows (`Keys.web_media`) in Redis,
+    under the user's keys: they live `[chat] result_ttl_s` (the log from its last message) and /forget deletes them."""
+
+    def __init__(self, core: BotCore, size: int = LOG_SIZE):
+        self.r, self.keys, self.size = core.queue.r, core.keys, size
+        self.ttl_s = core.chat.result_ttl_s
+        self.index_ttl_s = max(core.queue.index_ttl_s, self.ttl_s)  # the index outlives every key it lists
+        self._write = self.r.register_script(_WRITE)
+
+    async def load(self, user_id: str) -> list[dict]:
+        """The visitor's messages, oldest first (unreadable ones skipped)."""
+        out = []
+        for raw in await self.r.lrange(self.keys.web_log(user_id), 0, -1):
+            try:
+                msg = json.loads(raw)
+                msg["id"]
+            except (ValueError, TypeError, KeyError):
+                continue
+            out.append(msg)
+        return out
+
+    async def write(self, user_id: str, add: list[dict] = (), replace: list[dict] = (), *,
+                    media: dict[str, bytes] | None = None, guard: str | None = None) -> bool:
+        """Store messages (`add`: appended unless their id is there already, then replaced; `replace`: only
+        replaced) and images (media id -> bytes), all or nothing; False when `guard` is given and gone (nothing
+        written). Raises when Redis does."""
+        media = media or {}
+        specs: list = []
+        for flag, messages in (("1", add), ("0", replace)):
+            for m in messages:
+                specs += [m["id"], flag, json.dumps({"id": m["id"], **m})]  # the id first: the script finds it there
+        log_key = self.keys.web_log(user_id)
+        return bool(await self._write(
+            keys=[log_key, self.keys.index(user_id), guard or log_key,
+                  *(self.keys.web_media(user_id, i) for i in media)],
+            args=[self.ttl_s, time.time(), self.index_ttl_s, self.size, int(guard is not None),
+                  self.keys.web_media(user_id, ""), len(specs) // 3, *specs, *media.values()]))
+
+    async def media(self, user_id: str, media_id: str) -> bytes | None:
+        """An image the visitor was shown, or None (expired, forgotten, or someone else's)."""
+        return await self.r.get(self.keys.web_media(user_id, media_id))
+
+
+def media_type(data: bytes) -> str:
+    return "image/gif" if data[:4] == b"GIF8" else "image/jpeg" if data[:2] == b"\xff\xd8" else "image/png"
+
+
+def derived_id(job_id: str, what: str, length: int) -> str:
+    """An id made from a job's: a result posted again (after a crash before its acknowledgement) replaces itself."""
+    return hashlib.sha256(f"{job_id}:{what}".encode()).hexdigest()[:length]
+
+
 @dataclass
 class Visitor:
-    """One browser identity: its chat log, its media, its open event streams."""
+    """One browser identity: its chat log (as Redis keeps it, loaded at its first request), its open event streams."""
 
     user_id: str
     nickname: str = ""
-    log: deque = field(default_factory=lambda: deque(maxlen=200))
-    media: OrderedDict = field(default_factory=OrderedDict)     # media id -> (content type, bytes)
+    log: deque = field(default_factory=lambda: deque(maxlen=LOG_SIZE))
     streams: set = field(default_factory=set)                   # asyncio.Queue per open /events
     named: bool = False                                         # nickname read from Redis (or chosen here)
+    loaded: bool = False                                        # chat log read from Redis
+    loading: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    def message(self, by: str, text: str, **extra) -> dict:
-        msg = {"id": uuid.uuid4().hex[:12], "by": by, "text": text, "time": time.time(), **extra}
-        self.log.append(msg)
-        self.push({"type": "message", "message": msg})
-        return msg
+    @staticmethod
+    def new(by: str, text: str, message_id: str | None = None, **extra) -> dict:
+        return {"id": message_id or uuid.uuid4().hex[:12], "by": by, "text": text, "time": time.time(), **extra}
 
-    def update(self, message_id: str, **changes) -> None:
-        for msg in self.log:
-            if msg["id"] == message_id:
-                msg.update(changes)
+    def show(self, msg: dict) -> None:
+        """Add a message to the log (or replace the one with its id) and send it to the open pages."""
+        for i, old in enumerate(self.log):
+            if old["id"] == msg["id"]:
+                self.log[i] = msg
                 self.push({"type": "update", "message": msg})
                 return
+        self.log.append(msg)
+        self.push({"type": "message", "message": msg})
+
+    def find(self, message_id: str) -> dict | None:
+        return next((msg for msg in self.log if msg["id"] == message_id), None)
+
+    def update(self, message_id: str, **changes) -> None:
+        """Change a message on the open pages and in memory only (progress: shown live, not kept)."""
+        msg = self.find(message_id)
+        if msg is not None:
+            msg.update(changes)
+            self.push({"type": "update", "message": msg})
 
     def push(self, event: dict) -> None:
         for q in list(self.streams):
             q.put_nowait(event)
-
-    def keep(self, data: bytes, content_type: str, limit: int = 64) -> str:
-        media_id = uuid.uuid4().hex
-        self.media[media_id] = (content_type, data)
-        while len(self.media) > limit:
-            self.media.popitem(last=False)
-        return media_id
 
 
 class WebChat:
@@ -90,6 +199,7 @@ class WebChat:
 
     def __init__(self, core: BotCore):
         self.core = core
+        self.history = History(core)
         self.visitors: dict[str, Visitor] = {}
         self.app = web.Application(client_max_size=core.limits.max_photo_bytes + 2**20,
                                    middlewares=[_security_headers])
@@ -111,10 +221,16 @@ class WebChat:
         return await self._visitor(user_id), new
 
     async def _visitor(self, user_id: str) -> Visitor:
-        """The visitor with this id, made if need be, with the nickname Redis knows (it outlives restarts)."""
+        """The visitor with this id, made if need be, with the nickname and the chat log Redis knows (they outlive
+        restarts)."""
         v = self.visitors.get(user_id)
         if v is None:
             v = self.visitors[user_id] = Visitor(user_id)
+        if not v.loaded:
+            async with v.loading:
+                if not v.loaded:  # not loaded meanwhile
+                    v.log.extendleft(reversed(await self.history.load(user_id)))
+                    v.loaded = True
         if not v.named:
             known = await self.core.queue.r.get(self.core.keys.display_name(user_id))
             if not v.named:  # not chosen meanwhile
@@ -197,10 +313,11 @@ class WebChat:
         if not text:
             return self._json({"error": "type a command, e.g. /help"}, new, 400)
         extra = {"attachment": photo_name[:80]} if photo is not None else {}
-        v.message("you", text, **extra)
+        said = v.new("you", text, **extra)
+        v.show(said)
         reply = await self.core.handle(Command("web", v.user_id, v.nickname, text, photo=photo,
                                                origin={"user": v.user_id}))
-        self._acknowledge(v, reply)
+        await self._acknowledge(v, reply, said)
         return self._json({"reply": reply.text, "job_id": reply.job_id}, new)
 
     async def react(self, request: web.Request) -> web.Response:
@@ -211,16 +328,23 @@ class WebChat:
             return self._json({"error": "send JSON like {\"message\": ID, \"action\": \"stronger\"}"}, new, 400)
         message_id, action = str(body["message"]), str(body["action"])
         reply = await self.core.react_message("web", v.user_id, message_id, action, origin={"user": v.user_id})
-        self._acknowledge(v, reply)
+        await self._acknowledge(v, reply)
         return self._json({"reply": reply.text, "job_id": reply.job_id}, new)
 
-    def _acknowledge(self, v: Visitor, reply) -> None:
-        if reply.forgotten:  # /forget: the chat log, its images and the nickname go from this process too
+    async def _acknowledge(self, v: Visitor, reply, said: dict | None = None) -> None:
+        """Show the bot's reply (kept in the history with what the visitor said, best effort: a Redis too busy to
+        keep it does not undo the command)."""
+        msg = v.new("bot", reply.text, job=reply.job_id)
+        if reply.forgotten:  # /forget: the chat log and the nickname go from this process too; nothing is kept
             v.log.clear()
-            v.media.clear()
             v.nickname, v.named = "", False
             v.push({"type": "reset"})
-        msg = v.message("bot", reply.text, job=reply.job_id)
+        else:
+            try:
+                await self.history.write(v.user_id, [m for m in (said, msg) if m is not None])
+            except RedisError as e:
+                log.warning("could not keep a web chat exchange in its history: %s", e)
+        v.show(msg)
         if reply.job_id:
             asyncio.ensure_future(self.core.set_status_message(v.user_id, reply.job_id, msg["id"]))
 
@@ -250,13 +374,14 @@ class WebChat:
         return resp
 
     async def media(self, request: web.Request) -> web.Response:
-        """A result's image or GIF; only its owner's cookie sees it."""
+        """A result's image or GIF (or the aligned crop beside it); only its owner's cookie sees it."""
         v, _ = await self.visitor(request)
-        item = v.media.get(request.match_info["media_id"])
-        if item is None:
+        media_id = request.match_info["media_id"]
+        data = await self.history.media(v.user_id, media_id) if re.fullmatch(r"[0-9a-f]{32}", media_id) else None
+        if data is None:
             raise web.HTTPNotFound(text="that image has expired")
-        content_type, data = item
-        return web.Response(body=data, content_type=content_type, headers={"Cache-Control": "private, max-age=86400"})
+        return web.Response(body=data, content_type=media_type(data),
+                            headers={"Cache-Control": "private, max-age=86400"})
 
     # -- Platform --------------------------------------------------------------------------------------------
 
@@ -273,24 +398,37 @@ class WebChat:
         v.update(origin["status"], **changes)
 
     async def show_result(self, origin: dict, result: Result) -> str | None:
+        """Store the result in the visitor's history, then show it: a result is acknowledged only once kept (a
+        failed write raises, and the pump tries again). Nothing is written for a user who said /forget meanwhile."""
         v = await self._visitor(origin["user"])  # perhaps posted before the browser came back
-        if "status" in origin:  # the acknowledgement stops saying "waiting" or "step 20 of 40"
+        changed = []
+        status = v.find(origin["status"]) if "status" in origin else None
+        if status is not None:  # the acknowledgement stops saying "waiting" or "step 20 of 40"
             doing = origin.get("doing") or origin.get("op", "your job")
-            v.update(origin["status"], text=f"{doing}: {'done' if result.ok else 'stopped'}", progress="", preview="")
+            changed.append({**status, "text": f"{doing}: {'done' if result.ok else 'stopped'}", "progress": "",
+                            "preview": ""})
+        message_id = derived_id(result.job_id, "message", 12)
+        media: dict[str, bytes] = {}
         if not result.ok:
-            v.message("bot", f"couldn't do that: {result.text}", error=True)
-            return None
-        extra = {}
-        if result.payload:
-            content_type = "image/gif" if result.kind == "animation" else "image/png"
-            extra["media"] = f"/media/{v.keep(result.payload, content_type)}"
-            extra["filename"] = result.filename
-        crop = await self.core.aligned_crop(result.user_id, result.result_id) if result.kind_of == "face" else None
-        if crop:  # what the bot saw: the aligned face crop, shown beside the reconstruction
-            kind = "image/jpeg" if crop[:2] == b"\xff\xd8" else "image/png"
-            extra["aligned"] = f"/media/{v.keep(crop, kind)}"
-        msg = v.message("bot", result.text, actions=list(result.actions), model=result.model, **extra)
-        return msg["id"]
+            msg = v.new("bot", f"couldn't do that: {result.text}", message_id, error=True)
+        else:
+            extra = {}
+            if result.payload:
+                media[derived_id(result.job_id, "result", 32)] = result.payload
+                extra["media"] = f"/media/{derived_id(result.job_id, 'result', 32)}"
+                extra["filename"] = result.filename
+            crop = (await self.core.aligned_crop(result.user_id, result.result_id)
+                    if result.kind_of == "face" else None)
+            if crop:  # what the bot saw: the aligned face crop, shown beside the reconstruction
+                media[derived_id(result.job_id, "aligned", 32)] = crop
+                extra["aligned"] = f"/media/{derived_id(result.job_id, 'aligned', 32)}"
+            msg = v.new("bot", result.text, message_id, actions=list(result.actions), model=result.model, **extra)
+        if not await self.history.write(v.user_id, [msg], changed, media=media,
+                                        guard=self.core.keys.origin(result.user_id, result.job_id)):
+            return None  # the user said /forget since the pump read where the answer goes: nobody to answer
+        for m in (*changed, msg):
+            v.show(m)
+        return msg["id"] if result.ok else None
 
 
 @web.middleware
