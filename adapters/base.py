@@ -127,7 +127,7 @@ class EventPump:
         done = 0
         for entry_id, event in events:
             if await self._post_result(event):
-                await queue.ack_event(self.platform.name, entry_id, event.get("user_id"))
+                await queue.ack_event(self.platform.name, entry_id, event.get("user_id"), event["job_id"])
                 done += 1
         if events and not done:
             await asyncio.sleep(0.5)  # only results the platform refused: do not spin on them
@@ -144,6 +144,8 @@ class EventPump:
                 continue
             if event.get("preview"):  # every new preview is shown (the face taking shape), in order
                 self._previews[job_id] = event["preview"]
+                while len(self._previews) > 1000:  # jobs that never answer (their user said /forget) do not pile up
+                    self._previews.pop(next(iter(self._previews)))
                 event["new_preview"] = True
                 await self._show_progress(event)
                 latest.pop(job_id, None)
@@ -181,6 +183,10 @@ class EventPump:
         origin = await self.core.origin(event["user_id"], job_id)
         if origin is None:  # the user said /forget, or the origin expired: nobody to answer
             return True
+        if event["type"] == "done" and event.get("others"):  # a morph: the other person may have withdrawn since
+            withdrawn = await self.core.withdrawn(event)
+            if withdrawn:
+                event = {**event, "type": "failed", "error": withdrawn}
         ok = event["type"] == "done"
         result = Result(job_id, event["user_id"], ok, event.get("text", "") if ok else event.get("error", "failed"),
                         kind=event.get("kind", "") if ok else "", payload=event.get("payload", b"") if ok else b"",

@@ -46,6 +46,7 @@ class Reaction:
     result_id: str                      # the job id behind the result message
     action: str                         # "stronger" | "weaker" | "refine" | "redo"
     origin: dict = field(default_factory=dict)
+    epoch: str = ""                     # the result's epoch, from the message link ("" = not known)
 
 
 ACTIONS = {
@@ -89,14 +90,17 @@ class Reply:
 
 
 # A user's @name: taken when free or already theirs (the TTL refreshed), never taken from someone else; a new name
-# frees the old one. KEYS: name index, display name. ARGV: user id, "adapter:name", TTL. Returns {owner, old shown}.
+# frees the old one. KEYS: name index, display name, the user's name key. ARGV: user id, "adapter:name", TTL.
+# Returns the name's owner.
 _CLAIM_NAME = """
 local owner = redis.call('GET', KEYS[1])
-if owner and owner ~= ARGV[1] then return {owner, ''} end
-local old = redis.call('GET', KEYS[2]) or ''
+if owner and owner ~= ARGV[1] then return owner end
+local old = redis.call('GET', KEYS[3])
+if old and old ~= KEYS[1] and redis.call('GET', old) == ARGV[1] then redis.call('DEL', old) end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-return {ARGV[1], old}
+redis.call('SET', KEYS[3], KEYS[1], 'EX', ARGV[3])
+return ARGV[1]
 """
 
 # Delete a name index entry only if it still names this user. KEYS: name index. ARGV: user id.
@@ -158,17 +162,12 @@ class BotCore:
         silently from its holder, for example after its former owner sent /forget and someone else took it)."""
         if not user_name:
             return None
-        shown = f"{adapter}:{user_name}"
-        owner, old = await self._claim_name(keys=[self.keys.name_index(adapter, user_name),
-                                                  self.keys.display_name(user_id)],
-                                            args=[user_id, shown, self.store.latent_ttl_s])
-        owner, old = _text(owner), _text(old)
-        if owner != user_id:
+        owner = await self._claim_name(keys=[self.keys.name_index(adapter, user_name), self.keys.display_name(user_id),
+                                             self.keys.name_key(user_id)],
+                                       args=[user_id, f"{adapter}:{user_name}", self.store.latent_ttl_s])
+        if _text(owner) != user_id:
             return (f"note: the name @{user_name} belongs to someone else now, so others cannot /morph with you by "
                     "that name" + ("; choose another nickname" if adapter == "web" else ""))
-        if old and old != shown:  # renamed: the old name is free again
-            old_adapter, _, old_name = old.partition(":")
-            await self._release_name(keys=[self.keys.name_index(old_adapter, old_name)], args=[user_id])
         return None
 
     async def release_name(self, adapter: str, user_id: str, user_name: str) -> None:
@@ -195,11 +194,12 @@ class BotCore:
             if result.w0 is None:
                 return Reply("only edits can be made stronger or weaker")
             factor = self.edit.stronger if reaction.action == "stronger" else self.edit.weaker
-            return await self._enqueue(cmd, "restyle", {"result_id": reaction.result_id, "factor": factor})
+            return await self._enqueue(cmd, "restyle", {"result_id": reaction.result_id, "factor": factor},
+                                       epoch=reaction.epoch)
         if reaction.action == "refine":
             if op not in ("invert", "edit"):
                 return Reply("only faces and edits can be refined")
-            return await self._enqueue(cmd, "refine", {"result_id": reaction.result_id})
+            return await self._enqueue(cmd, "refine", {"result_id": reaction.result_id}, epoch=reaction.epoch)
         redo = result.meta.get("redo")
         if not redo:
             return Reply("that result cannot be redone; send the command again")
@@ -211,7 +211,7 @@ class BotCore:
                     return Reply("the other person no longer allows morphs with their face")
         if redo["op"] == "invert":
             redo = {"op": "refine", "params": {"result_id": reaction.result_id, "restart": True}}
-        return await self._enqueue(cmd, redo["op"], dict(redo["params"]))
+        return await self._enqueue(cmd, redo["op"], dict(redo["params"]), epoch=reaction.epoch)
 
     async def react_emoji(self, adapter: str, user_id: str, message_ref: str, emoji: str,
                           origin: dict | None = None) -> Reply | None:
@@ -227,10 +227,10 @@ class BotCore:
         found = await self.result_at(adapter, message_ref)
         if found is None:
             return Reply("that message is not one of my results, or it has expired")
-        owner, result_id = found
+        owner, result_id, epoch = found
         if owner != user_id:
             return Reply("only the person who asked for a result can rerun it")
-        return await self.react(Reaction(adapter, user_id, result_id, action, origin or {}))
+        return await self.react(Reaction(adapter, user_id, result_id, action, origin or {}, epoch))
 
     # -- where answers go: origins of jobs, messages that show results ---------------------------------------
 
@@ -252,17 +252,28 @@ class BotCore:
         that a /forget sent meanwhile is not undone)."""
         await self.queue.remember(adapter, message_ref, user_id, result_id, epoch)
 
+    async def withdrawn(self, event: dict) -> str | None:
+        """For a morph about to be posted: the reason not to, when another person in it no longer shares (the
+        engine checked when it stored it; this checks again at the last moment), its stored latents deleted."""
+        for uid in event.get("others", ()):
+            if not await self.store.is_shared(uid):
+                if event.get("result_id"):
+                    await self.queue.r.delete(self.keys.morph_result(event["result_id"]))
+                return "the other person no longer allows morphs with their face, so the morph was not kept"
+        return None
+
     async def aligned_crop(self, user_id: str, result_id: str | None) -> bytes | None:
         """The aligned face crop behind a face result (kept with it for refines; JPEG, PNG before), or None."""
         return await self.queue.r.get(self.keys.target(user_id, result_id)) if result_id else None
 
-    async def result_at(self, adapter: str, message_ref: str) -> tuple[str, str] | None:
-        """(owner user id, result id) of the result a message shows, or None."""
+    async def result_at(self, adapter: str, message_ref: str) -> tuple[str, str, str] | None:
+        """(owner user id, result id, the result's epoch or "") of the result a message shows, or None."""
         raw = await self.queue.r.get(self.keys.message(adapter, message_ref))
         if not raw:
             return None
-        owner, _, result_id = (raw.decode() if isinstance(raw, bytes) else raw).rpartition(" ")
-        return owner, result_id
+        parts = _text(raw).split(" ")
+        epoch = parts.pop() if len(parts) >= 3 and re.fullmatch(r"[0-9a-f]{16}", parts[-1]) else ""
+        return " ".join(parts[:-1]), parts[-1], epoch
 
     # -- commands --------------------------------------------------------------------------------------------
 
@@ -354,19 +365,22 @@ class BotCore:
         notice = await self.queue.r.get(self.keys.notice)
         return f"\nnote: {_text(notice)}" if notice else ""
 
-    async def _enqueue(self, cmd: Command, op: str, params: dict, photo: bytes | None = None) -> Reply:
-        """Queue a job in one atomic step with the checks of limits and consent (`JobQueue.admit`)."""
+    async def _enqueue(self, cmd: Command, op: str, params: dict, photo: bytes | None = None,
+                       epoch: str = "") -> Reply:
+        """Queue a job in one atomic step with the checks of limits and consent (`JobQueue.admit`); `epoch`: a
+        rerun's result's, refused if the user said /forget since."""
         job = Job(op=op, user_id=cmd.user_id, adapter=cmd.adapter, params=params)
         origin = {**cmd.origin, "op": op, "job_id": job.job_id, "doing": job_words(op, params)}
         others = tuple(u for u in (params["a"], params["b"]) if u != cmd.user_id) if op == "morph" else ()
         admitted = await self.queue.admit(job, photo=photo, origin=origin, max_queue=self.limits.max_queue,
-                                          max_per_user=self.limits.max_jobs_per_user, others=others)
+                                          max_per_user=self.limits.max_jobs_per_user, others=others, epoch=epoch)
         who = params.get("names", {}).get(admitted.user_id, "the other person")
         refused = {
             "busy": BUSY,
             "limit": f"you already have {self.limits.max_jobs_per_user} jobs waiting: wait for one to finish",
             "unshared": f"{who} no longer allows morphs with their face",
             "noface": f"there is no face for {who} any more: they need to send a photo with /invert again",
+            "gone": "that result has expired, or it is not yours to rerun",
         }
         if admitted.status != "ok":
             return Reply(refused[admitted.status])

@@ -289,7 +289,7 @@ class Worker:
                                             frames=frames, layers=job.params.get("layers", "all"))
         gif = await asyncio.to_thread(encode_gif, video, max_bytes=self.settings.max_upload_bytes)
         meta = {"op": "morph", "frames": frames, "redo": {"op": "morph", "params": job.params}}
-        result = self.store.result_write(job.user_id, job.job_id, StoredLatent(la.ws, self.G.model_id, meta=meta))
+        result = self.store.morph_write(job.user_id, job.job_id, StoredLatent(la.ws, self.G.model_id, meta=meta))
         await self._finish(job, {"text": f"morph, {frames} frames", "kind": "animation", "result_id": job.job_id,
                                  "result_kind": "morph"}, payload=gif, writes=[result], refusal=_unshared(job))
 

@@ -19,6 +19,16 @@ class Keys:
         """String set once when the job's result is stored: makes storing a result idempotent."""
         return f"{self.prefix}done:{job_id}"
 
+    def job_data(self, job_id: str) -> str:
+        """Hash: a queued job's body (user, params, prompt, epochs, its entry); the jobs stream holds only its id.
+        Listed in the index of every user it names."""
+        return f"{self.prefix}jobdata:{job_id}"
+
+    def result_data(self, job_id: str) -> str:
+        """Hash: a result's event and image until its adapter has posted it; the results stream holds only its id.
+        Listed in the index of every user it names."""
+        return f"{self.prefix}resultdata:{job_id}"
+
     def strikes(self, job_id: str) -> str:
         """Counter: times a job raised on an engine (an engine that died holding it does not count)."""
         return f"{self.prefix}strikes:{job_id}"
@@ -64,6 +74,11 @@ class Keys:
         """Hash: the latents behind one of the user's results (so a reaction can rerun it)."""
         return f"{self.user(user_id)}result:{result_id}"
 
+    def morph_result(self, result_id: str) -> str:
+        """Hash: the latents behind a morph result (its owner inside), named without any user id because it is
+        listed in the index of both people in it."""
+        return f"{self.prefix}morph:{result_id}"
+
     def shared(self, user_id: str) -> str:
         """String present while the user allows others to /morph with their face."""
         return f"{self.user(user_id)}shared"
@@ -106,10 +121,14 @@ class Keys:
         """Set: entry ids of the user's results not yet posted by their adapter (/forget deletes them)."""
         return f"{self.user(user_id)}outbox"
 
+    def name_key(self, user_id: str) -> str:
+        """String: the `name_index` key of the user's @name (so /forget frees exactly that one)."""
+        return f"{self.user(user_id)}namekey"
+
     def fixed(self, user_id: str) -> list[str]:
-        """The user's keys with fixed names (what /forget deletes besides those in `index`)."""
-        return [self.latent(user_id), self.shared(user_id), self.display_name(user_id), self.user_jobs(user_id),
-                self.epoch(user_id), self.index(user_id), self.outbox(user_id)]
+        """The user's keys with fixed names (what /forget deletes besides those in `index`); the name key first."""
+        return [self.name_key(user_id), self.latent(user_id), self.shared(user_id), self.display_name(user_id),
+                self.user_jobs(user_id), self.epoch(user_id), self.index(user_id), self.outbox(user_id)]
 
     def web_log(self, user_id: str) -> str:
         """List: a web chat visitor's chat log (JSON messages, the newest 200), with the results' TTL and listed in

@@ -91,8 +91,19 @@ class LatentStore:
             p.expire(self.keys.index(user_id), max(self.latent_ttl_s, self.result_ttl_s))
             await p.execute()
 
+    def morph_write(self, user_id: str, result_id: str, latent: StoredLatent) -> Write:
+        """A morph's result, under a name that holds no user id (`Keys.morph_result`): it is listed in the index
+        of both people in it, and whichever of them says /forget, it goes, leaving no id in the other's index."""
+        latent = StoredLatent(latent.ws, latent.model_id, latent.created, {**latent.meta, "owner": user_id}, latent.w0)
+        return Write(self.keys.morph_result(result_id), _pack(latent), self.result_ttl_s)
+
     async def result(self, user_id: str, result_id: str) -> StoredLatent | None:
-        return _unpack(await self.r.hgetall(self.keys.result_latent(user_id, result_id)))
+        found = _unpack(await self.r.hgetall(self.keys.result_latent(user_id, result_id)))
+        if found is None:  # a morph's result: its owner is written inside
+            found = _unpack(await self.r.hgetall(self.keys.morph_result(result_id)))
+            if found is not None and found.meta.get("owner") != user_id:
+                return None
+        return found
 
     async def share(self, user_id: str, on: bool) -> None:
         if on:

@@ -209,8 +209,9 @@ async def test_odd_commands_get_one_line(client, text, expected):
         await give_face(stack, "alice")
         reply = await stack.core.handle(say(text))
         if expected is None:  # invisible characters are dropped from a prompt that has visible ones
-            [(_, fields)] = await client.xrange(stack.keys.jobs)
-            assert '"prompt": "angry"' in fields[b"job"].decode()
+            [(_, fields)] = await client.xrange(stack.keys.jobs)  # the entry holds the job's id, its body the rest
+            body = await client.hget(stack.keys.job_data(fields[b"id"].decode()), "job")
+            assert '"prompt": "angry"' in body.decode()
         else:
             assert reply.text == expected and reply.job_id is None
     finally:
@@ -260,4 +261,79 @@ async def test_five_hundred_web_commands_at_once_are_all_answered(client):
         assert sum(status == 200 for status, _ in answers) > 0
     finally:
         await small.aclose()
+        await stack.close()
+
+
+async def pump_all(stack: Stack, rec: Recorder) -> None:
+    pump = EventPump(stack.core, rec)
+    for _ in range(3):
+        await pump.step(block_ms=100)
+
+
+async def test_a_morph_partner_who_says_forget_leaves_no_trace_in_the_askers_data(client):
+    """P shares, Q queues /morph @me @p, P sends /forget before any engine took it: the job leaves the queue, Q is
+    told in one line and gets their place back, and nothing anywhere holds P's id or name. Then a morph that was
+    stored before P withdrew is not posted, and whichever of them says /forget, no id of theirs stays."""
+    stack = Stack(client)
+    try:
+        await stack.queue.ensure_groups(adapters=("web",))
+        for user in ("p", "q"):
+            await give_face(stack, user)
+        await stack.core.handle(say("/share", user="p"))
+        queued = await stack.core.handle(say("/morph @me @p 4", user="q"))
+        assert queued.job_id and await client.exists(stack.keys.epoch("web:p"))  # P's epoch made at admission
+        await stack.core.handle(say("/forget", user="p"))
+        rec = Recorder()
+        await pump_all(stack, rec)
+        assert [(r.ok, r.text) for r in rec.results] == [
+            (False, "the other person is no longer available for morphs, so this one was stopped")]
+        assert await client.hlen(stack.keys.user_jobs("web:q")) == 0 and await stack.queue.pending_count() == 0
+        assert traces(await everything(client, stack.keys.prefix), [b"web:p", b"@p"]) == []
+
+        # stored first, withdrawn before it is posted
+        await give_face(stack, "p")
+        await stack.core.handle(say("/share", user="p"))
+        await stack.core.handle(say("/morph @p @me 4", user="q"))
+        [job], _ = await stack.queue.claim("engine", 1, block_ms=100)
+        await stack.worker._morph(job)  # stored: P still shared at that moment
+        await stack.core.handle(say("/unshare", user="p"))
+        rec = Recorder()
+        await pump_all(stack, rec)
+        assert [(r.ok, r.text) for r in rec.results] == [
+            (False, "the other person no longer allows morphs with their face, so the morph was not kept")]
+        assert await stack.store.result("web:q", job.job_id) is None  # P's face in it is gone too
+        await stack.core.handle(say("/forget", user="q"))
+        assert traces(await everything(client, stack.keys.prefix), [b"web:q"]) == []
+    finally:
+        await stack.close()
+
+
+async def test_a_rerun_racing_forget_queues_nothing(client):
+    """A reaction read its result's link just before /forget went through: the rerun is refused (the link's
+    epoch is no longer the user's), and nothing of the user is re-created."""
+    from bot.core import Reaction
+
+    stack = Stack(client)
+    try:
+        await stack.queue.ensure_groups(adapters=("web",))
+        await stack.core.handle(say("/invert", photo=OBAMA))  # makes her epoch
+        epoch = (await client.get(stack.keys.epoch("web:alice"))).decode()
+        await stack.core.handle(say("/forget"))
+        reply = await stack.core.react(Reaction("web", "web:alice", "r1", "redo", {}, epoch))
+        assert reply.text == "that result has expired, or it is not yours to rerun" and reply.job_id is None
+        assert traces(await everything(client, stack.keys.prefix), [b"web:alice"]) == []
+    finally:
+        await stack.close()
+
+
+async def test_the_name_held_at_forget_is_freed_after_a_rename(client):
+    stack = Stack(client)
+    try:
+        await stack.core.claim_name("web", "web:j", "old")
+        await stack.core.claim_name("web", "web:j", "new1")  # a rename frees the old name at once
+        assert await stack.core.user_called("web", "old") is None
+        await stack.core.handle(Command("web", "web:j", "new1", "/forget"))
+        assert await stack.core.user_called("web", "new1") is None
+        assert traces(await everything(client, stack.keys.prefix), [b"web:j"]) == []
+    finally:
         await stack.close()
