@@ -121,8 +121,8 @@ class Worker:
             try:
                 await self.heartbeat()
                 jobs, exhausted = await self.queue.claim(self.name, self.settings.batch_size, block_ms=500)
-            except (redis.ConnectionError, redis.TimeoutError) as e:  # Redis away: wait for it, hold nothing
-                log.warning("Redis is not answering (%s); retrying", e)
+            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as e:  # Redis away or refusing
+                log.warning("Redis did not serve the claim (%s); retrying", e)
                 await asyncio.sleep(1)
                 continue
             for job in exhausted:
@@ -510,6 +510,9 @@ class ContinuousLoop:
                         await self._one_pass(next(iter(self.morphs.values()))[0])
                 except (redis.ConnectionError, redis.TimeoutError) as e:  # Redis restarting: jobs stay claimed
                     log.warning("Redis is not answering (%s); retrying", e)
+                    await asyncio.sleep(1)
+                except redis.ResponseError:  # Redis refused a command (out of memory, a damaged key): the engine
+                    log.exception("Redis refused a command; going on")  # stays up, the jobs stay claimed
                     await asyncio.sleep(1)
             for job_id in self.morphs:  # morphs still rendering are left unacknowledged for another engine
                 self.w.claimed.pop(job_id, None)

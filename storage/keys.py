@@ -47,6 +47,11 @@ class Keys:
         return f"{self.prefix}photo:{job_id}"
 
     @property
+    def schema(self) -> str:
+        """String: the layout of this deployment's keys (`storage.migrate.SCHEMA`)."""
+        return f"{self.prefix}schema"
+
+    @property
     def engines(self) -> str:
         """Sorted set: engine name -> time of its last heartbeat (online = beat within the heartbeat TTL)."""
         return f"{self.prefix}engines"

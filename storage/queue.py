@@ -29,6 +29,7 @@ from redis.exceptions import ResponseError
 
 from engine.errors import StylebotError
 from storage.keys import ADAPTER_GROUP, ENGINE_GROUP, Keys
+from storage.migrate import migrate
 
 log = logging.getLogger("stylebot.queue")
 
@@ -298,8 +299,10 @@ class JobQueue:
         self._looked_for_dead = float("-inf")
 
     async def ensure_groups(self, adapters: tuple[str, ...] = ()) -> None:
-        """Create the consumer groups (once); first check that the server has what the queue needs."""
+        """Create the consumer groups (once); first check that the server has what the queue needs, and bring a
+        Redis written by an older stylebot to the current layout (`storage.migrate`, once)."""
         await check_server(self.r)
+        await migrate(self.r, self.keys, index_ttl_s=self.index_ttl_s)
         for stream, group in [(self.keys.jobs, ENGINE_GROUP)] + [(self.keys.results(a), ADAPTER_GROUP) for a in adapters]:
             try:
                 await self.r.xgroup_create(stream, group, id="0", mkstream=True)
@@ -444,10 +447,13 @@ class JobQueue:
     async def beat(self, engine: str, model: str, ttl_s: float) -> None:
         """An engine's heartbeat: it is online for `ttl_s` more seconds (engines silent for 10 TTLs are pruned)."""
         now = time.time()
+        gone = [_text(n) for n in await self.r.zrangebyscore(self.keys.engines, "-inf", now - 10 * ttl_s)]
         async with self.r.pipeline(transaction=True) as p:
             p.zadd(self.keys.engines, {engine: now + ttl_s})
             p.hset(self.keys.engine_models, engine, model)
-            p.zremrangebyscore(self.keys.engines, "-inf", now - 10 * ttl_s)
+            if gone:
+                p.zrem(self.keys.engines, *gone)
+                p.hdel(self.keys.engine_models, *gone)
             await p.execute()
 
     async def leave(self, engine: str) -> None:

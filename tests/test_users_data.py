@@ -337,3 +337,34 @@ async def test_the_name_held_at_forget_is_freed_after_a_rename(client):
         assert traces(await everything(client, stack.keys.prefix), [b"web:j"]) == []
     finally:
         await stack.close()
+
+
+async def test_a_redis_from_the_older_layout_is_brought_along(client):
+    """A Redis written by the previous stylebot (answered jobs kept in the stream, a user's unfinished jobs as a
+    set, `job:` hashes with user ids, results and message links in no index): after start-up the queue counts only
+    what waits, commands are admitted, and /forget finds the old keys too."""
+    import json as _json
+
+    stack = Stack(client)
+    k, r = stack.keys, client
+    try:
+        await r.xgroup_create(k.jobs, "engines", id="0", mkstream=True)
+        for i in range(5):  # five old jobs, answered long ago (delivered and acknowledged), one still waiting
+            job = {"op": "edit", "user_id": "web:olga", "adapter": "web", "params": {"prompt": "OLGA-PROMPT"},
+                   "job_id": f"old{i}", "created": 0}
+            await r.xadd(k.jobs, {"job": _json.dumps(job)})
+        for mid, _ in (await r.xreadgroup("engines", "old-engine", {k.jobs: ">"}, count=4))[0][1]:
+            await r.xack(k.jobs, "engines", mid)
+        await r.sadd(k.user_jobs("web:olga"), "old4")
+        await r.hset(f"{k.prefix}job:old1", mapping={"status": "done", "user": "web:olga"})
+        await r.set(k.result_latent("web:olga", "old1") , "latents", ex=600)
+        await r.set(k.message("web", "m1"), "web:olga old1", ex=600)
+        await stack.queue.ensure_groups(adapters=("web",))
+        assert await stack.queue.pending_count() == 1  # the one still waiting
+        await give_face(stack, "olga")
+        assert (await stack.core.handle(say("/edit smile", user="olga"))).job_id
+        await stack.core.handle(say("/forget", user="olga"))
+        assert traces(await everything(client, k.prefix), [b"web:olga", b"OLGA-PROMPT"]) == []
+        assert await stack.queue.pending_count() == 0  # her waiting old job went with the rest
+    finally:
+        await stack.close()

@@ -38,6 +38,8 @@ def _uid(user) -> str:
 
 
 def _name(user) -> str:
+    """A label for a user in a mention. Only a real @username is claimed as the user's @name (a first name is
+    anyone's to type: "alice" without a username must not take @alice from the real one)."""
     return user.username or user.first_name or str(user.id)
 
 
@@ -114,7 +116,7 @@ class TelegramBot:
             return command
         mentions, text = self._mentions(msg, command, text)
         origin = {"chat_id": msg.chat_id, "reply_to": msg.message_id}
-        reply = await self.core.handle(Command("telegram", _uid(user), _name(user), text, photo=photo,
+        reply = await self.core.handle(Command("telegram", _uid(user), user.username or "", text, photo=photo,
                                                mentions=mentions, origin=origin))
         sent = await msg.reply_text(reply.text)
         if reply.job_id:
