@@ -8,7 +8,8 @@ of 10 minutes, so that a dead engine's jobs can only come back through its expir
 and started again at once each time (a new name, as `stylebot run` does). Prints, per kill, how long each job that
 the dead engine held took from the kill to its answer, their median against heartbeat TTL + the job's own time, and
 whether every job was answered exactly once with none blamed on its user. With a single engine, every takeover
-also waits for the new process to start (printed); with two or more, a live engine takes over.
+also waits for the new process to start (printed); with `--spare`, a second engine that is never killed runs
+beside it and takes over.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ async def main() -> None:
     ap.add_argument("--kills", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--spare", action="store_true", help="a second engine that is never killed takes over")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     photo = FACE.read_bytes()
@@ -88,10 +90,8 @@ async def main() -> None:
             jobs = [Job(op="invert", user_id=f"web:u{i}", adapter="web") for i in range(args.jobs)]
             for job in jobs:
                 await queue.enqueue(job, photo=photo)
-            by_entry = {}
-            for entry_id, fields in await client.xrange(keys.jobs):
-                job = Job.from_fields(entry_id.decode(), {k.decode(): v for k, v in fields.items()})
-                by_entry[entry_id.decode()] = job.job_id
+            by_entry = {entry_id.decode(): fields[b"id"].decode() for entry_id, fields in await client.xrange(keys.jobs)}
+            spare = engine(cfg, "spare", args.steps) if args.spare else None
             proc = engine(cfg, "e0", args.steps)
             kills = []
             for k in range(1, args.kills + 1):
@@ -106,8 +106,10 @@ async def main() -> None:
                 proc = engine(cfg, f"e{k}", args.steps)
             await pump(lambda: all(j.job_id in answered for j in jobs))
             await pump(lambda: False, timeout=2)
-            proc.terminate()
-            proc.wait(30)
+            for p in (proc, spare):
+                if p is not None:
+                    p.terminate()
+                    p.wait(30)
         finally:
             async for key in client.scan_iter(match=f"{keys.prefix}*"):
                 await client.delete(key)
@@ -120,13 +122,17 @@ async def main() -> None:
         print(f"kill {i}: the dead engine held {len(held)} job(s); kill to answer "
               + ", ".join(f"{t:.1f} s" for t in sorted(times)))
     blamed = [j for j, (_, e) in answered.items() if "try another photo" in e.get("error", "")]
-    print(f"an engine process starts in {startup_s:.1f} s (until its first heartbeat; here the only engine is the "
-          "restarted one, so every takeover waits for it too)")
+    print(f"an engine process starts in {startup_s:.1f} s (until its first heartbeat)"
+          + ("; a spare engine that is never killed takes over" if args.spare else
+             "; the only engine is the restarted one, so every takeover waits for it to start too"))
     print(f"one job alone: {job_s:.1f} s; heartbeat TTL {TTL} s; median kill-to-answer "
           f"{statistics.median(waits) if waits else float('nan'):.1f} s (goal: within {TTL + job_s:.1f} s)")
     print(f"{len([j for j in jobs if j.job_id in answered])} of {len(jobs)} answered, "
           f"{sum(1 for j in jobs if counts[j.job_id] > 1)} twice, {len(blamed)} blamed on their user, "
           f"{sum(1 for j in jobs if answered.get(j.job_id, (0, {}))[1].get('type') == 'failed')} failed")
+    reasons = collections.Counter(e.get("error") for _, e in answered.values() if e.get("type") == "failed")
+    for reason, n in reasons.items():
+        print(f"  {n} x {reason!r}")
 
 
 if __name__ == "__main__":

@@ -198,3 +198,35 @@ async def test_a_front_end_down_while_a_thousand_jobs_finish_posts_every_result_
         assert await client.xlen(stack.keys.results("web")) == 0
     finally:
         await stack.close()
+
+
+async def test_a_static_engine_keeps_the_jobs_waiting_behind_its_running_group_claimed(client):
+    """The static engine claims a batch, runs the inversions, and the edits of the same batch wait their turn:
+    another engine looking for stale jobs meanwhile (reclaim time 1 s) finds none to take, so nothing runs twice."""
+    import numpy as np
+
+    from storage.latents import StoredLatent
+
+    stack = Stack(client, scheduler="static", invert_steps=400)
+    stack.queue.reclaim_idle_ms = 1000
+    stack.worker.queue.takeover_every_s = 3600  # only the reclaim time is under test here
+    try:
+        await stack.queue.ensure_groups(adapters=("web",))
+        await stack.store.set_face("web:bob", StoredLatent(np.zeros((8, 64), np.float32), "tiny"))
+        await stack.queue.enqueue(Job(op="invert", user_id="web:alice", adapter="web"), photo=OBAMA)
+        edits = [Job(op="edit", user_id="web:bob", adapter="web", params={"prompt": "smile"}) for _ in range(2)]
+        for job in edits:
+            await stack.queue.enqueue(job)
+        sub = await stack.queue.listen_progress("web")
+        await stack.start_engine()
+        while not any(e["step"] > 0 for e in await stack.queue.read_progress(sub, 0.1)):
+            pass  # the inversion runs: the batch is claimed, the edits wait behind it
+        await sub.aclose()
+        other = type(stack.queue)(client, stack.keys, reclaim_idle_ms=1000)
+        other.takeover_every_s = 3600
+        for _ in range(4):  # for 3 s, while the inversion runs and the edits wait
+            await asyncio.sleep(0.75)
+            taken, _ = await other.claim("other-engine", 8, block_ms=10)
+            assert taken == [], [j.op for j in taken]
+    finally:
+        await stack.close()
