@@ -85,6 +85,38 @@ def config_file(tmp_path: Path) -> Path:
     return p
 
 
+@pytest.fixture(scope="module")
+def G():
+    """The built-in tiny StyleGAN2 (random weights), once per test module."""
+    from engine.registry import build_builtin, registry_entries
+
+    return build_builtin(registry_entries()["tiny"])
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    """A VGG16 of an eighth of the width (random weights), for tiny inversions."""
+    from engine.perceptual import load_vgg16
+
+    return load_vgg16(width=0.125)
+
+
+class ResultRecorder:
+    """A platform that keeps the results it was asked to post (progress is not kept); message refs are counters."""
+
+    name = "web"
+
+    def __init__(self):
+        self.results = []
+
+    async def show_progress(self, origin, text, preview):
+        pass
+
+    async def show_result(self, origin, result):
+        self.results.append(result)
+        return f"m{len(self.results)}"
+
+
 class Stack:
     """A bot core and a running in-process engine (tiny models) on a fresh key prefix of the test Redis."""
 

@@ -9,23 +9,10 @@ import asyncio
 from adapters.base import EventPump
 from bot.core import Command
 from conftest import FIXTURES, Stack
+from conftest import ResultRecorder as Recorder
 from storage.queue import Job
 
 OBAMA = (FIXTURES / "faces" / "obama.jpg").read_bytes()
-
-
-class Recorder:
-    name = "web"
-
-    def __init__(self):
-        self.results = []
-
-    async def show_progress(self, origin, text, preview):
-        pass
-
-    async def show_result(self, origin, result):
-        self.results.append(result)
-        return f"m{len(self.results)}"
 
 
 def say(text: str, user: str = "alice", photo: bytes | None = None) -> Command:

@@ -9,18 +9,6 @@ import torch
 from engine.images import to_uint8
 from engine.invert import RECIPES, invert, learning_rate
 from engine.latents import Latent, LatentError, load_latent, save_latent
-from engine.perceptual import load_vgg16
-from engine.registry import build_builtin, registry_entries
-
-
-@pytest.fixture(scope="module")
-def G():
-    return build_builtin(registry_entries()["tiny"])
-
-
-@pytest.fixture(scope="module")
-def vgg():
-    return load_vgg16(width=0.125)
 
 
 @pytest.fixture(scope="module")

@@ -16,21 +16,9 @@ from engine.device import (PaddedSynthesis, compile_synthesis, configure_backend
 from engine.edit import TINY_CLIP, ClipScorer, edit
 from engine.images import to_uint8
 from engine.invert import invert
-from engine.perceptual import load_vgg16
-from engine.registry import build_builtin, registry_entries
 from engine.scheduler import OptimisationPool, auto_max_active
 
 GiB = 2**30
-
-
-@pytest.fixture(scope="module")
-def G():
-    return build_builtin(registry_entries()["tiny"])
-
-
-@pytest.fixture(scope="module")
-def vgg():
-    return load_vgg16(width=0.125)
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,6 @@ from engine.scheduler import OptimisationPool
 
 
 @pytest.fixture(scope="module")
-def G():
-    return build_builtin(registry_entries()["tiny"])
-
-
-@pytest.fixture(scope="module")
-def vgg():
-    return load_vgg16(width=0.125)
-
-
-@pytest.fixture(scope="module")
 def clip():
     return ClipScorer(TINY_CLIP, None)
 

@@ -13,6 +13,7 @@ from adapters.base import EventPump
 from bot.config import LimitsConfig
 from bot.core import Command
 from conftest import FIXTURES, Stack
+from conftest import ResultRecorder as Recorder
 from storage.latents import StoredLatent
 from storage.queue import Job
 
@@ -22,20 +23,6 @@ PROMPT = "really angry face"
 
 def say(text: str, user: str = "alice", photo: bytes | None = None) -> Command:
     return Command("web", f"web:{user}", user, text, photo=photo, origin={"chat": user})
-
-
-class Recorder:
-    name = "web"
-
-    def __init__(self):
-        self.results = []
-
-    async def show_progress(self, origin, text, preview):
-        pass
-
-    async def show_result(self, origin, result):
-        self.results.append(result)
-        return f"m{len(self.results)}"
 
 
 async def everything(client, prefix: str) -> dict[bytes, list[bytes]]:
