@@ -1,7 +1,8 @@
 """VGG16 feature distances for inversion: the Image2StyleGAN perceptual loss and an LPIPS-style normalised one.
 
-The network is torchvision's VGG16 `features` (ImageNet weights through the weights registry; `width < 1` builds
-the same architecture with fewer channels, with random weights, for tests and the tiny model).
+The network is VGG16's `features`, laid out as torchvision's (its ImageNet weights load through the weights
+registry; `width < 1` builds the same architecture with fewer channels, with random weights, for tests and the tiny
+model).
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.vgg import cfgs, make_layers
 
 from engine.device import autocast_for
+
+# VGG16 ("configuration D" of Simonyan & Zisserman): channels of each 3x3 conv, "M" a 2x2 max-pool. Built as
+# torchvision's `vgg16().features` is (same modules at the same indices, so its ImageNet weights load one to one),
+# without importing torchvision, which costs an engine about a second at start-up.
+VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
 # Index of each named ReLU in torchvision's vgg16().features.
 RELU = {"relu1_1": 1, "relu1_2": 3, "relu2_2": 8, "relu3_2": 13, "relu3_3": 15, "relu4_2": 20, "relu4_3": 22,
@@ -27,8 +32,16 @@ class VGG16Features(nn.Module):
 
     def __init__(self, width: float = 1.0):
         super().__init__()
-        cfg = [c if c == "M" else max(1, int(c * width)) for c in cfgs["D"]]
-        self.features = make_layers(cfg)
+        layers: list[nn.Module] = []
+        channels = 3
+        for c in VGG16_CFG:
+            if c == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                out = max(1, int(c * width))
+                layers += [nn.Conv2d(channels, out, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+                channels = out
+        self.features = nn.Sequential(*layers)
         self.width = width
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1))

@@ -71,7 +71,7 @@ class Worker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.claimed: dict[str, Job] = {}   # every job this engine holds and has not answered yet
         # look for engines whose heartbeat expired (their jobs are taken at once) a few times per heartbeat TTL
-        queue.takeover_every_s = min(queue.takeover_every_s, settings.heartbeat_ttl_s / 3)
+        queue.takeover_every_s = min(queue.takeover_every_s, settings.heartbeat_ttl_s / 6)
 
     async def heartbeat(self) -> None:
         await self.queue.beat(self.name, self.G.model_id, self.settings.heartbeat_ttl_s)
@@ -541,10 +541,10 @@ class ContinuousLoop:
         if room <= 0:  # full: still take one at a time (up to max_active waiting), so that a stronger / weaker
             room = 1 if len(self.backlog) < s.max_active else 0  # behind queued inversions is not stuck there
         busy = len(self.pool) > 0 or bool(self.morphs)
-        if room <= 0 or (busy and time.monotonic() - self.last_claim < 0.1):
+        if busy and time.monotonic() - self.last_claim < 0.1:
             return
-        self.last_claim = time.monotonic()
-        jobs, exhausted = await w.queue.claim(w.name, room, block_ms=None if busy else 500)
+        self.last_claim = time.monotonic()  # room 0: only the jobs of engines found dead (`JobQueue.claim`)
+        jobs, exhausted = await w.queue.claim(w.name, room, block_ms=None if busy or not room else 500)
         for job in exhausted:
             await w._fail(job, given_up(job))
         for job in jobs:
@@ -553,7 +553,15 @@ class ContinuousLoop:
             if job.op in ONE_PASS:
                 await self._one_pass(job)
             else:
-                self.backlog.append(job)
+                self._wait(job)
+
+    def _wait(self, job: Job) -> None:
+        """Into the backlog in the order the jobs were sent: a job taken over from a dead engine (older than the
+        ones just claimed) gets the next free row."""
+        i = len(self.backlog)
+        while i > 0 and self.backlog[i - 1].created > job.created:
+            i -= 1
+        self.backlog.insert(i, job)
 
     async def _cancel_forgotten(self) -> None:
         """Jobs whose users said /forget leave the pool and the backlog unanswered (nothing of theirs is stored)."""

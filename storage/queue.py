@@ -280,6 +280,7 @@ return 1
 """
 
 UNLIMITED = 2**31
+TAKEOVER_MAX = 64  # jobs of dead engines taken in one claim, whatever room the engine has (they are the oldest)
 
 
 class JobQueue:
@@ -355,7 +356,7 @@ class JobQueue:
             return [], []
 
     async def _claim(self, consumer: str, count: int, block_ms: int) -> tuple[list[Job], list[Job]]:
-        claimed = await self._take_over_dead(consumer, count)
+        claimed = await self._take_over_dead(consumer, max(count, TAKEOVER_MAX))
         if len(claimed) < count:
             reply = await self.r.xautoclaim(self.keys.jobs, ENGINE_GROUP, consumer, self.reclaim_idle_ms,
                                             start_id="0-0", count=count - len(claimed))
@@ -391,8 +392,8 @@ class JobQueue:
         return jobs, exhausted
 
     async def _take_over_dead(self, consumer: str, count: int) -> list[tuple[str, dict]]:
-        """The jobs held by engines whose heartbeat has expired, taken at once (not after `reclaim_idle_ms`):
-        looked for at most every `takeover_every_s`. An engine whose beat lapsed but that lives on may finish such
+        """The jobs held by engines whose heartbeat has expired (up to `count`), taken at once (not after
+        `reclaim_idle_ms`): looked for at most every `takeover_every_s`. An engine whose beat lapsed but that lives on may finish such
         a job too: its result is stored once all the same (`finish`)."""
         now = time.monotonic()
         if now - self._looked_for_dead < self.takeover_every_s:
