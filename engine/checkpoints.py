@@ -70,7 +70,7 @@ def load_generator(path: str | Path, *, model_id: str | None = None, device: str
     cfg, state, stored_id = reader(path)
     G = FAMILIES[cfg.family][1](cfg, model_id=model_id or stored_id or path.stem)
     no_w_avg = "mapping.w_avg" not in state
-    if no_w_avg:  # a file without an average w (the StyleGAN1 port): load the rest, then estimate it
+    if no_w_avg:  # no average w (the StyleGAN1 port, a rosinality training checkpoint): load the rest, estimate it
         state["mapping.w_avg"] = G.mapping.w_avg
     try:
         G.load_state_dict(state, strict=True)
@@ -84,7 +84,8 @@ def load_generator(path: str | Path, *, model_id: str | None = None, device: str
 
 def estimate_w_avg(G, n: int = 10_000, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mean w over `n` z ~ N(0, I) drawn from `generator` (else torch's global RNG), c all zeros: for weights
-    that carry no average w (built-in random models, the StyleGAN1 port)."""
+    that carry no average w (built-in random models, the StyleGAN1 port, rosinality checkpoints without
+    `latent_avg`)."""
     dev = G.mapping.w_avg.device
     with torch.no_grad():
         z = torch.randn([n, G.z_dim], generator=generator).to(dev)
@@ -148,6 +149,11 @@ def _read_torch(path: Path):
         raise CheckpointError(path, f"refused by torch.load(weights_only=True): {_first_line(e)}") from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise CheckpointError(path, f"corrupt or truncated PyTorch checkpoint ({_first_line(e)})") from None
+    if _is_tf_names_list(ckpt):
+        raise CheckpointError(path, "this is the intermediate file of lernapparat's StyleGAN1 notebook, a [G, D, Gs] "
+                                    "list under TensorFlow's names; load the file the notebook writes next, "
+                                    "karras2019stylegan-ffhq-1024x1024.for_g_all.pt (the g_all state dict; the seed "
+                                    "project ships that one as karras2019stylegan-ffhq-1024x1024.pt)")
     if isinstance(ckpt, dict) and "g_mapping.dense0.weight" in ckpt:
         return _read_stylegan1_port(path, ckpt)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("g_ema"), dict):
@@ -163,8 +169,15 @@ def _read_torch(path: Path):
     except ValueError as e:
         raise CheckpointError(path, str(e)) from None
     latent_avg = ckpt.get("latent_avg")
-    state["mapping.w_avg"] = latent_avg.reshape(-1).float() if latent_avg is not None else torch.zeros([cfg.w_dim])
+    if latent_avg is not None:  # else (a training checkpoint): estimated from the mapping, as for the StyleGAN1 port
+        state["mapping.w_avg"] = latent_avg.reshape(-1).float()
     return cfg, state, None
+
+
+def _is_tf_names_list(ckpt) -> bool:
+    """[G, D, Gs] state dicts under TensorFlow's variable names ("G_mapping/Dense0/weight", ...)."""
+    return (isinstance(ckpt, (list, tuple)) and len(ckpt) == 3 and all(isinstance(d, dict) for d in ckpt)
+            and any(str(k).startswith(("G_mapping/", "G_synthesis/")) for k in ckpt[2]))
 
 
 def _rosinality_to_ours(src: dict[str, torch.Tensor]) -> tuple[StyleGAN2Config, dict[str, torch.Tensor]]:

@@ -91,6 +91,39 @@ def test_rosinality_checkpoint_maps_onto_official_names(tmp_path, parity):
         assert (G(z, None, truncation_psi=0.7) - expected(z, None, truncation_psi=0.7)).abs().max() < TOL
 
 
+def test_a_rosinality_checkpoint_without_latent_avg_gets_an_estimated_w_avg(tmp_path, parity):
+    """A training checkpoint carries no `latent_avg`: truncation and every recipe that starts from w_avg must not
+    start from zeros; w_avg is the mean w of 10,000 z from a fixed seed, as for the StyleGAN1 port."""
+    from engine.checkpoints import estimate_w_avg
+
+    cfg = StyleGAN2Config(**dict(parity.cases["a"], conv_clamp=None))
+    path = tmp_path / "training-checkpoint.pt"
+    write_rosinality_pt(path, parity.state("a"), cfg.img_resolution, cfg.mapping_layers)
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["latent_avg"]
+    torch.save(ckpt, path)
+    G = load_generator(path)
+    expected = estimate_w_avg(G, generator=torch.Generator().manual_seed(0))
+    assert G.mapping.w_avg.abs().max() > 0 and torch.equal(G.mapping.w_avg, expected)
+    # it is the mapping's mean w: 10,000 other z agree within 5 standard errors per dimension (sampling error),
+    # plus 1e-5 for float32 rounding in a mean of 10,000 values of order 1 (this random mapping barely varies)
+    with torch.no_grad():
+        w = G.mapping(torch.randn(10_000, G.z_dim, generator=torch.Generator().manual_seed(1)), None)[:, 0]
+    assert ((w.mean(0) - G.mapping.w_avg).abs() <= 5 * w.std(0) * (2 / 10_000) ** 0.5 + 1e-5).all()
+
+
+def test_lernapparats_intermediate_file_is_refused_with_the_name_of_the_one_to_use(tmp_path):
+    """The notebook first saves [G, D, Gs] under TensorFlow's names as karras2019stylegan-ffhq-1024x1024.pt, then
+    the loadable g_all state dict as ...for_g_all.pt: the first gets a message that names the second."""
+    from collections import OrderedDict
+
+    tf = OrderedDict([("G_mapping/Dense0/weight", torch.zeros(2, 2)), ("G_synthesis/4x4/Const/const", torch.zeros(1))])
+    path = tmp_path / "karras2019stylegan-ffhq-1024x1024.pt"
+    torch.save([OrderedDict([("D/weight", torch.zeros(1))]), OrderedDict([("D/weight", torch.zeros(1))]), tf], path)
+    with pytest.raises(CheckpointError, match=r"intermediate file .* karras2019stylegan-ffhq-1024x1024\.for_g_all\.pt"):
+        load_generator(path)
+
+
 def test_safetensors_round_trip_keeps_weights_architecture_and_id(tmp_path, official_pkl, parity):
     G = load_generator(official_pkl, model_id="my-faces")
     out = tmp_path / "g.safetensors"
