@@ -222,7 +222,8 @@ class Worker:
         progress, preview = self._reporters([j for j, _ in ready],
                                             self.settings.invert_steps or RECIPES["default"].steps)
         result = await asyncio.to_thread(invert, self.G, self.vgg, targets, steps=self.settings.invert_steps,
-                                         progress=progress, preview=preview, preview_every=self.settings.preview_every)
+                                         progress=progress, preview=preview, preview_every=self.settings.preview_every,
+                                         precision=self.settings.precision)
         for i, (job, face) in enumerate(ready):
             await self._store_face(job, face.image, result.ws[i], result.images[i], result.psnr[i], result.steps,
                                    face.warnings)
@@ -308,7 +309,8 @@ class Worker:
         progress, preview = self._reporters([j for j, _ in ready],
                                             self.settings.edit_steps or EDIT_RECIPES["default"].steps)
         result = await asyncio.to_thread(edit, self.G, self._clip, w0, prompts, steps=self.settings.edit_steps,
-                                         progress=progress, preview=preview, preview_every=self.settings.preview_every)
+                                         progress=progress, preview=preview, preview_every=self.settings.preview_every,
+                                         precision=self.settings.precision)
         for i, (job, _) in enumerate(ready):
             await self._store_edit(job, result.ws[i], result.w0[i], result.images[i], edit_meta(prompts[i]),
                                    f"edited: {prompts[i]}")
@@ -390,7 +392,8 @@ class Worker:
             result = await asyncio.to_thread(
                 invert, self.G, self.vgg, target[None], steps=steps,
                 init_ws=None if restart else torch.from_numpy(lat.ws)[None],
-                progress=progress, preview=preview, preview_every=self.settings.preview_every)
+                progress=progress, preview=preview, preview_every=self.settings.preview_every,
+                precision=self.settings.precision)
             ctx = refined_face(lat, restart, steps)
             await self._store_face(job, target, result.ws[0], result.images[0], result.psnr[0], ctx["steps"],
                                    ctx["warnings"], ctx["refined"])
@@ -403,7 +406,8 @@ class Worker:
             result = await asyncio.to_thread(edit, self.G, self._clip, torch.from_numpy(lat.w0)[None], [prompt],
                                              steps=steps, init_ws=torch.from_numpy(lat.ws)[None],
                                              progress=progress, preview=preview,
-                                             preview_every=self.settings.preview_every)
+                                             preview_every=self.settings.preview_every,
+                                             precision=self.settings.precision)
             meta = dict(lat.meta, refined=int(lat.meta.get("refined", 0)) + 1)
             await self._store_edit(job, result.ws[0], torch.from_numpy(lat.w0), result.images[0], meta,
                                    f"edited: {prompt} (refined {meta['refined']}x)")
