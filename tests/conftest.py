@@ -101,6 +101,27 @@ def vgg():
     return load_vgg16(width=0.125)
 
 
+@pytest.fixture(scope="module")
+def clip():
+    """The tiny random CLIP that /edit uses with the built-in models."""
+    from engine.edit import TINY_CLIP, ClipScorer
+
+    return ClipScorer(TINY_CLIP, None)
+
+
+@pytest.fixture(scope="module")
+def faces(G):
+    """(ws, images): three targets the tiny generator drew from known latents (a self-inversion can reach them)."""
+    import torch
+
+    from engine.images import to_uint8
+
+    torch.manual_seed(5)
+    with torch.no_grad():
+        ws = G.mapping(torch.randn(3, G.z_dim), None, truncation_psi=0.7)
+    return ws, to_uint8(G.synthesis(ws))
+
+
 class ResultRecorder:
     """A platform that keeps the results it was asked to post (progress is not kept); message refs are counters."""
 

@@ -6,18 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.edit import EDIT_RECIPES, TINY_CLIP, ClipScorer, EditError, check_prompt, edit, restyle
-from engine.registry import build_builtin, registry_entries
-
-
-@pytest.fixture(scope="module")
-def G():
-    return build_builtin(registry_entries()["tiny"])
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return ClipScorer(TINY_CLIP, None)
+from engine.edit import EDIT_RECIPES, EditError, check_prompt, edit, restyle
 
 
 @pytest.fixture(scope="module")

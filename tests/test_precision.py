@@ -14,20 +14,10 @@ from bot.config import ConfigError, load_config
 from engine.device import (PaddedSynthesis, compile_synthesis, configure_backends, pool_sizes, resolve_precision,
                            rows_that_fit, use_compile)
 from engine.edit import TINY_CLIP, ClipScorer, edit
-from engine.images import to_uint8
 from engine.invert import invert
 from engine.scheduler import OptimisationPool, auto_max_active
 
 GiB = 2**30
-
-
-@pytest.fixture(scope="module")
-def faces(G):
-    """Targets the generator itself drew from known latents (a self-inversion can reach them exactly)."""
-    torch.manual_seed(5)
-    with torch.no_grad():
-        ws = G.mapping(torch.randn(3, G.z_dim), None, truncation_psi=0.7)
-    return ws, to_uint8(G.synthesis(ws))
 
 
 def finish(pool: OptimisationPool) -> dict:

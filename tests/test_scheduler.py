@@ -7,25 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.edit import TINY_CLIP, ClipScorer, edit
-from engine.images import to_uint8
+from engine.edit import edit
 from engine.invert import invert
 from engine.perceptual import load_vgg16
 from engine.registry import build_builtin, registry_entries
 from engine.scheduler import OptimisationPool
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return ClipScorer(TINY_CLIP, None)
-
-
-@pytest.fixture(scope="module")
-def faces(G):
-    torch.manual_seed(5)
-    with torch.no_grad():
-        ws = G.mapping(torch.randn(3, G.z_dim), None, truncation_psi=0.7)
-    return ws, to_uint8(G.synthesis(ws))
 
 
 def run(pool: OptimisationPool, joins: dict[str, tuple[int, callable]]) -> dict:
