@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutErr
 
 from bot.config import ChatConfig, EditConfig, LimitsConfig
 from bot.photos import check_photo, human_size  # noqa: F401 - human_size is imported from here by the adapters
-from storage.keys import Keys
+from storage.keys import Keys, as_str
 from storage.latents import LatentStore
 from storage.queue import Job, JobQueue
 
@@ -103,12 +103,6 @@ redis.call('SET', KEYS[3], KEYS[1], 'EX', ARGV[3])
 return ARGV[1]
 """
 
-# Delete a name index entry only if it still names this user. KEYS: name index. ARGV: user id.
-_RELEASE_NAME = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 INVISIBLE = {"Cc", "Cf", "Co", "Cn", "Cs"}  # control, format (zero-width), private-use, unassigned, surrogates
 
 
@@ -123,7 +117,6 @@ class BotCore:
         self.queue, self.store, self.limits, self.edit, self.chat = queue, store, limits, edit, chat
         self.keys: Keys = queue.keys
         self._claim_name = queue.r.register_script(_CLAIM_NAME)
-        self._release_name = queue.r.register_script(_RELEASE_NAME)
         # photos are decoded in threads, off the event loop; two at most, so that big ones do not pile up in memory
         self._photo_checks = asyncio.Semaphore(2)
 
@@ -165,14 +158,10 @@ class BotCore:
         owner = await self._claim_name(keys=[self.keys.name_index(adapter, user_name), self.keys.display_name(user_id),
                                              self.keys.name_key(user_id)],
                                        args=[user_id, f"{adapter}:{user_name}", self.store.latent_ttl_s])
-        if _text(owner) != user_id:
+        if as_str(owner) != user_id:
             return (f"note: the name @{user_name} belongs to someone else now, so others cannot /morph with you by "
                     "that name" + ("; choose another nickname" if adapter == "web" else ""))
         return None
-
-    async def release_name(self, adapter: str, user_id: str, user_name: str) -> None:
-        """Free @user_name if it still names this user (a web visitor choosing another nickname)."""
-        await self._release_name(keys=[self.keys.name_index(adapter, user_name)], args=[user_id])
 
     async def react(self, reaction: Reaction) -> Reply:
         """Rerun a result: stronger or weaker (edits), refine (more steps), redo (same command, current face)."""
@@ -271,7 +260,7 @@ class BotCore:
         raw = await self.queue.r.get(self.keys.message(adapter, message_ref))
         if not raw:
             return None
-        parts = _text(raw).split(" ")
+        parts = as_str(raw).split(" ")
         epoch = parts.pop() if len(parts) >= 3 and re.fullmatch(r"[0-9a-f]{16}", parts[-1]) else ""
         return " ".join(parts[:-1]), parts[-1], epoch
 
@@ -358,12 +347,12 @@ class BotCore:
     async def user_called(self, adapter: str, name: str) -> str | None:
         """The user id known as `name` on an adapter, or None."""
         uid = await self.queue.r.get(self.keys.name_index(adapter, name))
-        return _text(uid) if uid else None
+        return as_str(uid) if uid else None
 
     async def _notice(self) -> str:
         """A notice for everyone (set by `stylebot run` when it restarted the engine), as a line to append."""
         notice = await self.queue.r.get(self.keys.notice)
-        return f"\nnote: {_text(notice)}" if notice else ""
+        return f"\nnote: {as_str(notice)}" if notice else ""
 
     async def _enqueue(self, cmd: Command, op: str, params: dict, photo: bytes | None = None,
                        epoch: str = "") -> Reply:
@@ -390,10 +379,6 @@ class BotCore:
         else:
             when = f"waiting behind {ahead} job{'s' * (ahead > 1)}" if ahead else "starting now"
         return Reply(f"{job_words(op, params)}: {when}" + await self._notice(), job_id=job.job_id)
-
-
-def _text(v) -> str:
-    return v.decode() if isinstance(v, bytes) else v
 
 
 COMMANDS = {

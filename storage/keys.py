@@ -145,5 +145,10 @@ class Keys:
         return f"{self.user(user_id)}web:media:{media_id}"
 
 
+def as_str(value) -> str:
+    """A value read from Redis as a str (the client returns bytes)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 ENGINE_GROUP = "engines"
 ADAPTER_GROUP = "adapter"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis.asyncio as redis
 
-from storage.keys import Keys
+from storage.keys import Keys, as_str
 from storage.queue import Write
 
 
@@ -49,12 +49,11 @@ def _pack(lat: StoredLatent) -> dict[str, bytes | str]:
 def _unpack(h: dict) -> StoredLatent | None:
     if not h:
         return None
-    h = {k.decode() if isinstance(k, bytes) else k: v for k, v in h.items()}
+    h = {as_str(k): v for k, v in h.items()}
     shape = json.loads(h["shape"])
     ws = np.frombuffer(h["ws"], dtype="<f4").reshape(shape).copy()
     w0 = np.frombuffer(h["w0"], dtype="<f4").reshape(shape).copy() if "w0" in h else None
-    text = lambda v: v.decode() if isinstance(v, bytes) else v  # noqa: E731
-    return StoredLatent(ws, text(h["model_id"]), float(text(h["created"])), json.loads(text(h["meta"])), w0)
+    return StoredLatent(ws, as_str(h["model_id"]), float(as_str(h["created"])), json.loads(as_str(h["meta"])), w0)
 
 
 class LatentStore:

@@ -21,16 +21,12 @@ import time
 
 import redis.asyncio as redis
 
-from storage.keys import ADAPTER_GROUP, ENGINE_GROUP, Keys
+from storage.keys import ADAPTER_GROUP, ENGINE_GROUP, Keys, as_str
 
 log = logging.getLogger("stylebot.storage")
 
 SCHEMA = 2
 USER_KEYS = ("origin", "target", "result")  # user:<id>:<kind>:<job or result id>, listed in the user's index
-
-
-def _text(v) -> str:
-    return v.decode() if isinstance(v, bytes) else v
 
 
 async def migrate(r: redis.Redis, keys: Keys, *, index_ttl_s: int) -> bool:
@@ -44,12 +40,12 @@ async def migrate(r: redis.Redis, keys: Keys, *, index_ttl_s: int) -> bool:
         started, counts = time.monotonic(), {"answered entries": 0, "old keys": 0, "keys indexed": 0}
         counts["answered entries"] += await _drop_answered(r, keys.jobs, ENGINE_GROUP)
         async for stream in r.scan_iter(match=f"{keys.prefix}results:*", count=1000):
-            counts["answered entries"] += await _drop_answered(r, _text(stream), ADAPTER_GROUP)
+            counts["answered entries"] += await _drop_answered(r, as_str(stream), ADAPTER_GROUP)
         async for key in r.scan_iter(match=f"{keys.prefix}*", count=1000):
-            key = _text(key)
+            key = as_str(key)
             rest = key[len(keys.prefix):]
             if rest.startswith("job:") or (rest.startswith("user:") and rest.endswith(":jobs")
-                                            and _text(await r.type(key)) == "set"):
+                                            and as_str(await r.type(key)) == "set"):
                 counts["old keys"] += await r.delete(key)
             elif rest.startswith("user:"):
                 user, kind = _user_key(rest)
@@ -57,7 +53,7 @@ async def migrate(r: redis.Redis, keys: Keys, *, index_ttl_s: int) -> bool:
                     await _index(r, keys, user, key, index_ttl_s)
                     counts["keys indexed"] += 1
             elif rest.startswith("message:"):
-                owner = _text(await r.get(key) or b"").split(" ")[0]
+                owner = as_str(await r.get(key) or b"").split(" ")[0]
                 if owner:
                     await _index(r, keys, owner, key, index_ttl_s)
                     counts["keys indexed"] += 1
@@ -89,19 +85,19 @@ async def _index(r: redis.Redis, keys: Keys, user: str, key: str, index_ttl_s: i
 async def _requeue_waiting(r: redis.Redis, keys: Keys, index_ttl_s: int) -> int:
     """Jobs of the old layout that no engine has had yet: queued again as ids with bodies (in the same order)."""
     try:
-        groups = {_text(g["name"]): g for g in await r.xinfo_groups(keys.jobs)}
+        groups = {as_str(g["name"]): g for g in await r.xinfo_groups(keys.jobs)}
     except redis.ResponseError:
         return 0
-    last = _text(groups[ENGINE_GROUP]["last-delivered-id"]) if ENGINE_GROUP in groups else "0-0"
+    last = as_str(groups[ENGINE_GROUP]["last-delivered-id"]) if ENGINE_GROUP in groups else "0-0"
     moved = 0
     for entry_id, fields in await r.xrange(keys.jobs, min=f"({last}", max="+"):
-        fields = {_text(k): v for k, v in fields.items()}
+        fields = {as_str(k): v for k, v in fields.items()}
         if "job" not in fields:
             continue
         job = json.loads(fields["job"])
         user, job_id = job["user_id"], job["job_id"]
         await r.set(keys.epoch(user), secrets.token_hex(8), nx=True, ex=index_ttl_s)
-        epoch = _text(await r.get(keys.epoch(user)))
+        epoch = as_str(await r.get(keys.epoch(user)))
         new_id = await r.xadd(keys.jobs, {"id": job_id})
         await r.hset(keys.job_data(job_id), mapping={"job": fields["job"], "user": user, f"epoch:{user}": epoch,
                                                      "reply": keys.results(job["adapter"]), "entry": new_id})
@@ -116,15 +112,15 @@ async def _requeue_waiting(r: redis.Redis, keys: Keys, index_ttl_s: int) -> int:
 async def _drop_answered(r: redis.Redis, stream: str, group: str) -> int:
     """Delete a stream's entries that its group has delivered and acknowledged (the old layout kept them)."""
     try:
-        groups = {_text(g["name"]): g for g in await r.xinfo_groups(stream)}
+        groups = {as_str(g["name"]): g for g in await r.xinfo_groups(stream)}
     except redis.ResponseError:  # no such stream
         return 0
     if group not in groups:
         return 0
-    last = _text(groups[group]["last-delivered-id"])
-    pending = {_text(p["message_id"]) for p in await r.xpending_range(stream, group, min="-", max=last, count=10**6)}
+    last = as_str(groups[group]["last-delivered-id"])
+    pending = {as_str(p["message_id"]) for p in await r.xpending_range(stream, group, min="-", max=last, count=10**6)}
     dropped = 0
     for entry_id, _ in await r.xrange(stream, min="-", max=last):
-        if _text(entry_id) not in pending:
+        if as_str(entry_id) not in pending:
             dropped += await r.xdel(stream, entry_id)
     return dropped

@@ -28,7 +28,7 @@ import redis.asyncio as redis
 from redis.exceptions import ResponseError
 
 from engine.errors import StylebotError
-from storage.keys import ADAPTER_GROUP, ENGINE_GROUP, Keys
+from storage.keys import ADAPTER_GROUP, ENGINE_GROUP, Keys, as_str
 from storage.migrate import migrate
 
 log = logging.getLogger("stylebot.queue")
@@ -78,7 +78,7 @@ class Job:
     @classmethod
     def from_fields(cls, message_id: str, fields: dict, deliveries: int = 1) -> "Job":
         d = json.loads(fields["job"])
-        epochs = {k.removeprefix("epoch:"): _text(v) for k, v in fields.items() if k.startswith("epoch:")}
+        epochs = {k.removeprefix("epoch:"): as_str(v) for k, v in fields.items() if k.startswith("epoch:")}
         return cls(**d, message_id=message_id, deliveries=deliveries, epochs=epochs)
 
 
@@ -99,10 +99,6 @@ class Admission:
     status: str
     position: int = 0
     user_id: str = ""
-
-
-def _text(v) -> str:
-    return v.decode() if isinstance(v, bytes) else v
 
 
 # Stream entries carry only ids: a job's body (user, params, prompt, epochs) lives in `Keys.job_data` and a result's
@@ -328,10 +324,10 @@ class JobQueue:
             max_queue, max_per_user, secrets.token_hex(8), self.result_ttl_s, job.to_fields()["job"], job.job_id,
             photo or b"", json.dumps(origin or {}), time.time() + self.result_ttl_s, self.index_ttl_s, uid, epoch,
             k.results(job.adapter), *others])
-        status = _text(reply[0])
+        status = as_str(reply[0])
         if status == "ok":
             return Admission("ok", position=int(reply[1]))
-        return Admission(status, user_id=_text(reply[1]) if len(reply) > 1 else "")
+        return Admission(status, user_id=as_str(reply[1]) if len(reply) > 1 else "")
 
     async def enqueue(self, job: Job, photo: bytes | None = None) -> int:
         """Add a job with no limits (tests, benchmarks, tools); returns its position in the queue (1 = next)."""
@@ -372,10 +368,10 @@ class JobQueue:
                 claimed.extend(entries)
         jobs, exhausted = [], []
         for mid, fields in claimed:
-            mid = _text(mid)
-            fields = {_text(k): v for k, v in fields.items()}
+            mid = as_str(mid)
+            fields = {as_str(k): v for k, v in fields.items()}
             if "id" in fields:  # the body lives in its own key (an entry before that carries it)
-                fields = {_text(k): v for k, v in (await self.r.hgetall(self.keys.job_data(_text(fields["id"])))).items()}
+                fields = {as_str(k): v for k, v in (await self.r.hgetall(self.keys.job_data(as_str(fields["id"])))).items()}
             if "job" not in fields:  # its user said /forget (the body went with their keys)
                 async with self.r.pipeline(transaction=True) as p:
                     p.xack(self.keys.jobs, ENGINE_GROUP, mid)
@@ -402,7 +398,7 @@ class JobQueue:
         alive = set(await self.engines_online())
         taken: list[tuple[str, dict]] = []
         for c in await self.r.xinfo_consumers(self.keys.jobs, ENGINE_GROUP):
-            name = _text(c["name"])
+            name = as_str(c["name"])
             if not c["pending"] or name == consumer or name in alive or len(taken) >= count:
                 continue
             held = await self.r.xpending_range(self.keys.jobs, ENGINE_GROUP, min="-", max="+",
@@ -436,7 +432,7 @@ class JobQueue:
         if not jobs:
             return []
         current = await self.r.mget([self.keys.epoch(j.user_id) for j in jobs])
-        return [not j.epochs.get(j.user_id) or _text(c or b"") == j.epochs[j.user_id] for j, c in zip(jobs, current)]
+        return [not j.epochs.get(j.user_id) or as_str(c or b"") == j.epochs[j.user_id] for j, c in zip(jobs, current)]
 
     async def _deliveries(self, message_id: str) -> int:
         info = await self.r.xpending_range(self.keys.jobs, ENGINE_GROUP, min=message_id, max=message_id, count=1)
@@ -448,7 +444,7 @@ class JobQueue:
     async def beat(self, engine: str, model: str, ttl_s: float) -> None:
         """An engine's heartbeat: it is online for `ttl_s` more seconds (engines silent for 10 TTLs are pruned)."""
         now = time.time()
-        gone = [_text(n) for n in await self.r.zrangebyscore(self.keys.engines, "-inf", now - 10 * ttl_s)]
+        gone = [as_str(n) for n in await self.r.zrangebyscore(self.keys.engines, "-inf", now - 10 * ttl_s)]
         async with self.r.pipeline(transaction=True) as p:
             p.zadd(self.keys.engines, {engine: now + ttl_s})
             p.hset(self.keys.engine_models, engine, model)
@@ -466,9 +462,9 @@ class JobQueue:
 
     async def engines_online(self) -> dict[str, str]:
         """Engines whose heartbeat is fresh: name -> model. One sorted-set read, whatever the number of keys."""
-        names = [_text(n) for n in await self.r.zrangebyscore(self.keys.engines, time.time(), "+inf")]
+        names = [as_str(n) for n in await self.r.zrangebyscore(self.keys.engines, time.time(), "+inf")]
         models = await self.r.hmget(self.keys.engine_models, names) if names else []
-        return {n: _text(m or b"") for n, m in zip(names, models)}
+        return {n: as_str(m or b"") for n, m in zip(names, models)}
 
     # -- results ---------------------------------------------------------------------------------------------
 
@@ -545,11 +541,11 @@ class JobQueue:
                 return []
             for _, entries in resp or []:
                 for mid, fields in entries:
-                    mid = _text(mid)
-                    fields = {_text(k): v for k, v in (fields or {}).items()}
+                    mid = as_str(mid)
+                    fields = {as_str(k): v for k, v in (fields or {}).items()}
                     if "ref" in fields:  # the result lives in its own key (gone: its user said /forget)
-                        ref = _text(fields["ref"])
-                        fields = {_text(k): v for k, v in (await self.r.hgetall(self.keys.result_data(ref))).items()}
+                        ref = as_str(fields["ref"])
+                        fields = {as_str(k): v for k, v in (await self.r.hgetall(self.keys.result_data(ref))).items()}
                     try:
                         event = json.loads(fields["event"])
                         event["job_id"], event["type"]

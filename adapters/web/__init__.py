@@ -32,6 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError, RedisError
 
 from adapters.base import EventPump, Result
 from bot.core import ACTIONS, BUSY, BotCore, Command, human_size
+from storage.keys import as_str
 from engine.errors import command as cli_command
 
 log = logging.getLogger("stylebot.web")
@@ -234,7 +235,7 @@ class WebChat:
         if not v.named:
             known = await self.core.queue.r.get(self.core.keys.display_name(user_id))
             if not v.named:  # not chosen meanwhile
-                adapter, _, name = (known.decode() if isinstance(known, bytes) else known or "").partition(":")
+                adapter, _, name = as_str(known or "").partition(":")
                 v.nickname, v.named = (name if adapter == "web" else ""), True
         return v
 
