@@ -34,7 +34,8 @@ from engine.errors import StylebotError
 from engine.edit import EDIT_RECIPES, edit, restyle
 from engine.invert import RECIPES, invert
 from engine.latents import FAMILY_NAMES
-from engine.morph import encode_gif, morph
+from engine.device import compile_synthesis, pool_sizes
+from engine.morph import MorphRender, encode_gif, morph
 from storage.latents import LatentStore, StoredLatent
 from storage.queue import Job, JobQueue, Write
 
@@ -491,16 +492,14 @@ class ContinuousLoop:
         self.last_claim = 0.0
         self.storing: set[asyncio.Task] = set()  # finished rows being stored while the others tick on
         self.forgotten: set[str] = set()    # job ids whose users said /forget: dropped before the next tick
+        self.morphs: dict[str, tuple] = {}  # job id -> (job, MorphRender): morphs rendered a chunk between ticks
 
     async def run(self, stop: asyncio.Event) -> None:
-        from engine.device import compile_synthesis, pool_sizes
-
         s = self.w.settings
         self.pool.precision = s.precision
         if s.compile:  # before the first heartbeat: the engine is online once no job would pay for compiling
             self.pool.synthesis = await asyncio.to_thread(compile_synthesis, self.w.G, pool_sizes(s.max_active),
                                                           s.precision)
-        self.morphs: dict[str, tuple] = {}  # job id -> (job, MorphRender): morphs rendered a chunk between ticks
         keeper = asyncio.create_task(self._keep_claimed())
         try:
             while not stop.is_set():
@@ -587,8 +586,6 @@ class ContinuousLoop:
         """stronger / weaker at once; a morph in steps between ticks (called by `_claim`, then by `run`): its
         latents checked, then `morph_chunk` frames rendered per call, then, with its `video`, encoded and stored in
         a task beside the next ticks (`Worker._morph`). Each fails its job alone; a job let go meanwhile stops."""
-        from engine.morph import MorphRender
-
         w = self.w
         try:
             if job.job_id not in w.claimed:  # its user said /forget
@@ -721,12 +718,12 @@ class ContinuousLoop:
         job, ctx = done.key, self.context.pop(done.key.job_id, {})
         if done.error:
             await self.w._fail(job, done.error)
-        elif done.kind == "invert":
-            await self.w.queue.progress(job, done.steps, done.steps)
+            return
+        await self.w.queue.progress(job, done.steps, done.steps)  # the last step, just before the result
+        if done.kind == "invert":
             await self.w._store_face(job, ctx["target"], done.ws, done.image, done.psnr, ctx["steps"],
                                      ctx["warnings"], ctx.get("refined", 0))
         else:
-            await self.w.queue.progress(job, done.steps, done.steps)
             await self.w._store_edit(job, done.ws, done.w0, done.image, ctx["meta"], ctx["text"])
 
     async def _drain(self) -> None:

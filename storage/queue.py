@@ -275,6 +275,12 @@ if redis.call('TTL', KEYS[3]) < tonumber(ARGV[5]) then redis.call('EXPIRE', KEYS
 return 1
 """
 
+def _stream_lost(e: ResponseError) -> bool:
+    """A stream or its group is gone (Redis came back without its data): NOGROUP, or UNBLOCKED for a reader that
+    was waiting on the stream when it went."""
+    return str(e).startswith(("NOGROUP", "UNBLOCKED"))
+
+
 UNLIMITED = 2**31
 TAKEOVER_MAX = 64  # jobs of dead engines taken in one claim, whatever room the engine has (they are the oldest)
 
@@ -344,8 +350,8 @@ class JobQueue:
         came back without its data (no group), the group is made again and nothing is claimed this time."""
         try:
             return await self._claim(consumer, count, block_ms)
-        except ResponseError as e:  # NOGROUP; UNBLOCKED: the stream went while this engine waited on it
-            if not str(e).startswith(("NOGROUP", "UNBLOCKED")):
+        except ResponseError as e:
+            if not _stream_lost(e):
                 raise
             log.warning("the jobs stream has no consumer group (Redis restarted without its data?): making it again")
             await self.ensure_groups()
@@ -389,8 +395,8 @@ class JobQueue:
 
     async def _take_over_dead(self, consumer: str, count: int) -> list[tuple[str, dict]]:
         """The jobs held by engines whose heartbeat has expired (up to `count`), taken at once (not after
-        `reclaim_idle_ms`): looked for at most every `takeover_every_s`. An engine whose beat lapsed but that lives on may finish such
-        a job too: its result is stored once all the same (`finish`)."""
+        `reclaim_idle_ms`): looked for at most every `takeover_every_s`. An engine whose beat lapsed but that lives
+        on may finish such a job too: its result is stored once all the same (`finish`)."""
         now = time.monotonic()
         if now - self._looked_for_dead < self.takeover_every_s:
             return []
@@ -533,7 +539,7 @@ class JobQueue:
                 resp = await self.r.xreadgroup(ADAPTER_GROUP, consumer, {self.keys.results(adapter): start},
                                                count=count, block=None if start == "0" else block_ms)
             except ResponseError as e:
-                if not str(e).startswith(("NOGROUP", "UNBLOCKED")):
+                if not _stream_lost(e):
                     raise
                 log.warning("%s: the results stream has no consumer group (Redis restarted without its data?): "
                             "making it again", adapter)
