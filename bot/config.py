@@ -27,7 +27,8 @@ class EngineConfig:
     device: str = "auto"                # auto | cpu | cuda
     model: str = "auto"                 # auto (ffhq-1024 on a GPU, ffhq-256 on a CPU, if downloaded; else tiny) | name
     scheduler: str = "continuous"       # continuous (a pool of optimisations stepped together) | static (batches)
-    # continuous: optimisations in the pool at once, or auto (what the GPU's free memory holds; 8 on a CPU)
+    # continuous: optimisations in the pool at once, or auto (what the GPU's free memory holds; on a CPU the timed
+    # size with the least time per row)
     max_active: int | str = field(default="auto", metadata={"types": (int, str)})
     drain_s: float = 30.0               # continuous: on SIGTERM, jobs that end within this are finished
     precision: str = "auto"             # auto (tf32 on CUDA, fp32 on a CPU) | fp32 | tf32 | bf16 (autocast)

@@ -22,7 +22,7 @@ import torch
 log = logging.getLogger("stylebot.engine")
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
-CPU_MAX_ACTIVE = 8                      # `max_active = "auto"` on a CPU
+CPU_MAX_ACTIVE = 8                      # `max_active = "auto"` on a CPU tries pool sizes up to this
 MAX_ACTIVE_RANGE = (1, 64)              # `max_active = "auto"` on CUDA is clamped to this
 
 
