@@ -44,7 +44,8 @@ INSTALL_REDIS = ("install it (Debian/Ubuntu: sudo apt-get install redis-server; 
 def add_commands(sub) -> None:
     p = sub.add_parser("run", help="run everything on this machine: Redis, the engine, the web chat (+ bots)",
                        description="Start the whole product: the Redis at [redis] url, or a redis-server of its own "
-                                   "on a free port when none answers; the engine; the web chat; and Telegram / "
+                                   "on a free port when none answers (with an append-only file); the engine, started "
+                                   "again with backoff if it dies; the web chat; and Telegram / "
                                    f"Discord when ${TOKENS['telegram']} / ${TOKENS['discord']} are set. "
                                    "Prints the URL to open. Ctrl-C stops all of it.")
     p.add_argument("--host", help="web chat address; default: config [web] host (127.0.0.1)")
