@@ -2,15 +2,20 @@
 
 `invert(G, vgg, targets, recipe=...)` is pure (no I/O): it optimises one latent per target in a single batched
 forward/backward pass (per-sample losses summed; Adam is elementwise, so a batch of N equals N single runs).
+`InversionLoss` is a recipe's loss, shared with the continuous engine (engine/scheduler.py).
 
 Recipes:
-- "seed": the seed project's notebook exactly: W+ from zeros, pixel MSE at full resolution + MSE of VGG16
-  relu1_1, relu1_2, relu3_2, relu4_2 on 256 px images, Adam lr 0.02, 1500 steps.
-- "default": ours, a quarter of the seed's steps (375): start from w_avg rather than zeros, pixel MSE (weight 30)
-  + LPIPS-style channel-normalised VGG distance, Adam lr 0.2 with a 5 % linear ramp-up and a cosine ramp-down over
-  the last 75 %. Chosen by measurement on self-inversions of `tiny` (benchmarks/invert.py): at 375 steps it beat
-  lr 0.05/0.1/0.3, pixel weights 1/10/100, the seed's loss with w_avg init, and a W-then-W+ schedule
-  (`w_only_fraction`, kept as an option) by 0.5 to 2 dB.
+- "seed": the seed project's Image2StyleGAN notebook (ChoiDae1/StyleGAN_Project, `Image2StyleGAN.ipynb`) step
+  for step: W+ from zeros; the image mapped to [0, 1] by (x + 1) / 2 and clamped; loss = MSE to the target on
+  [0, 1] at full resolution + the sum of the MSEs of VGG16 relu1_1, relu1_2, relu3_2, relu4_2 between both images
+  scaled to 256 px by bilinear interpolation (`scale_factor = 256 / resolution`) and fed to VGG as [0, 1] images
+  without ImageNet normalisation; Adam lr 0.02 (betas 0.9 / 0.999, eps 1e-8), no schedule, 1500 steps. Proven by
+  tests/test_invert_parity.py against the notebook's own loop (scripts/make_invert_parity.py).
+- "default": ours, a quarter of the seed's steps (375): start from w_avg rather than zeros, pixel MSE on [-1, 1]
+  (weight 30) + LPIPS-style channel-normalised VGG distance (ImageNet-normalised input, area-downsampled to 256),
+  Adam lr 0.2 with a 5 % linear ramp-up and a cosine ramp-down over the last 75 %. Chosen by measurement on
+  self-inversions of `tiny` (benchmarks/invert.py): at 375 steps it beat lr 0.05/0.1/0.3, pixel weights 1/10/100,
+  the seed's loss with w_avg init, and a W-then-W+ schedule (`w_only_fraction`, kept as an option) by 0.5 to 2 dB.
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from engine.device import autocast_for
 from engine.images import from_uint8, to_uint8
 from engine.optim import Preview, Progress, adam_step, lr_schedule, report
-from engine.perceptual import VGG16Features, features, image2stylegan_loss, lpips_like_loss, resize
+from engine.perceptual import VGG16Features, feature_mse, features, imagenet_input, lpips_like, resize
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,7 @@ class Recipe:
     steps: int
     lr: float
     init: str                           # "zeros" | "w_avg"
-    loss: str                           # "image2stylegan" | "lpips"
+    loss: str                           # "image2stylegan" (the seed notebook's) | "lpips_like" (ours)
     layers: tuple[str, ...]
     vgg_size: int = 256                 # VGG input size (the image is resized to it inside the graph)
     pixel_weight: float = 1.0
@@ -43,10 +49,50 @@ class Recipe:
 RECIPES = {
     "seed": Recipe(steps=1500, lr=0.02, init="zeros", loss="image2stylegan",
                    layers=("relu1_1", "relu1_2", "relu3_2", "relu4_2")),
-    "default": Recipe(steps=375, lr=0.2, init="w_avg", loss="lpips",
+    "default": Recipe(steps=375, lr=0.2, init="w_avg", loss="lpips_like",
                       layers=("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"),
                       pixel_weight=30.0, rampup=0.05, rampdown=0.75),
 }
+
+
+class InversionLoss:
+    """A recipe's per-sample loss between generator images and their targets. `prepare` computes the targets'
+    side once (a list of batch-first tensors, so that rows prepared apart can be concatenated); calling it gives
+    the loss of each image, [N]."""
+
+    def __init__(self, r: Recipe, vgg: VGG16Features, resolution: int, precision: str = "fp32"):
+        self.r, self.vgg, self.precision, self.layers = r, vgg, precision, list(r.layers)
+        self.resolution = resolution
+        self.vgg_size = min(r.vgg_size, resolution)
+
+    def _vgg_input(self, img: torch.Tensor) -> torch.Tensor:
+        if self.r.loss == "image2stylegan":  # the notebook's nn.Upsample(scale_factor=256 / resolution, 'bilinear')
+            return F.interpolate(img, scale_factor=self.r.vgg_size / self.resolution, mode="bilinear",
+                                 align_corners=False)
+        return imagenet_input(resize(img, self.vgg_size))
+
+    def _image(self, img: torch.Tensor) -> torch.Tensor:
+        """The generator's [-1, 1] image as the recipe's losses see it: the seed's clamped [0, 1], else as is."""
+        return ((img + 1) / 2).clamp(0, 1) if self.r.loss == "image2stylegan" else img
+
+    def prepare(self, target: torch.Tensor) -> list[torch.Tensor]:
+        """Targets [N, 3, R, R] in [-1, 1] -> [pixels, *VGG features], each [N, ...]."""
+        with torch.no_grad():
+            x = self._image(target)
+            return [x, *features(self.vgg, self._vgg_input(x), self.layers, self.precision)]
+
+    def __call__(self, img: torch.Tensor, prepared: list[torch.Tensor]) -> torch.Tensor:
+        target, *target_feats = prepared
+        x = self._image(img)
+        pixel = (x - target).square().flatten(1).mean(1) * self.r.pixel_weight
+        feats = features(self.vgg, self._vgg_input(x), self.layers, self.precision)
+        distance = feature_mse if self.r.loss == "image2stylegan" else lpips_like
+        return pixel + distance(feats, target_feats)
+
+    def start(self, G, n: int) -> torch.Tensor:
+        """Where a recipe's latents start: [n, num_ws, w_dim] zeros or w_avg."""
+        base = torch.zeros([G.w_dim], device=G.mapping.w_avg.device) if self.r.init == "zeros" else G.mapping.w_avg
+        return base.reshape(1, 1, -1).repeat(n, G.num_ws, 1)
 
 
 @dataclass
@@ -81,6 +127,7 @@ def invert(
     preview: Preview | None = None,     # low-resolution look at the current images, every preview_every steps
     preview_every: int = 100,
     precision: str = "fp32",            # "bf16": generator and VGG under bf16 autocast (engine.device); else float32
+    noise_mode: str = "const",          # "random": new noise maps at every step, as the StyleGAN1 port draws them
 ) -> InversionResult:
     r = RECIPES[recipe]
     total = r.steps if steps is None else steps
@@ -89,19 +136,13 @@ def invert(
     n, res = target.shape[0], G.img_resolution
     if target.shape[-1] != res:
         raise ValueError(f"targets must be {res}x{res} (aligned for this model), got {tuple(target.shape[-2:])}")
-    vgg = vgg.to(device)
-    vgg_size = min(r.vgg_size, res) if res < r.vgg_size else r.vgg_size
-    layers = list(r.layers)
-    with torch.no_grad():
-        target_feats = features(vgg, resize(target, vgg_size), layers, precision)
-    feature_loss = image2stylegan_loss if r.loss == "image2stylegan" else lpips_like_loss
+    loss = InversionLoss(r, vgg.to(device), res, precision)
+    prepared = loss.prepare(target)
 
     if init_ws is not None:
         start, w_only_steps = init_ws.to(device, torch.float32), 0
     else:
-        base = torch.zeros([G.w_dim], device=device) if r.init == "zeros" else G.mapping.w_avg
-        start = base.reshape(1, 1, -1).repeat(n, G.num_ws, 1)
-        w_only_steps = int(total * r.w_only_fraction)
+        start, w_only_steps = loss.start(G, n), int(total * r.w_only_fraction)
 
     # Stage 1 (optional): one w per target, broadcast to every layer. Stage 2: every layer on its own (W+).
     w = (start[:, :1] if w_only_steps else start).clone().requires_grad_(True)
@@ -113,11 +154,8 @@ def invert(
             opt = torch.optim.Adam([w], lr=r.lr, betas=(0.9, 0.999), eps=1e-8)
         ws = w if w.shape[1] == G.num_ws else w.expand(-1, G.num_ws, -1)
         with autocast_for(device, precision):
-            img = G.synthesis(ws, noise_mode="const")
-        img = img.float()
-        per_sample = (img - target).square().flatten(1).mean(1) * r.pixel_weight
-        per_sample = per_sample + feature_loss(vgg, img, target_feats, vgg_size, layers, precision)
-        history[step] = adam_step(opt, per_sample, learning_rate(step, total, r))
+            img = G.synthesis(ws, noise_mode=noise_mode)
+        history[step] = adam_step(opt, loss(img.float(), prepared), learning_rate(step, total, r))
         report(step + 1, total, history[step], img, progress, preview, preview_every)
 
     with torch.no_grad():

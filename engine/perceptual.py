@@ -2,7 +2,8 @@
 
 The network is VGG16's `features`, laid out as torchvision's (its ImageNet weights load through the weights
 registry; `width < 1` builds the same architecture with fewer channels, with random weights, for tests and the tiny
-model).
+model). It takes its input as it is given: each recipe says what that is (`imagenet_input` for ImageNet's
+normalisation, as torchvision's weights expect; the seed notebook feeds plain [0, 1] images).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class VGG16Features(nn.Module):
-    """Activations of chosen VGG16 layers for images in [-1, 1] (ImageNet normalisation happens inside)."""
+    """Activations of chosen VGG16 layers for a network input [N, 3, H, W] (see `imagenet_input`)."""
 
     def __init__(self, width: float = 1.0):
         super().__init__()
@@ -43,11 +44,8 @@ class VGG16Features(nn.Module):
                 channels = out
         self.features = nn.Sequential(*layers)
         self.width = width
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1))
 
-    def forward(self, img: torch.Tensor, layers: list[str]) -> list[torch.Tensor]:
-        x = ((img + 1) / 2 - self.mean) / self.std
+    def forward(self, x: torch.Tensor, layers: list[str]) -> list[torch.Tensor]:
         wanted = {RELU[name]: name for name in layers}
         out: dict[str, torch.Tensor] = {}
         last = max(wanted)
@@ -72,6 +70,13 @@ def load_vgg16(path: str | Path | None = None, *, width: float = 1.0, seed: int 
     return vgg.eval().requires_grad_(False)
 
 
+def imagenet_input(img: torch.Tensor) -> torch.Tensor:
+    """Generator images in [-1, 1] -> the input torchvision's ImageNet weights expect ((x - mean) / std on [0, 1])."""
+    mean = torch.tensor(IMAGENET_MEAN, device=img.device).reshape(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=img.device).reshape(1, 3, 1, 1)
+    return ((img + 1) / 2 - mean) / std
+
+
 def resize(img: torch.Tensor, size: int) -> torch.Tensor:
     """Area-downsample (or bilinear-upsample) square images to `size`."""
     if img.shape[-1] == size:
@@ -87,18 +92,15 @@ def features(vgg: VGG16Features, img: torch.Tensor, layers: list[str], precision
     return [f.float() for f in feats]
 
 
-def image2stylegan_loss(vgg: VGG16Features, img: torch.Tensor, target_feats: list[torch.Tensor], size: int,
-                        layers: list[str], precision: str = "fp32") -> torch.Tensor:
-    """Per-sample sum over layers of the MSE between VGG activations (Abdal et al. 2019): [N]."""
-    feats = features(vgg, resize(img, size), layers, precision)
+def feature_mse(feats: list[torch.Tensor], target_feats: list[torch.Tensor]) -> torch.Tensor:
+    """Per-sample sum over layers of the mean squared difference between activations (Image2StyleGAN's
+    perceptual term, Abdal et al. 2019): [N]."""
     return sum((f - t).square().flatten(1).mean(1) for f, t in zip(feats, target_feats))
 
 
-def lpips_like_loss(vgg: VGG16Features, img: torch.Tensor, target_feats: list[torch.Tensor], size: int,
-                    layers: list[str], precision: str = "fp32") -> torch.Tensor:
+def lpips_like(feats: list[torch.Tensor], target_feats: list[torch.Tensor]) -> torch.Tensor:
     """Per-sample LPIPS distance without the learned weights: channel-normalised features, squared difference
     summed over channels, averaged over positions, summed over layers: [N]."""
-    feats = features(vgg, resize(img, size), layers, precision)
     return sum((_unit(f) - _unit(t)).square().sum(1).flatten(1).mean(1) for f, t in zip(feats, target_feats))
 
 

@@ -25,8 +25,7 @@ from engine.device import CPU_MAX_ACTIVE, autocast_for, pool_sizes, rows_that_fi
 from engine.edit import EDIT_RECIPES, ClipScorer, check_prompt
 from engine.edit import learning_rate as edit_learning_rate
 from engine.images import from_uint8, to_uint8
-from engine.invert import RECIPES, learning_rate, psnr
-from engine.perceptual import features, image2stylegan_loss, lpips_like_loss, resize
+from engine.invert import RECIPES, InversionLoss, learning_rate, psnr
 from engine.pool import RowAdam
 
 log = logging.getLogger("stylebot.engine")
@@ -42,7 +41,7 @@ class Row:
     step: int = 0                       # steps done
     losses: list[float] = field(default_factory=list)
     target: torch.Tensor | None = None  # invert: [1, 3, R, R] in [-1, 1]
-    target_feats: list[torch.Tensor] = field(default_factory=list)  # invert: VGG features of the target
+    prepared: list[torch.Tensor] = field(default_factory=list)  # invert: the target's side of the loss
     w0: torch.Tensor | None = None      # edit: [1, num_ws, w_dim], the L2 anchor
     text: torch.Tensor | None = None    # edit: [1, D] normalised CLIP text embedding
     prompt: str = ""
@@ -87,10 +86,7 @@ class OptimisationPool:
         self.device = G.mapping.w_avg.device
         self.adam = RowAdam((G.num_ws, G.w_dim), device=self.device)
         self.rows: list[Row] = []
-        res = G.img_resolution
-        self.vgg_size = min(self.recipe.vgg_size, res) if res < self.recipe.vgg_size else self.recipe.vgg_size
-        self.layers = list(self.recipe.layers)
-        self.feature_loss = image2stylegan_loss if self.recipe.loss == "image2stylegan" else lpips_like_loss
+        self.invert_loss = InversionLoss(self.recipe, vgg.to(self.device), G.img_resolution, precision) if vgg else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -101,13 +97,10 @@ class OptimisationPool:
         t = from_uint8(target, self.device)
         if t.shape[-1] != self.G.img_resolution or t.shape[0] != 1:
             raise ValueError(f"an inversion target is one {self.G.img_resolution} px image, got {tuple(t.shape)}")
-        with torch.no_grad():
-            feats = features(self.vgg.to(self.device), resize(t, self.vgg_size), self.layers, self.precision)
+        prepared = self.invert_loss.prepare(t)
         if init_ws is None:
-            base = (torch.zeros([self.G.w_dim], device=self.device) if self.recipe.init == "zeros"
-                    else self.G.mapping.w_avg)
-            init_ws = base.reshape(1, -1).repeat(self.G.num_ws, 1)
-        self._join(Row(key, "invert", steps or self.recipe.steps, target=t, target_feats=feats), init_ws)
+            init_ws = self.invert_loss.start(self.G, 1)
+        self._join(Row(key, "invert", steps or self.recipe.steps, target=t, prepared=prepared), init_ws)
 
     def add_edit(self, key: Any, w0: torch.Tensor, prompt: str, *, steps: int | None = None,
                  init_ws: torch.Tensor | None = None) -> None:
@@ -170,11 +163,8 @@ class OptimisationPool:
         inv = [i for i, row in enumerate(self.rows) if row.kind == "invert"]
         if inv:
             rows = [self.rows[i] for i in inv]
-            im = img[inv]
-            target = torch.cat([r.target for r in rows])
-            feats = [torch.cat(f) for f in zip(*(r.target_feats for r in rows))]
-            loss = (im - target).square().flatten(1).mean(1) * self.recipe.pixel_weight
-            parts.append(loss + self.feature_loss(self.vgg, im, feats, self.vgg_size, self.layers, self.precision))
+            prepared = [torch.cat(part) for part in zip(*(r.prepared for r in rows))]
+            parts.append(self.invert_loss(img[inv], prepared))
             where += inv
         ed = [i for i, row in enumerate(self.rows) if row.kind == "edit"]
         if ed:

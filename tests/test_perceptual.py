@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.perceptual import IMAGENET_MEAN, IMAGENET_STD, RELU, load_vgg16
+from engine.perceptual import IMAGENET_MEAN, IMAGENET_STD, RELU, imagenet_input, load_vgg16
 
 
 def test_torchvisions_vgg16_weights_load_and_give_the_same_features(tmp_path):
@@ -24,6 +24,6 @@ def test_torchvisions_vgg16_weights_load_and_give_the_same_features(tmp_path):
         for i, layer in enumerate(theirs):
             x = layer(x)
             expected[i] = x.clone()
-        got = ours(img, list(RELU))
+        got = ours(imagenet_input(img), list(RELU))
     for name, feat in zip(RELU, got):
         assert torch.equal(feat, expected[RELU[name]]), name  # the same modules, weights and order: bit for bit
