@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -74,3 +76,17 @@ def test_latent_file_round_trip_and_model_check(tmp_path, G):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(LatentError, match="not a stylebot latent file"):
         load_latent(tmp_path / "bad.npz")
+
+
+def test_random_noise_mode_draws_new_noise_at_every_step(G, vgg, targets):
+    """`--noise-mode random` (the StyleGAN1 port's per-call noise): the losses differ from constant noise's from
+    the first step on, and the run still ends with a latent of the right shape."""
+    noisy = copy.deepcopy(G)  # the built-in model's noise strengths are zero, as a fresh StyleGAN's are
+    for name, p in noisy.named_parameters():
+        if name.endswith("noise_strength"):
+            p.data.fill_(0.5)
+    const = invert(noisy, vgg, targets[:1], recipe="seed", steps=3)
+    torch.manual_seed(0)
+    rand = invert(noisy, vgg, targets[:1], recipe="seed", steps=3, noise_mode="random")
+    assert rand.ws.shape == const.ws.shape and np.isfinite(rand.losses).all()
+    assert not np.allclose(rand.losses[0], const.losses[0])
