@@ -41,6 +41,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", choices=["default", "seed"], default="default",
                    help="default: ours (375 steps); seed: the seed notebook's exact recipe (1500 steps)")
     p.add_argument("--steps", type=positive_int, help="override the recipe's number of steps")
+    p.add_argument("--noise-mode", choices=["const", "random"], default="const",
+                   help="the generator's noise while optimising: const (the model's fixed maps) or random (new maps "
+                        "at every step, as the StyleGAN1 port the seed notebook used draws them)")
     p.add_argument("--refine", type=Path, metavar="LATENT",
                    help="go on optimising this earlier latent of the same photo (default steps: half the recipe's)")
     p.add_argument("--model", help="model name; default: config [engine] model")
@@ -346,11 +349,13 @@ def cmd_invert(args: argparse.Namespace, cfg: Config) -> int:
             bar.set_postfix(loss=f"{losses[0]:.4f}")
 
         init = None if start is None else torch.from_numpy(start.ws)[None]
-        result = invert(G, vgg, face.image[None], recipe=args.recipe, steps=steps, init_ws=init, progress=progress)
+        result = invert(G, vgg, face.image[None], recipe=args.recipe, steps=steps, init_ws=init, progress=progress,
+                        noise_mode=args.noise_mode)
     distance = likeness(face.image, result.images[0])
     if start is not None:
         steps += int(start.settings.get("steps", 0))
-    settings = {"operation": "invert", "recipe": args.recipe, "steps": steps, "psnr": round(result.psnr[0], 2),
+    settings = {"operation": "invert", "recipe": args.recipe, "noise_mode": args.noise_mode, "steps": steps,
+                "psnr": round(result.psnr[0], 2),
                 "likeness": None if distance is None else round(distance, 3), "warnings": face.warnings,
                 "photo": args.photo.name}
     args.out.parent.mkdir(parents=True, exist_ok=True)
