@@ -11,6 +11,7 @@ Recipes:
   scaled to 256 px by bilinear interpolation (`scale_factor = 256 / resolution`) and fed to VGG as [0, 1] images
   without ImageNet normalisation; Adam lr 0.02 (betas 0.9 / 0.999, eps 1e-8), no schedule, 1500 steps. Proven by
   tests/test_invert_parity.py against the notebook's own loop (scripts/make_invert_parity.py).
+- "projector": NVIDIA's projector (stylegan2-ada-pytorch `projector.py`) step for step: engine/projector.py.
 - "default": ours, a quarter of the seed's steps (375): start from w_avg rather than zeros, pixel MSE on [-1, 1]
   (weight 30) + LPIPS-style channel-normalised VGG distance (ImageNet-normalised input, area-downsampled to 256),
   Adam lr 0.2 with a 5 % linear ramp-up and a cosine ramp-down over the last 75 %. Chosen by measurement on
@@ -30,6 +31,7 @@ from engine.device import autocast_for
 from engine.images import from_uint8, to_uint8
 from engine.optim import Preview, Progress, adam_step, lr_schedule, report
 from engine.perceptual import VGG16Features, feature_mse, features, imagenet_input, lpips_like, resize
+from engine.projector import PROJECTOR, project
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,10 @@ RECIPES = {
     "default": Recipe(steps=375, lr=0.2, init="w_avg", loss="lpips_like",
                       layers=("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"),
                       pixel_weight=30.0, rampup=0.05, rampdown=0.75),
+    # NVIDIA's projector (engine/projector.py): W with noise maps, LPIPS; runs through `project`, not InversionLoss
+    "projector": Recipe(steps=PROJECTOR.steps, lr=PROJECTOR.lr, init="w_avg", loss="projector",
+                        layers=("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"),
+                        rampup=PROJECTOR.rampup, rampdown=PROJECTOR.rampdown),
 }
 
 
@@ -128,6 +134,7 @@ def invert(
     preview_every: int = 100,
     precision: str = "fp32",            # "bf16": generator and VGG under bf16 autocast (engine.device); else float32
     noise_mode: str = "const",          # "random": new noise maps at every step, as the StyleGAN1 port draws them
+    seed: int = 303,                    # "projector": the seed of its noise maps and w noise (projector.py's default)
 ) -> InversionResult:
     r = RECIPES[recipe]
     total = r.steps if steps is None else steps
@@ -136,6 +143,13 @@ def invert(
     n, res = target.shape[0], G.img_resolution
     if target.shape[-1] != res:
         raise ValueError(f"targets must be {res}x{res} (aligned for this model), got {tuple(target.shape[-2:])}")
+    if r.loss == "projector":
+        from engine.lpips import load_lpips
+
+        ws, images, history = project(G, load_lpips(vgg.to(device)), targets, steps=total, seed=seed,
+                                      init_ws=init_ws, progress=progress, preview=preview, preview_every=preview_every)
+        return InversionResult(ws, images, history, [psnr(a, b) for a, b in zip(images, to_uint8(target))],
+                               recipe, total)
     loss = InversionLoss(r, vgg.to(device), res, precision)
     prepared = loss.prepare(target)
 

@@ -162,10 +162,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_vgg(cache: WeightsCache, G: Generator):
+def load_vgg(cache: WeightsCache, G: Generator, *, full_width: bool = False):
     """The perceptual network for inverting with G, and a warning when it is not the pretrained one.
 
-    `tiny` gets a narrow random VGG16 (width 1/8): it is for CPUs and tests. Real models get torchvision's
+    `tiny` gets a narrow random VGG16 (width 1/8): it is for CPUs and tests; `full_width` (LPIPS, whose learned
+    layers fit VGG16's own widths only) a random one of the full architecture. Real models get torchvision's
     ImageNet VGG16 when downloaded, else random weights of the full architecture with a warning.
     """
     from engine.perceptual import load_vgg16
@@ -173,7 +174,7 @@ def load_vgg(cache: WeightsCache, G: Generator):
     device = G.mapping.w_avg.device
     entry = cache.entry("vgg16")
     if cache.entries().get(G.model_id, ModelEntry(name="")).builtin:
-        return load_vgg16(width=0.125).to(device), None
+        return load_vgg16(width=1.0 if full_width else 0.125).to(device), None
     if cache.is_cached(entry):
         return load_vgg16(cache.path(entry)).to(device), None
     return load_vgg16().to(device), (f"VGG16 weights are not downloaded (`{command('weights download vgg16')}`): "

@@ -80,8 +80,9 @@ class OptimisationPool:
         self.precision = precision                  # "fp32" | "tf32" | "bf16" (engine.device)
         self.synthesis = synthesis or G.synthesis   # the ticks' generator: G.synthesis, or compiled and padded
         self.recipe, self.edit_recipe = RECIPES[invert_recipe], EDIT_RECIPES[edit_recipe]
-        if self.recipe.w_only_fraction:
-            raise ValueError("the pool optimises W+ rows; a recipe with a W stage runs with invert()")
+        if self.recipe.w_only_fraction or self.recipe.loss == "projector":
+            raise ValueError(f"the pool optimises W+ rows; recipe {invert_recipe!r} (W stage, noise maps) runs with "
+                             "invert()")
         self.preview_every = preview_every
         self.device = G.mapping.w_avg.device
         self.adam = RowAdam((G.num_ws, G.w_dim), device=self.device)
