@@ -38,9 +38,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="latent file to write (.npz)")
     p.add_argument("--image", type=Path, help="also write the reconstruction (PNG)")
     p.add_argument("--aligned", type=Path, help="also write the aligned input face (PNG)")
-    p.add_argument("--recipe", choices=["default", "seed", "projector"], default="default",
+    p.add_argument("--recipe", choices=["default", "seed", "projector", "projector-w+"], default="default",
                    help="default: ours (375 steps); seed: the seed notebook's exact recipe (1500 steps); projector: "
-                        "NVIDIA's projector.py (W + noise maps, LPIPS, 1000 steps)")
+                        "NVIDIA's projector.py (W + noise maps, LPIPS, 1000 steps); projector-w+: the same in W+")
     p.add_argument("--steps", type=positive_int, help="override the recipe's number of steps")
     p.add_argument("--noise-mode", choices=["const", "random"], default="const",
                    help="the generator's noise while optimising: const (the model's fixed maps) or random (new maps "
@@ -340,7 +340,7 @@ def cmd_invert(args: argparse.Namespace, cfg: Config) -> int:
     face = align(photo, G.img_resolution)
     for warning in face.warnings:
         print(f"note: {warning}", file=sys.stderr)
-    vgg, vgg_warning = load_vgg(_cache(cfg), G, full_width=args.recipe == "projector")
+    vgg, vgg_warning = load_vgg(_cache(cfg), G, full_width=args.recipe.startswith("projector"))
     if vgg_warning:
         print(f"note: {vgg_warning}", file=sys.stderr)
     steps = args.steps or (RECIPES[args.recipe].steps // (2 if start else 1))

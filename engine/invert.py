@@ -11,7 +11,8 @@ Recipes:
   scaled to 256 px by bilinear interpolation (`scale_factor = 256 / resolution`) and fed to VGG as [0, 1] images
   without ImageNet normalisation; Adam lr 0.02 (betas 0.9 / 0.999, eps 1e-8), no schedule, 1500 steps. Proven by
   tests/test_invert_parity.py against the notebook's own loop (scripts/make_invert_parity.py).
-- "projector": NVIDIA's projector (stylegan2-ada-pytorch `projector.py`) step for step: engine/projector.py.
+- "projector": NVIDIA's projector (stylegan2-ada-pytorch `projector.py`) step for step: engine/projector.py;
+  "projector-w+" the same loop in W+ (GANInverter's optimisation baseline; its published numbers are there).
 - "default": ours, a quarter of the seed's steps (375): start from w_avg rather than zeros, pixel MSE on [-1, 1]
   (weight 30) + LPIPS-style channel-normalised VGG distance (ImageNet-normalised input, area-downsampled to 256),
   Adam lr 0.2 with a 5 % linear ramp-up and a cosine ramp-down over the last 75 %. Chosen by measurement on
@@ -29,9 +30,11 @@ import torch.nn.functional as F
 
 from engine.device import autocast_for
 from engine.images import from_uint8, to_uint8
+from engine.lpips import LAYERS as LPIPS_LAYERS
+from engine.lpips import load_lpips
 from engine.optim import Preview, Progress, adam_step, lr_schedule, report
 from engine.perceptual import VGG16Features, feature_mse, features, imagenet_input, lpips_like, resize
-from engine.projector import PROJECTOR, project
+from engine.projector import PROJECTOR, PROJECTOR_W_PLUS, project
 
 
 @dataclass(frozen=True)
@@ -54,11 +57,11 @@ RECIPES = {
     "default": Recipe(steps=375, lr=0.2, init="w_avg", loss="lpips_like",
                       layers=("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"),
                       pixel_weight=30.0, rampup=0.05, rampdown=0.75),
-    # NVIDIA's projector (engine/projector.py): W with noise maps, LPIPS; runs through `project`, not InversionLoss
-    "projector": Recipe(steps=PROJECTOR.steps, lr=PROJECTOR.lr, init="w_avg", loss="projector",
-                        layers=("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"),
-                        rampup=PROJECTOR.rampup, rampdown=PROJECTOR.rampdown),
 }
+# NVIDIA's projector (engine/projector.py): W (or W+) with noise maps, LPIPS; they run through `project`
+PROJECTORS = {"projector": PROJECTOR, "projector-w+": PROJECTOR_W_PLUS}
+RECIPES |= {name: Recipe(steps=p.steps, lr=p.lr, init="w_avg", loss="projector", layers=LPIPS_LAYERS,
+                         rampup=p.rampup, rampdown=p.rampdown) for name, p in PROJECTORS.items()}
 
 
 class InversionLoss:
@@ -144,9 +147,8 @@ def invert(
     if target.shape[-1] != res:
         raise ValueError(f"targets must be {res}x{res} (aligned for this model), got {tuple(target.shape[-2:])}")
     if r.loss == "projector":
-        from engine.lpips import load_lpips
-
         ws, images, history = project(G, load_lpips(vgg.to(device)), targets, steps=total, seed=seed,
+                                      recipe=PROJECTORS[recipe],
                                       init_ws=init_ws, progress=progress, preview=preview, preview_every=preview_every)
         return InversionResult(ws, images, history, [psnr(a, b) for a, b in zip(images, to_uint8(target))],
                                recipe, total)
