@@ -218,6 +218,20 @@ def test_invert_cli_writes_latent_and_images(tmp_path, config_file, capsys):
     assert "likeness not checked: dlib finds no face in the 32 px reconstruction (tiny has random weights)" in said
 
 
+@pytest.mark.parametrize("model", ["tiny", "stylegan1-tiny"])
+@pytest.mark.parametrize("recipe", ["seed", "projector", "projector-w+"])
+def test_every_inversion_recipe_runs_from_the_cli_on_both_tiny_presets(tmp_path, config_file, recipe, model):
+    out = tmp_path / "me.npz"
+    rc = main(["--config", str(config_file), "invert", str(FACES / "obama.jpg"), "--model", model, "--steps", "3",
+               "--recipe", recipe, "--out", str(out)])
+    from engine.latents import load_latent
+
+    lat = load_latent(out)
+    assert rc == 0 and lat.settings["recipe"] == recipe and lat.model_id == model and lat.settings["steps"] == 3
+    if recipe == "projector":  # W: one w, the same in every layer
+        assert np.allclose(lat.ws, lat.ws[:1])
+
+
 def test_invert_cli_refine_goes_on_from_a_latent(tmp_path, config_file, capsys):
     first, second = tmp_path / "me.npz", tmp_path / "me2.npz"
     base = ["--config", str(config_file), "invert", str(FACES / "obama.jpg")]
