@@ -329,6 +329,8 @@ def cmd_invert(args: argparse.Namespace, cfg: Config) -> int:
     from engine.latents import Latent, load_latent, save_latent
     from engine.registry import load_vgg
 
+    if args.recipe.startswith("projector") and args.noise_mode != "const":
+        raise StylebotError(f"--noise-mode {args.noise_mode}: recipe {args.recipe} optimises its own noise maps")
     check_latent_out(args.out)
     check_image_out(args.image)
     check_image_out(args.aligned)

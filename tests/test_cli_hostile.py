@@ -298,3 +298,11 @@ def test_prog_for_the_ways_stylebot_is_started(tmp_path, monkeypatch):
     (bin_ / "stylebot").unlink()
     assert prog_for("bot/cli.py", [str(bin_ / "python"), "-m", "bot.cli"]) == f"{bin_ / 'python'} -m bot.cli"
     assert prog_for("/usr/lib/python3/pytest/__main__.py", ["python", "-m", "pytest"]) == "stylebot"
+
+
+def test_random_noise_with_a_projector_recipe_is_refused_before_any_work(tmp_path, cli):
+    """The projector recipes optimise their own noise maps: asking for random noise with them is a contradiction."""
+    rc, err = cli("invert", OBAMA, "--recipe", "projector-w+", "--noise-mode", "random",
+                  "--out", tmp_path / "me.npz")
+    assert rc == 1 and one_line(err) == "error: --noise-mode random: recipe projector-w+ optimises its own noise maps"
+    assert files(tmp_path) == {"config.toml"}
