@@ -282,8 +282,9 @@ class EngineSupervisor:
     Restarts wait `first_delay_s`, doubling up to `max_delay_s`, back to `first_delay_s` once an engine has stayed
     up `steady_s`. A dead engine is struck off the engines online at once (the chats say "offline", not "1 engine"),
     and each restart leaves a notice (`Keys.notice`, for `NOTICE_TTL_S`) that the chats show; the dead engine's jobs
-    are taken over as any dead engine's are. The first engine exiting with an error of its own before `STARTUP_S`
-    (an unknown model, weights missing) is not retried: `run` stops, and the engine's own message says why.
+    are taken up at once by the next one, which runs under the same name. The first engine exiting with an error of
+    its own before `STARTUP_S` (an unknown model, weights missing) is not retried: `run` stops, and the engine's own
+    message says why.
     """
 
     STARTUP_S = 60.0
@@ -301,7 +302,8 @@ class EngineSupervisor:
 
     def start(self) -> None:
         self.starts += 1
-        self.name = f"{socket.gethostname()}:{os.getpid()}.{self.starts}"
+        # one name for every start: an engine started again takes up at once the jobs its dead predecessor held
+        self.name = f"{socket.gethostname()}:{os.getpid()}.engine"
         self.proc = subprocess.Popen(self.cmd + ["--name", self.name],  # in a session of its own: our Ctrl-C
                                      start_new_session=True)            # reaches it through us, in order
         self.started_at = time.monotonic()

@@ -62,26 +62,47 @@ class WorkerSettings:
     morph_chunk: int = 4                # continuous: morph frames rendered between two ticks (= morph()'s batch)
 
 
+def _process_gone(holder: str) -> bool:
+    """Whether the process "host:pid" no longer runs; a process on another host cannot be checked: not gone."""
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it runs, as another user
+        return False
+    return False
+
+
 class Worker:
     def __init__(self, G, queue: JobQueue, store: LatentStore, *, vgg, clip_factory=None,
                  settings: WorkerSettings = WorkerSettings()):
         self.G, self.queue, self.store, self.vgg = G, queue, store, vgg
         self.clip_factory, self._clip = clip_factory, None
         self.settings = settings
-        self.name = settings.name or f"{socket.gethostname()}:{os.getpid()}"
+        self.holder = f"{socket.gethostname()}:{os.getpid()}"  # this process, as its heartbeat says
+        self.name = settings.name or self.holder
         self.loop: asyncio.AbstractEventLoop | None = None
         self.claimed: dict[str, Job] = {}   # every job this engine holds and has not answered yet
         # look for engines whose heartbeat expired (their jobs are taken at once) a few times per heartbeat TTL
         queue.takeover_every_s = min(queue.takeover_every_s, settings.heartbeat_ttl_s / 6)
 
     async def heartbeat(self) -> None:
-        await self.queue.beat(self.name, self.G.model_id, self.settings.heartbeat_ttl_s)
+        await self.queue.beat(self.name, self.G.model_id, self.settings.heartbeat_ttl_s, self.holder)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop` is set: claim, run, store, acknowledge (see the module's docstring for the two schedulers)."""
         self.loop = asyncio.get_running_loop()
         if not await self._wait_for_redis(stop):
             return
+        holder = await self.queue.engine_holder(self.name)
+        if holder and holder != self.holder and not _process_gone(holder):
+            raise StylebotError(f"an engine called {self.name} is running ({holder}); start this one with another "
+                                "--name")
+        # the first claim takes up the jobs still pending under this name: a process of the same name that died
+        # (restarted by its supervisor) is resumed at once, not after its heartbeat expires
         log.info("engine %s serving %s (%s scheduler)", self.name, self.G.model_id, self.settings.scheduler)
         if self.settings.scheduler == "continuous":
             await ContinuousLoop(self).run(stop)

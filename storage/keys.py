@@ -62,6 +62,11 @@ class Keys:
         return f"{self.prefix}engines:model"
 
     @property
+    def engine_holders(self) -> str:
+        """Hash: engine name -> "host:pid" of the process that beats under that name."""
+        return f"{self.prefix}engines:holder"
+
+    @property
     def notice(self) -> str:
         """String: a short notice for every user (e.g. "the engine restarted at 14:03"), with a TTL."""
         return f"{self.prefix}notice"

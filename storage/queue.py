@@ -300,6 +300,7 @@ class JobQueue:
         self._skipped: set[str] = set()  # malformed result entries already logged
         self.takeover_every_s = 5.0      # how often `claim` looks for engines whose heartbeat expired
         self._looked_for_dead = float("-inf")
+        self._resumed: set[str] = set()  # consumers whose own pending jobs the first claim has taken up
 
     async def ensure_groups(self, adapters: tuple[str, ...] = ()) -> None:
         """Create the consumer groups (once); first check that the server has what the queue needs, and bring a
@@ -358,7 +359,8 @@ class JobQueue:
             return [], []
 
     async def _claim(self, consumer: str, count: int, block_ms: int) -> tuple[list[Job], list[Job]]:
-        claimed = await self._take_over_dead(consumer, max(count, TAKEOVER_MAX))
+        claimed = await self._resume(consumer) if consumer not in self._resumed else []
+        claimed += await self._take_over_dead(consumer, max(count, TAKEOVER_MAX))
         if len(claimed) < count:
             reply = await self.r.xautoclaim(self.keys.jobs, ENGINE_GROUP, consumer, self.reclaim_idle_ms,
                                             start_id="0-0", count=count - len(claimed))
@@ -392,6 +394,30 @@ class JobQueue:
             else:
                 jobs.append(job)
         return jobs, exhausted
+
+    async def _resume(self, consumer: str) -> list[tuple[str, dict]]:
+        """The jobs still pending under this consumer's name, read once, at its first claim: those of a process
+        that ran under the same name and died (an engine restarted by its supervisor), taken up at once instead of
+        after its heartbeat expires. Whatever their number: they are older than anything still queued."""
+        self._resumed.add(consumer)
+        resp = await self.r.xreadgroup(ENGINE_GROUP, consumer, {self.keys.jobs: "0"}, count=10_000)
+        held: list[tuple[str, dict]] = []
+        for _, entries in resp or []:
+            for mid, f in entries:
+                if f:
+                    held.append((mid, f))
+                else:  # forgotten meanwhile (the entry is gone): nothing to run
+                    await self.r.xack(self.keys.jobs, ENGINE_GROUP, mid)
+        if held:
+            log.warning("resumed %d job(s) that the previous process called %s held", len(held), consumer)
+        return held
+
+    async def engine_holder(self, engine: str) -> str | None:
+        """ "host:pid" of the process whose heartbeat under `engine` is still fresh, else None."""
+        score = await self.r.zscore(self.keys.engines, engine)
+        if score is None or score < time.time():
+            return None
+        return as_str(await self.r.hget(self.keys.engine_holders, engine) or b"") or None
 
     async def _take_over_dead(self, consumer: str, count: int) -> list[tuple[str, dict]]:
         """The jobs held by engines whose heartbeat has expired (up to `count`), taken at once (not after
@@ -447,16 +473,19 @@ class JobQueue:
     async def photo(self, job: Job) -> bytes | None:
         return await self.r.get(self.keys.photo(job.job_id))
 
-    async def beat(self, engine: str, model: str, ttl_s: float) -> None:
-        """An engine's heartbeat: it is online for `ttl_s` more seconds (engines silent for 10 TTLs are pruned)."""
+    async def beat(self, engine: str, model: str, ttl_s: float, holder: str = "") -> None:
+        """An engine's heartbeat: it is online for `ttl_s` more seconds (engines silent for 10 TTLs are pruned);
+        `holder` ("host:pid") says which process beats under that name."""
         now = time.time()
         gone = [as_str(n) for n in await self.r.zrangebyscore(self.keys.engines, "-inf", now - 10 * ttl_s)]
         async with self.r.pipeline(transaction=True) as p:
             p.zadd(self.keys.engines, {engine: now + ttl_s})
             p.hset(self.keys.engine_models, engine, model)
+            p.hset(self.keys.engine_holders, engine, holder)
             if gone:
                 p.zrem(self.keys.engines, *gone)
                 p.hdel(self.keys.engine_models, *gone)
+                p.hdel(self.keys.engine_holders, *gone)
             await p.execute()
 
     async def leave(self, engine: str) -> None:
@@ -464,6 +493,7 @@ class JobQueue:
         async with self.r.pipeline(transaction=True) as p:
             p.zrem(self.keys.engines, engine)
             p.hdel(self.keys.engine_models, engine)
+            p.hdel(self.keys.engine_holders, engine)
             await p.execute()
 
     async def engines_online(self) -> dict[str, str]:

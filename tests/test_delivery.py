@@ -10,7 +10,7 @@ from adapters.base import EventPump
 from bot.core import Command
 from conftest import FIXTURES, Stack
 from conftest import ResultRecorder as Recorder
-from storage.queue import Job
+from storage.queue import Job, JobQueue
 
 OBAMA = (FIXTURES / "faces" / "obama.jpg").read_bytes()
 
@@ -215,5 +215,47 @@ async def test_a_static_engine_keeps_the_jobs_waiting_behind_its_running_group_c
             await asyncio.sleep(0.75)
             taken, _ = await other.claim("other-engine", 8, block_ms=10)
             assert taken == [], [j.op for j in taken]
+    finally:
+        await stack.close()
+
+
+async def test_an_engine_restarted_under_its_name_takes_up_its_dead_predecessors_jobs_at_once(client):
+    """An engine SIGKILLed holding jobs, started again under the same name (as `stylebot run` and any supervisor
+    do): it answers them at once, while the dead one's heartbeat (10 minutes here) and the reclaim time (1 minute)
+    have not expired, so nothing else would have taken them. A name still held by a live process is refused."""
+    import socket
+    import subprocess
+
+    import pytest
+
+    from engine.errors import StylebotError
+
+    stack = Stack(client)
+    rec = Recorder()
+    pump = EventPump(stack.core, rec)
+    await stack.queue.ensure_groups(adapters=("web",))
+    try:
+        for user in ("ann", "bob", "cy"):
+            assert (await stack.core.handle(say("/invert", user=user, photo=OBAMA))).job_id
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        predecessor = JobQueue(client, stack.keys, reclaim_idle_ms=60_000)  # another process's queue
+        held, _ = await predecessor.claim("gpu0", 10, block_ms=100)  # it took them, then died
+        await predecessor.beat("gpu0", "tiny", 600, holder=f"{socket.gethostname()}:{dead.pid}")
+        assert len(held) == 3
+        stack.worker.name = "gpu0"
+        await stack.start_engine()
+        await answered(pump, rec, 3, timeout=30)  # reclaiming them would take 60 s
+        assert sorted(r.job_id for r in rec.results) == sorted(j.job_id for j in held)
+        assert all(r.ok for r in rec.results)
+        await stack.close()
+
+        alive = subprocess.Popen(["sleep", "30"])
+        try:
+            await stack.queue.beat("gpu0", "tiny", 600, holder=f"{socket.gethostname()}:{alive.pid}")
+            with pytest.raises(StylebotError, match=r"an engine called gpu0 is running \(.*\); start this one with"):
+                await stack.worker.run(asyncio.Event())
+        finally:
+            alive.kill()
     finally:
         await stack.close()
