@@ -6,11 +6,12 @@ Real `stylebot engine` processes (tiny model, CPU) on a real Redis, `[queue] hea
 of 10 minutes, so that a dead engine's jobs can only come back through its expired heartbeat. First one job alone
 (the job's own time) and eight at once (its time in a full pool, which is what a dead engine's jobs meet when they
 are taken over), then `--jobs` inversions with one engine that is SIGKILLed `--kills` times at random moments and
-started again at once each time (a new name, as `stylebot run` does). Prints, per kill, how long each job that the
-dead engine held took from the kill to its answer, their median against heartbeat TTL + the job's time, and whether
-every job was answered exactly once with none blamed on its user. With a single engine, every takeover also waits
-for the new process to start (printed); with `--spare`, a second engine that is never killed runs beside it and
-takes over.
+started again at once each time, under the same name as `stylebot run` and any supervisor do (`--names new`: a new
+name each time, so that the dead engine's jobs come back only once its heartbeat has expired). Prints, per kill, how
+long each job that the dead engine held took from the kill to its answer, their median against heartbeat TTL + the
+job's time, and whether every job was answered exactly once with none blamed on its user. With a single engine,
+every takeover also waits for the new process to start (printed); with `--spare`, a second engine that is never
+killed runs beside it and takes over.
 """
 
 from __future__ import annotations
@@ -51,8 +52,13 @@ async def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--spare", action="store_true", help="a second engine that is never killed takes over")
+    ap.add_argument("--names", choices=["same", "new"], default="same",
+                    help="the restarted engine's name: the dead one's (it resumes its jobs at once) or a new one")
     args = ap.parse_args()
     rng = random.Random(args.seed)
+
+    def name(k: int) -> str:
+        return "e0" if args.names == "same" else f"e{k}"
     photo = FACE.read_bytes()
     client = connect(args.redis)
     keys = Keys(f"bench-{uuid.uuid4().hex[:6]}:")
@@ -99,18 +105,18 @@ async def main() -> None:
                 await queue.enqueue(job, photo=photo)
             by_entry = {entry_id.decode(): fields[b"id"].decode() for entry_id, fields in await client.xrange(keys.jobs)}
             spare = engine(cfg, "spare", args.steps) if args.spare else None
-            proc = engine(cfg, "e0", args.steps)
+            proc = engine(cfg, name(0), args.steps)
             kills = []
             for k in range(1, args.kills + 1):
                 target = len(answered) + rng.randint(1, max(1, args.jobs // (args.kills + 1)))
                 await pump(lambda: len(answered) >= target)
                 await asyncio.sleep(rng.uniform(0, 1.0))
                 held = await client.xpending_range(keys.jobs, ENGINE_GROUP, min="-", max="+", count=1000,
-                                                   consumername=f"e{k - 1}")
+                                                   consumername=name(k - 1))
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(10)
                 kills.append((time.monotonic(), [by_entry[h["message_id"].decode()] for h in held]))
-                proc = engine(cfg, f"e{k}", args.steps)
+                proc = engine(cfg, name(k), args.steps)
             await pump(lambda: all(j.job_id in answered for j in jobs))
             await pump(lambda: False, timeout=2)
             for p in (proc, spare):
@@ -131,7 +137,8 @@ async def main() -> None:
     blamed = [j for j, (_, e) in answered.items() if "try another photo" in e.get("error", "")]
     print(f"an engine process starts in {startup_s:.1f} s (until its first heartbeat)"
           + ("; a spare engine that is never killed takes over" if args.spare else
-             "; the only engine is the restarted one, so every takeover waits for it to start too"))
+             "; the only engine is the restarted one, so every takeover waits for it to start too")
+          + f"; restarted under {'the same name' if args.names == 'same' else 'a new name'}")
     median = statistics.median(waits) if waits else float("nan")
     print(f"one job alone: {job_s:.1f} s; 8 at once (a full pool): {pool_s:.1f} s each (median); heartbeat TTL {TTL} s")
     print(f"median kill-to-answer {median:.1f} s; heartbeat TTL + the job's time: {TTL + job_s:.1f} s with a lone "
