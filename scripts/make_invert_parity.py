@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import types
@@ -36,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -44,7 +42,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from engine.images import to_uint8  # noqa: E402
 from engine.perceptual import load_vgg16  # noqa: E402
 from engine.registry import build_builtin, registry_entries  # noqa: E402
-from fingerprints import fingerprint  # noqa: E402
+from fingerprints import fingerprint, source_commit, write_fixture  # noqa: E402
 
 OUT = ROOT / "tests" / "fixtures" / "invert_parity.safetensors"
 NOTEBOOK = "Image2StyleGAN.ipynb"
@@ -152,15 +150,12 @@ def main() -> None:
     tensors.update({f"G.{k}": v for k, v in strengths.items()})
     # The networks are not stored (2 MB): both are built from fixed seeds by our code on torch's CPU generator, which
     # draws the same numbers on every machine; their fingerprints say when a change of ours makes them others.
-    commit = subprocess.run(["git", "-C", str(args.seed), "rev-parse", "HEAD"], capture_output=True, text=True)
-    meta = {"source": f"ChoiDae1/StyleGAN_Project {commit.stdout.strip()} {NOTEBOOK} cells {CELLS}, {PORT}",
+    meta = {"source": f"ChoiDae1/StyleGAN_Project {source_commit(args.seed)} {NOTEBOOK} cells {CELLS}, {PORT}",
             "model": "stylegan1-tiny", "steps": str(STEPS), "vgg_width": str(VGG_WIDTH), "vgg_seed": str(VGG_SEED),
             "model_fingerprint": fingerprint(G), "vgg_fingerprint": fingerprint(vgg),
             "noise": "constant (our noise_const maps set as the port's NoiseLayer.noise)",
             "machine": "CPU float32, 1 thread"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(args.out), metadata=meta)
-    print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB)")
+    write_fixture(args.out, tensors, meta)
 
 
 if __name__ == "__main__":

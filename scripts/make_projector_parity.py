@@ -24,13 +24,11 @@ renormalises it; recorded by wrapping its `torch.optim.Adam`) are stored; tests/
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -38,7 +36,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from engine.images import to_uint8  # noqa: E402
 from engine.perceptual import load_vgg16  # noqa: E402
 from engine.registry import build_builtin, registry_entries  # noqa: E402
-from fingerprints import fingerprint  # noqa: E402
+from fingerprints import fingerprint, source_commit, write_fixture  # noqa: E402
 
 OUT = ROOT / "tests" / "fixtures" / "projector_parity.safetensors"
 STEPS = 20
@@ -143,15 +141,12 @@ def main() -> None:
     for i in range(1, len(trail[0])):  # each noise map after every step, before project() renormalises it
         tensors[f"noise.{i - 1}"] = torch.stack([t[i] for t in trail])
     tensors.update({f"G.{k}": v for k, v in strengths.items()})
-    commit = subprocess.run(["git", "-C", str(args.reference), "rev-parse", "HEAD"], capture_output=True, text=True)
-    meta = {"source": f"NVlabs/stylegan2-ada-pytorch {commit.stdout.strip()} projector.py project()",
-            "model": "tiny", "model_fingerprint": tiny_fingerprint, "steps": str(STEPS), "seed": str(SEED), "vgg_seed": str(VGG_SEED),
-            "vgg_fingerprint": fingerprint(vgg),
+    meta = {"source": f"NVlabs/stylegan2-ada-pytorch {source_commit(args.reference)} projector.py project()",
+            "model": "tiny", "model_fingerprint": tiny_fingerprint, "steps": str(STEPS), "seed": str(SEED),
+            "vgg_seed": str(VGG_SEED), "vgg_fingerprint": fingerprint(vgg),
             "lpips": "lpips package LPIPS(net='vgg', version 0.1) pieces in place of NVIDIA's vgg16.pt",
             "machine": "CPU float32, 1 thread, reference ops"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(args.out), metadata=meta)
-    print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB)")
+    write_fixture(args.out, tensors, meta)
 
 
 if __name__ == "__main__":

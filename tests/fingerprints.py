@@ -16,3 +16,19 @@ def fingerprint(module: torch.nn.Module) -> str:
     for name in sorted(tensors):
         h.update(name.encode() + tensors[name].detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def source_commit(clone) -> str:
+    """The commit a reference clone is at (recorded in the fixtures its code computed)."""
+    import subprocess
+
+    return subprocess.run(["git", "-C", str(clone), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def write_fixture(out, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Save a reference fixture (safetensors, contiguous tensors, string metadata) and say where and how big."""
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out), metadata=meta)
+    print(f"wrote {out} ({out.stat().st_size // 1024} KiB)")
