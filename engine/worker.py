@@ -514,6 +514,7 @@ class ContinuousLoop:
         self.storing: set[asyncio.Task] = set()  # finished rows being stored while the others tick on
         self.forgotten: set[str] = set()    # job ids whose users said /forget: dropped before the next tick
         self.morphs: dict[str, tuple] = {}  # job id -> (job, MorphRender): morphs rendered a chunk between ticks
+        self.aligning: dict[str, tuple[Job, asyncio.Task]] = {}  # inversions whose photo is aligned beside the ticks
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.w.settings
@@ -530,6 +531,8 @@ class ContinuousLoop:
                     await self._admit()
                     if len(self.pool):
                         await self._tick()
+                    elif self.aligning:  # nothing to tick: wait for a photo to be aligned (or new jobs, shortly)
+                        await asyncio.wait([t for _, t in self.aligning.values()], timeout=0.05)
                     if self.morphs:  # the oldest morph's next frames, ahead of the next tick
                         await self._one_pass(next(iter(self.morphs.values()))[0])
                 except (redis.ConnectionError, redis.TimeoutError) as e:  # Redis restarting: jobs stay claimed
@@ -561,10 +564,10 @@ class ContinuousLoop:
     async def _claim(self) -> None:
         """Take new jobs while there is room (at most every 0.1 s while busy); run one-pass jobs at once."""
         w, s = self.w, self.w.settings
-        room = s.max_active - len(self.pool) - len(self.backlog)
+        room = s.max_active - len(self.pool) - len(self.backlog) - len(self.aligning)
         if room <= 0:  # full: still take one at a time (up to max_active waiting), so that a stronger / weaker
             room = 1 if len(self.backlog) < s.max_active else 0  # behind queued inversions is not stuck there
-        busy = len(self.pool) > 0 or bool(self.morphs)
+        busy = len(self.pool) > 0 or bool(self.morphs) or bool(self.aligning)
         if busy and time.monotonic() - self.last_claim < 0.1:
             return
         self.last_claim = time.monotonic()  # room 0: only the jobs of engines found dead (`JobQueue.claim`)
@@ -599,6 +602,8 @@ class ContinuousLoop:
             self.pool.drop(job)
             if job in self.backlog:
                 self.backlog.remove(job)
+            if job_id in self.aligning:
+                self.aligning.pop(job_id)[1].cancel()
             self.context.pop(job_id, None)
             await self.w.queue.drop(job)
             log.info("job %s: its user said /forget; stopped", job_id)
@@ -640,19 +645,44 @@ class ContinuousLoop:
             await w._fail(job, "something went wrong on the engine with this one; please send it again")
 
     async def _admit(self) -> None:
-        """Backlog jobs into the pool while it has room; each one's preparation fails it alone."""
-        while self.backlog and len(self.pool) < self.w.settings.max_active:
+        """Backlog jobs into the pool while it has room; each one's preparation fails it alone. A photo is aligned
+        in a task beside the ticks (dlib takes a good part of a second on a CPU: the rows in flight do not wait for
+        it), and its row joins at the first tick after."""
+        for job_id, (job, task) in list(self.aligning.items()):
+            if task.done():
+                del self.aligning[job_id]
+                await self._guarded(job, self._join_aligned(job, task))
+        while self.backlog and len(self.pool) + len(self.aligning) < self.w.settings.max_active:
             job = self.backlog.popleft()
-            try:
-                await self._prepare(job)
-            except (redis.ConnectionError, redis.TimeoutError):
-                self.backlog.appendleft(job)
-                raise
-            except StylebotError as e:
-                await self.w._fail(job, str(e))
-            except Exception:  # noqa: BLE001 - this job's problem, not the engine's
-                log.exception("%s job %s could not start", job.op, job.job_id)
-                await self.w._fail(job, "something went wrong on the engine with this one; please send it again")
+            if job.op == "invert":
+                self.aligning[job.job_id] = (job, asyncio.create_task(self._align(job)))
+            else:
+                await self._guarded(job, self._prepare(job))
+
+    async def _guarded(self, job: Job, preparing) -> None:
+        """Await a job's preparation: what fails there fails that job alone (Redis away: it waits its turn)."""
+        try:
+            await preparing
+        except (redis.ConnectionError, redis.TimeoutError):
+            self.backlog.appendleft(job)
+            raise
+        except StylebotError as e:
+            await self.w._fail(job, str(e))
+        except Exception:  # noqa: BLE001 - this job's problem, not the engine's
+            log.exception("%s job %s could not start", job.op, job.job_id)
+            await self.w._fail(job, "something went wrong on the engine with this one; please send it again")
+
+    async def _align(self, job: Job):
+        return await asyncio.to_thread(_align_photo, await self.w.queue.photo(job), self.w.G.img_resolution)
+
+    async def _join_aligned(self, job: Job, task: asyncio.Task) -> None:
+        face = task.result()
+        if job.job_id not in self.w.claimed:  # let go meanwhile
+            return
+        steps = self.w.settings.invert_steps or RECIPES["default"].steps
+        self.pool.add_inversion(job, face.image, steps=steps)
+        self.context[job.job_id] = {"target": face.image, "steps": steps, "warnings": face.warnings}
+        await self.w.queue.progress(job, 0, steps)  # "started": no longer "waiting behind N"
 
     async def _clip(self):
         w = self.w
@@ -663,12 +693,7 @@ class ContinuousLoop:
     async def _prepare(self, job: Job) -> None:
         """Turn a claimed optimisation into a row (or fail it with the reason)."""
         w, s = self.w, self.w.settings
-        if job.op == "invert":
-            face = await asyncio.to_thread(_align_photo, await w.queue.photo(job), w.G.img_resolution)
-            steps = s.invert_steps or RECIPES["default"].steps
-            self.pool.add_inversion(job, face.image, steps=steps)
-            self.context[job.job_id] = {"target": face.image, "steps": steps, "warnings": face.warnings}
-        elif job.op == "edit":
+        if job.op == "edit":
             lat = await w._latent(job, job.user_id, job.params.get("result_id"))
             if lat is None:
                 return
@@ -755,6 +780,10 @@ class ContinuousLoop:
         for job in list(self.backlog):
             w.claimed.pop(job.job_id, None)
         self.backlog.clear()
+        for job, task in self.aligning.values():
+            task.cancel()
+            w.claimed.pop(job.job_id, None)
+        self.aligning.clear()
         for row in list(self.pool.rows):
             if step_s * (row.total - row.step) > w.settings.drain_s:
                 self.pool.drop(row.key)

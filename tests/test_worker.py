@@ -226,3 +226,50 @@ async def test_stopping_finishes_what_ends_within_drain_s_and_leaves_the_rest_cl
         assert len(pending) == (0 if finished else 1)  # unfinished: still pending, for another engine to take
         if not finished:  # leave the queue clean for the next round
             await client.xack(queue.keys.jobs, "engines", pending[0]["message_id"])
+
+
+async def test_a_photo_being_aligned_does_not_hold_back_the_inversions_in_flight(parts, monkeypatch):
+    """dlib takes a good part of a second per photo on a CPU: the continuous engine aligns a newcomer's photo beside
+    its ticks, so a face already being found goes on and is answered while that photo is still being aligned (here
+    held back until the first face is answered; an engine that waited for the alignment would never answer it)."""
+    import threading
+
+    import engine.worker as wk
+
+    queue, store = parts
+    obama = (FIXTURES / "faces" / "obama.jpg").read_bytes()
+    slow_photo = obama + b"\0"  # the same face; this copy's alignment waits for the gate
+    gate, real = threading.Event(), wk._align_photo
+
+    def align(photo, resolution):
+        if photo == slow_photo:
+            assert gate.wait(30), "the first face was never answered while this photo was being aligned"
+        return real(photo, resolution)
+
+    monkeypatch.setattr(wk, "_align_photo", align)
+    worker = Worker(build_builtin(registry_entries()["tiny"]), queue, store, vgg=load_vgg16(width=0.125),
+                    settings=WorkerSettings(name="e1", invert_steps=60, progress_every=5))
+    first, second = Job(op="invert", user_id="alice", adapter="web"), Job(op="invert", user_id="bob", adapter="web")
+    await queue.enqueue(first, photo=obama)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    sub = await queue.listen_progress("web")
+    while not any(p.get("job_id") == first.job_id and p.get("step", 0) >= 5
+                  for p in await queue.read_progress(sub, timeout_s=0.2)):
+        pass  # the first face is being found
+    await queue.enqueue(second, photo=slow_photo)
+    answers: list[dict] = []
+    try:
+        async with asyncio.timeout(60):
+            while len(answers) < 2:
+                for entry_id, event in await queue.read_events("web", "web-test", block_ms=200):
+                    await queue.ack_event("web", entry_id)
+                    answers.append(event)
+                    gate.set()  # the first answer is in: let the second photo's alignment end
+    finally:
+        gate.set()
+        await sub.aclose()
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert [a["job_id"] for a in answers] == [first.job_id, second.job_id]
+    assert all(a["type"] == "done" for a in answers), answers
