@@ -1,5 +1,7 @@
-"""One loader for every generator file people have: official StyleGAN2-ADA `.pkl`, rosinality `.pt`, the StyleGAN1
-port's `karras2019stylegan-ffhq-1024x1024.pt` (lernapparat's layout), our `.safetensors`.
+"""One loader for every generator file people have: official StyleGAN2-ADA `.pkl`, NVIDIA's TensorFlow-era `.pkl`
+(StyleGAN2 `stylegan2-ffhq-config-f.pkl`, StyleGAN `karras2019stylegan-ffhq-1024x1024.pkl`, and the community's
+generators trained with that code), rosinality `.pt`, the StyleGAN1 port's `karras2019stylegan-ffhq-1024x1024.pt`
+(lernapparat's layout), our `.safetensors`.
 
 `load_generator(path)` sniffs the format from the file's first bytes (not its name), rebuilds the architecture
 from what the file says about itself, and loads the weights into our `Generator` with `strict=True`. Every
@@ -23,12 +25,14 @@ from engine import safe_pickle
 from engine.errors import StylebotError
 from engine.ops import fir_filter
 from engine import stylegan1
-from engine.stylegan2 import Generator, StyleGAN2Config
+from engine.stylegan2 import ARCHITECTURES, Generator, StyleGAN2Config
+from engine.tf_networks import TFNetworkError, generator_from_tf
 
-FORMATS = ("pkl", "torch", "safetensors")
+FORMATS = ("pkl", "tensorflow", "torch", "safetensors")
 FAMILIES = {"stylegan2": (StyleGAN2Config, Generator), "stylegan1": (stylegan1.StyleGAN1Config, stylegan1.Generator)}
 SAFETENSORS_FORMAT = "stylebot-generator-v1"
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."  # legacy (pre-zip) torch.save magic number
+_TF_NETWORK_CLASS = b"dnnlib.tflib.network"  # the first global of a TensorFlow-era (G, D, Gs) pickle
 
 
 class CheckpointError(StylebotError, ValueError):
@@ -40,12 +44,12 @@ class CheckpointError(StylebotError, ValueError):
 
 
 def sniff_format(path: str | Path) -> str:
-    """'pkl' (network pickle), 'torch' (torch.save of a dict: rosinality or the StyleGAN1 port), or 'safetensors',
-    from the first bytes."""
+    """'pkl' (network pickle), 'tensorflow' (a network pickle whose first object is a TensorFlow network), 'torch'
+    (torch.save of a dict: rosinality or the StyleGAN1 port), or 'safetensors', from the first bytes."""
     path = Path(path)
     try:
         with path.open("rb") as f:
-            head = f.read(16)
+            head = f.read(64)
     except OSError as e:
         raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
     if len(head) < 2:
@@ -53,7 +57,7 @@ def sniff_format(path: str | Path) -> str:
     if head.startswith(b"PK\x03\x04") or head.startswith(_LEGACY_TORCH_MAGIC):
         return "torch"
     if head[:1] == b"\x80":
-        return "pkl"
+        return "tensorflow" if _TF_NETWORK_CLASS in head else "pkl"
     if len(head) < 9:
         raise CheckpointError(path, f"file is empty or truncated ({len(head)} bytes)")
     header_len = struct.unpack("<Q", head[:8])[0]
@@ -66,14 +70,21 @@ def load_generator(path: str | Path, *, model_id: str | None = None, device: str
     """Load any supported generator file into an eval-mode `Generator` with frozen weights."""
     path = Path(path)
     fmt = sniff_format(path)
-    reader = {"pkl": _read_pkl, "torch": _read_torch, "safetensors": _read_safetensors}[fmt]
+    reader = {"pkl": _read_pkl, "tensorflow": _read_pkl, "torch": _read_torch, "safetensors": _read_safetensors}[fmt]
     cfg, state, stored_id = reader(path)
     G = FAMILIES[cfg.family][1](cfg, model_id=model_id or stored_id or path.stem)
     no_w_avg = "mapping.w_avg" not in state
     if no_w_avg:  # no average w (the StyleGAN1 port, a rosinality training checkpoint): load the rest, estimate it
         state["mapping.w_avg"] = G.mapping.w_avg
+    # Buffers the state dict leaves out but the file carries (StyleGAN1's constant noise maps, from a TensorFlow
+    # pickle or our safetensors): copied in after the strict load.
+    buffers = dict(G.named_buffers())
+    extra = {k: state.pop(k) for k in set(state) - set(G.state_dict()) if k in buffers}
     try:
         G.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            for name, value in extra.items():
+                buffers[name].copy_(value)
     except RuntimeError as e:
         raise CheckpointError(path, f"weights do not fit the architecture it declares: {_first_line(e)}") from None
     G = G.eval().requires_grad_(False).to(device)
@@ -93,14 +104,16 @@ def estimate_w_avg(G, n: int = 10_000, generator: torch.Generator | None = None)
 
 
 def save_safetensors(G: Generator, path: str | Path) -> None:
-    """Write our own format: the state dict under our names, the architecture and model id in the metadata."""
+    """Write our own format: the state dict under our names (plus StyleGAN1's constant noise maps, which it leaves
+    out), the architecture and model id in the metadata."""
     meta = {"format": SAFETENSORS_FORMAT, "family": G.cfg.family, "config": json.dumps(G.cfg.to_dict()),
             "model_id": G.model_id}
-    state = {k: v.detach().to("cpu").contiguous() for k, v in G.state_dict().items()}
+    tensors = G.state_dict() | {k: b for k, b in G.named_buffers() if k.endswith("noise_const")}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     save_file(state, str(path), metadata=meta)
 
 
-# -- official StyleGAN2-ADA network pickle ------------------------------------------------------------------------
+# -- network pickles: official StyleGAN2-ADA, and NVIDIA's TensorFlow-era ones ------------------------------------
 
 def _read_pkl(path: Path):
     try:
@@ -110,21 +123,38 @@ def _read_pkl(path: Path):
         raise CheckpointError(path, f"unsafe pickle, nothing was run: {e}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, RuntimeError, AttributeError) as e:
         raise CheckpointError(path, f"corrupt or truncated network pickle ({type(e).__name__}: {_first_line(e)})") from None
-    if isinstance(data, tuple) and any(isinstance(x, safe_pickle.TensorFlowNetwork) for x in data):
-        raise CheckpointError(path, "a TensorFlow-era StyleGAN2 pickle; use the StyleGAN2-ADA PyTorch release "
-                                    "(stylebot weights list) or convert it with NVIDIA's legacy.py first")
+    Gs = _tf_generator(path, data)
+    if Gs is not None:
+        try:
+            cfg, state = generator_from_tf(Gs)
+        except TFNetworkError as e:
+            raise CheckpointError(path, f"TensorFlow network pickle: {e}") from None
+        return cfg, state, None
     if not isinstance(data, dict) or not isinstance(data.get("G_ema"), safe_pickle.PersistentObject):
         raise CheckpointError(path, "a pickle, but not a StyleGAN2-ADA network pickle (no 'G_ema' network in it)")
     G_ema = data["G_ema"]
     return _config_from_init_kwargs(path, G_ema.init_kwargs), G_ema.state_dict(), None
 
 
+def _tf_generator(path: Path, data) -> safe_pickle.TensorFlowNetwork | None:
+    """Gs of a TensorFlow-era pickle: the last of (G, D, Gs), or a lone network; None if it is no such pickle."""
+    TF = safe_pickle.TensorFlowNetwork
+    if isinstance(data, TF):
+        return data
+    if not isinstance(data, tuple) or not any(isinstance(x, TF) for x in data):
+        return None
+    if len(data) != 3 or not all(isinstance(x, TF) for x in data):
+        raise CheckpointError(path, f"a TensorFlow network pickle, but not the (G, D, Gs) tuple of networks "
+                                    f"(found {tuple(type(x).__name__ for x in data)})")
+    return data[2]
+
+
 def _config_from_init_kwargs(path: Path, kw: dict) -> StyleGAN2Config:
     mapping = dict(kw.get("mapping_kwargs") or {})
     synthesis = dict(kw.get("synthesis_kwargs") or {})
     arch = synthesis.get("architecture", "skip")
-    if arch != "skip":
-        raise CheckpointError(path, f"synthesis architecture {arch!r} is not supported (only 'skip', config F)")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(path, f"synthesis architecture {arch!r} is not supported (only {ARCHITECTURES})")
     try:
         return StyleGAN2Config(
             z_dim=int(kw["z_dim"]), c_dim=int(kw.get("c_dim", 0)), w_dim=int(kw["w_dim"]),
@@ -132,7 +162,7 @@ def _config_from_init_kwargs(path: Path, kw: dict) -> StyleGAN2Config:
             mapping_layers=int(mapping.get("num_layers", 8)),
             mapping_lr_multiplier=float(mapping.get("lr_multiplier", 0.01)),
             channel_base=int(synthesis.get("channel_base", 32768)), channel_max=int(synthesis.get("channel_max", 512)),
-            conv_clamp=synthesis.get("conv_clamp"),
+            conv_clamp=synthesis.get("conv_clamp"), architecture=arch,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(path, f"G_ema does not describe a StyleGAN2 generator ({e})") from None

@@ -184,8 +184,8 @@ def load_vgg(cache: WeightsCache, G: Generator, *, full_width: bool = False):
 def default_model(device: torch.device, cache: WeightsCache) -> str:
     """'auto': a 1024 px StyleGAN2 on a GPU (StyleGAN1 if it is the only one), the 256 px one on a CPU, whichever is
     downloaded; else `tiny`."""
-    prefs = (["ffhq-1024", "ffhq-config-f", "ffhq-512", "ffhq-256", "stylegan1-ffhq"] if device.type == "cuda"
-             else ["ffhq-256", "ffhq-512"])
+    prefs = (["ffhq-1024", "ffhq-config-f", "stylegan2-ffhq-config-f", "ffhq-512", "ffhq-256", "stylegan1-ffhq",
+              "stylegan1-ffhq-tf"] if device.type == "cuda" else ["ffhq-256", "ffhq-512"])
     entries = cache.entries()
     return next((n for n in prefs if n in entries and cache.is_cached(entries[n])), "tiny")
 

@@ -1,10 +1,16 @@
-"""Read StyleGAN2-ADA network pickles without running anything from the file.
+"""Read network pickles (StyleGAN2-ADA's PyTorch ones, NVIDIA's TensorFlow-era ones) without running anything
+from the file.
 
 An official `.pkl` is a dict whose networks are `torch_utils.persistence` objects: each carries the source code of
-its module and is rebuilt, on a normal `pickle.load`, by *executing* that code. Here every global the stream names
-is looked up in an allow-list of harmless rebuilders; persistent objects come back as `PersistentObject` records
-(class name + state, the source code kept as inert text), tensors through torch's own rebuild functions with the
-inner storages read by `torch.load(weights_only=True)`. Any other global is refused before anything is called.
+its module and is rebuilt, on a normal `pickle.load`, by *executing* that code. A TensorFlow-era `.pkl` (StyleGAN,
+StyleGAN2) is a tuple `(G, D, Gs)` of `dnnlib.tflib.network.Network` objects, each also carrying its module's
+source, which a normal load imports and builds a TensorFlow graph from. Here every global the stream names is
+looked up in an allow-list of harmless rebuilders: persistent objects come back as `PersistentObject` records
+(class name + state, the source code kept as inert text), TensorFlow networks as `TensorFlowNetwork` records (the
+pickled state: build function name and kwargs, components, variables as numpy arrays; the source kept as inert
+text), tensors through torch's own rebuild functions with the inner storages read by
+`torch.load(weights_only=True)`, numpy arrays and scalars only as plain numbers. Any other global is refused before
+anything is called, and nothing from the file is ever compiled or run.
 """
 
 from __future__ import annotations
@@ -55,8 +61,21 @@ class AttrDict(dict):
     """Stands in for dnnlib.EasyDict: a plain dict."""
 
 
-class TensorFlowNetwork(dict):
-    """Stands in for dnnlib.tflib.network.Network (a TensorFlow-era pickle): recognised so it can be refused clearly."""
+class TensorFlowNetwork:
+    """Stands in for dnnlib.tflib.network.Network: the state it pickled, as data, never rebuilt.
+
+    `state` holds what tflib's `Network.__getstate__` wrote: version, name, static_kwargs (the build function's
+    keyword arguments), components (name -> TensorFlowNetwork), build_module_src (kept as inert text: never
+    compiled or run), build_func_name, and variables as (name, numpy array or scalar) pairs.
+    """
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError(f"a TensorFlow network whose state is a {type(state).__name__}, not a dict")
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"TensorFlowNetwork({getattr(self, 'state', {}).get('name')!r})"
 
 
 def _persistent_obj(meta: dict) -> PersistentObject:
@@ -70,9 +89,11 @@ def _storage_from_bytes(data: bytes):
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
-def _numpy_scalar(dtype: np.dtype, data: bytes | None = None):
+def _numpy_scalar(dtype: np.dtype, data: bytes | str | None = None):
     if not isinstance(dtype, np.dtype) or dtype.hasobject:
         raise UnsafePickleError("numpy scalar with an object dtype")
+    if isinstance(data, str):  # a Python 2 pickle's bytes, read as latin-1 (see `load`)
+        data = data.encode("latin1")
     return np.frombuffer(data or b"", dtype=dtype, count=1)[0]
 
 
@@ -109,12 +130,16 @@ class RestrictedUnpickler(pickle.Unpickler):
         try:
             return ALLOWED[(module, name)]
         except KeyError:
-            raise UnsafePickleError(f"refused global {module}.{name}: not part of a StyleGAN2 network pickle") from None
+            raise UnsafePickleError(f"refused global {module}.{name}: not part of a network pickle") from None
 
     def persistent_load(self, pid: Any) -> Any:
-        raise UnsafePickleError("refused persistent id: not part of a StyleGAN2 network pickle")
+        raise UnsafePickleError("refused persistent id: not part of a network pickle")
 
 
 def load(f: BinaryIO) -> Any:
-    """Unpickle an untrusted network pickle; raises UnsafePickleError on any global outside the allow-list."""
-    return RestrictedUnpickler(f).load()
+    """Unpickle an untrusted network pickle; raises UnsafePickleError on any global outside the allow-list.
+
+    Python 2 byte strings (old numpy array data) are read as latin-1, as numpy asks and as the community's
+    loaders do (`pickle.load(f, encoding='latin1')`); Python 3 pickles hold none.
+    """
+    return RestrictedUnpickler(f, encoding="latin1").load()

@@ -1,4 +1,4 @@
-"""StyleGAN2 generator (config F, skip architecture) in plain PyTorch.
+"""StyleGAN2 generator (config F; the skip, orig and resnet architectures of config E) in plain PyTorch.
 
 Parameter and buffer names equal those of the official StyleGAN2-ADA `G_ema`, so an official state dict loads with
 `strict=True`; the maths follows the paper and the official reference ops (conv_clamp included). The API is the one
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.ops import (
@@ -26,6 +27,8 @@ from engine.ops import (
 )
 
 NOISE_MODES = ("const", "random", "none")
+ARCHITECTURES = ("orig", "skip", "resnet")  # toRGB at the last block only / at every block, summed / + residual blocks
+SQRT_HALF = math.sqrt(0.5)
 
 
 class GeneratorConfig:
@@ -75,10 +78,16 @@ class StyleGAN2Config(GeneratorConfig):
     channel_base: int = 32768           # channels at resolution r: min(channel_base // r, channel_max)
     channel_max: int = 512
     conv_clamp: float | None = 256      # clamp conv outputs to +-X (the official FFHQ models use 256), None = off
+    architecture: str = "skip"          # 'skip' (configs E and F), 'orig' or 'resnet' (config E variants)
 
     family = "stylegan2"
     label = "StyleGAN2"
     default_truncation = (1.0, None)    # `stylebot generate` without --truncation: off
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
 
     def channels(self, res: int) -> int:
         return min(self.channel_base // res, self.channel_max)
@@ -163,7 +172,8 @@ class SynthesisLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros([out_channels]))
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "const",
-                fused_modconv: bool | None = None) -> torch.Tensor:
+                fused_modconv: bool | None = None, gain: float = 1.0) -> torch.Tensor:
+        """`gain` scales the activation and the clamp (sqrt(1/2) in a resnet block's second conv)."""
         styles = self.affine(w)
         x = modulated_conv2d(x, self.weight, styles, up=self.up, resample_kernel=self.resample_filter,
                              fused=fused_modconv)
@@ -171,7 +181,8 @@ class SynthesisLayer(nn.Module):
             x = x + torch.randn([x.shape[0], 1, self.resolution, self.resolution], device=x.device) * self.noise_strength
         elif noise_mode == "const":
             x = x + self.noise_const * self.noise_strength
-        return bias_act(x, self.bias, act="lrelu", gain=LRELU_GAIN, clamp=self.conv_clamp)
+        clamp = None if self.conv_clamp is None else self.conv_clamp * gain
+        return bias_act(x, self.bias, act="lrelu", gain=LRELU_GAIN * gain, clamp=clamp)
 
 
 class ToRGBLayer(nn.Module):
@@ -191,14 +202,34 @@ class ToRGBLayer(nn.Module):
         return bias_act(x, self.bias, clamp=self.conv_clamp)
 
 
+class SkipLayer(nn.Module):
+    """The residual path of a resnet block: the block's input upsampled x2 (FIR), then a 1x1 conv without bias."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, resample_taps=(1, 3, 3, 1)):
+        super().__init__()
+        self.register_buffer("resample_filter", fir_filter(resample_taps))
+        self.weight = nn.Parameter(torch.randn([out_channels, in_channels, 1, 1]))
+        self.weight_gain = 1 / math.sqrt(in_channels)
+
+    def forward(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        x = upsample2d(x, self.resample_filter)
+        return F.conv2d(x, (self.weight * self.weight_gain).to(x.dtype)) * gain
+
+
 class SynthesisBlock(nn.Module):
-    """One resolution: (const input | upsampling conv0) -> conv1 -> toRGB, added to the upsampled skip image."""
+    """One resolution: (const input | upsampling conv0) -> conv1 -> toRGB, added to the upsampled image so far.
+
+    `architecture`: 'skip' has a toRGB in every block; 'orig' and 'resnet' only in the last (`is_last`); 'resnet'
+    adds the block's input through a `SkipLayer`, both paths scaled by sqrt(1/2).
+    """
 
     def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, img_channels: int, *,
-                 conv_clamp: float | None = None, resample_taps=(1, 3, 3, 1)):
+                 is_last: bool = False, architecture: str = "skip", conv_clamp: float | None = None,
+                 resample_taps=(1, 3, 3, 1)):
         super().__init__()
         self.in_channels = in_channels
         self.resolution = resolution
+        self.architecture = architecture
         self.register_buffer("resample_filter", fir_filter(resample_taps))
         if in_channels == 0:
             self.const = nn.Parameter(torch.randn([out_channels, resolution, resolution]))
@@ -207,22 +238,32 @@ class SynthesisBlock(nn.Module):
                                         resample_taps=resample_taps)
         self.conv1 = SynthesisLayer(out_channels, out_channels, w_dim, resolution, conv_clamp=conv_clamp,
                                     resample_taps=resample_taps)
-        self.torgb = ToRGBLayer(out_channels, img_channels, w_dim, conv_clamp=conv_clamp)
+        self.num_torgb = 0
+        if is_last or architecture == "skip":
+            self.torgb = ToRGBLayer(out_channels, img_channels, w_dim, conv_clamp=conv_clamp)
+            self.num_torgb = 1
+        if in_channels != 0 and architecture == "resnet":
+            self.skip = SkipLayer(in_channels, out_channels, resample_taps=resample_taps)
         self.num_conv = 1 if in_channels == 0 else 2
-        self.num_torgb = 1
 
     def forward(self, x: torch.Tensor | None, img: torch.Tensor | None, ws: torch.Tensor, noise_mode: str = "const",
                 fused_modconv: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         w_iter = iter(ws.unbind(dim=1))
         if self.in_channels == 0:
             x = self.const.unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
+            x = self.conv1(x, next(w_iter), noise_mode, fused_modconv)
+        elif self.architecture == "resnet":
+            y = self.skip(x, gain=SQRT_HALF)
+            x = self.conv0(x, next(w_iter), noise_mode, fused_modconv)
+            x = y + self.conv1(x, next(w_iter), noise_mode, fused_modconv, gain=SQRT_HALF)
         else:
             x = self.conv0(x, next(w_iter), noise_mode, fused_modconv)
-        x = self.conv1(x, next(w_iter), noise_mode, fused_modconv)
+            x = self.conv1(x, next(w_iter), noise_mode, fused_modconv)
         if img is not None:
             img = upsample2d(img, self.resample_filter)
-        y = self.torgb(x, next(w_iter), fused_modconv).to(torch.float32)
-        img = y if img is None else img + y
+        if self.num_torgb:
+            y = self.torgb(x, next(w_iter), fused_modconv).to(torch.float32)
+            img = y if img is None else img + y
         return x, img
 
 
@@ -238,6 +279,7 @@ class SynthesisNetwork(nn.Module):
         for res in self.block_resolutions:
             in_channels = cfg.channels(res // 2) if res > 4 else 0
             block = SynthesisBlock(in_channels, cfg.channels(res), cfg.w_dim, res, cfg.img_channels,
+                                   is_last=res == cfg.img_resolution, architecture=cfg.architecture,
                                    conv_clamp=cfg.conv_clamp)
             setattr(self, f"b{res}", block)
         self.num_ws = cfg.num_ws
