@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from engine.images import to_uint8  # noqa: E402
 from engine.invert import PROJECTORS, RECIPES, invert, psnr  # noqa: E402
 from engine.lpips import load_lpips  # noqa: E402
-from engine.projector import noise_maps, project  # noqa: E402
+from engine.projector import noise_maps, project, renormalize_  # noqa: E402
 from engine.registry import WeightsCache, load_model, load_vgg  # noqa: E402
 
 BUDGETS = {"seed": [375, 1500], "default": [100, 375], "projector": [250, 1000],
@@ -95,8 +95,8 @@ def run_model(name: str, cache: WeightsCache, args: argparse.Namespace) -> None:
 
 def with_own_noise(G, ws: torch.Tensor, maps: list[torch.Tensor], targets: np.ndarray) -> list[float]:
     """PSNR of renders with the noise maps the projection optimised (renormalised as after its last step)."""
-    maps = [(m - m.mean(dim=(1, 2, 3), keepdim=True)) for m in maps]
-    maps = [m * m.square().mean(dim=(1, 2, 3), keepdim=True).rsqrt() for m in maps]
+    maps = [m.detach().clone() for m in maps]
+    renormalize_(maps)
     with torch.no_grad(), noise_maps(G, maps):
         images = to_uint8(G.synthesis(ws.to(G.mapping.w_avg.device), noise_mode="const"))
     return [psnr(a, b) for a, b in zip(images, targets)]

@@ -76,11 +76,8 @@ def noise_buffers(G) -> list[tuple[torch.nn.Module, str]]:
     out = []
     for name, _ in G.synthesis.named_buffers():
         if "noise_const" in name:
-            owner, attr = G.synthesis, name
-            *path, attr = name.split(".")
-            for part in path:
-                owner = getattr(owner, part)
-            out.append((owner, attr))
+            path, _, attr = name.rpartition(".")
+            out.append((G.synthesis.get_submodule(path), attr))
     return out
 
 
@@ -113,6 +110,14 @@ def noise_regularization(maps: list[torch.Tensor]) -> torch.Tensor:
                 break
             noise = F.avg_pool2d(noise, kernel_size=2)
     return reg
+
+
+def renormalize_(maps: list[torch.Tensor]) -> None:
+    """Each sample's noise maps to zero mean and unit variance, in place (after every step of a projection)."""
+    with torch.no_grad():
+        for m in maps:
+            m -= m.mean(dim=(1, 2, 3), keepdim=True)
+            m *= m.square().mean(dim=(1, 2, 3), keepdim=True).rsqrt()
 
 
 def _downsample(img: torch.Tensor, size: int) -> torch.Tensor:
@@ -166,10 +171,7 @@ def project(
         history[step] = adam_step(opt, loss, lr_schedule(step, total, r.lr, r.rampup, r.rampdown))
         if trail is not None:
             trail.append([w_opt.detach().clone(), *(m.detach().clone() for m in maps)])
-        with torch.no_grad():
-            for m in maps:
-                m -= m.mean(dim=(1, 2, 3), keepdim=True)
-                m *= m.square().mean(dim=(1, 2, 3), keepdim=True).rsqrt()
+        renormalize_(maps)
         report(step + 1, total, history[step], img, progress, preview, preview_every)
     ws = w_opt.detach().repeat(1, G.num_ws // layers, 1)
     with torch.no_grad():

@@ -15,6 +15,7 @@ import collections
 import pickle
 import sys
 import types
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -88,9 +89,7 @@ def write_official_pkl(path: Path, state: dict[str, torch.Tensor], init_kwargs: 
         "dnnlib": types.ModuleType("dnnlib"),
         "dnnlib.util": _fake_module("dnnlib.util", EasyDict=EasyDict),
     }
-    saved = {k: sys.modules.get(k) for k in mods}
-    sys.modules.update(mods)
-    try:
+    with modules_in_place(mods):
         tree = _nest(state)
         kwargs = EasyDict({k: (EasyDict(v) if isinstance(v, dict) else v) for k, v in init_kwargs.items()})
         G = _module("Generator", tree, module_src, kwargs)
@@ -98,6 +97,15 @@ def write_official_pkl(path: Path, state: dict[str, torch.Tensor], init_kwargs: 
         data = {"G": G, "D": D, "G_ema": G, "training_set_kwargs": EasyDict(resolution=32), "augment_pipe": None}
         with open(path, "wb") as f:
             pickle.dump(data, f, protocol=3)
+
+
+@contextmanager
+def modules_in_place(mods: dict[str, types.ModuleType]):
+    """While pickling: `mods` importable under their names (the module paths the pickles record), then as before."""
+    saved = {k: sys.modules.get(k) for k in mods}
+    sys.modules.update(mods)
+    try:
+        yield
     finally:
         for k, v in saved.items():
             if v is None:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 import pickle
-import sys
 import types
 from pathlib import Path
 
 import numpy as np
+
+from official_formats import modules_in_place
 
 MODULE_SRC = "# training/networks_stylegan2.py would be here: a normal pickle.load imports and runs it\n"
 # family -> (Gs build function, its components' build functions), as NVIDIA's releases name them.
@@ -70,17 +71,8 @@ def write_tf_pkl(path: Path, Gs: Network, *, family: str = "stylegan2", G: Netwo
     mods = {"dnnlib": types.ModuleType("dnnlib"), "dnnlib.tflib": types.ModuleType("dnnlib.tflib"),
             "dnnlib.tflib.network": types.ModuleType("dnnlib.tflib.network")}
     mods["dnnlib.tflib.network"].Network = Network
-    saved = {k: sys.modules.get(k) for k in mods}
-    sys.modules.update(mods)
-    try:
-        with open(path, "wb") as f:
-            pickle.dump((G or Gs, D, Gs), f, protocol=PROTOCOL[family])
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
+    with modules_in_place(mods), open(path, "wb") as f:
+        pickle.dump((G or Gs, D, Gs), f, protocol=PROTOCOL[family])
 
 
 def _nf(kwargs: dict, stage: int, fmap_base: int) -> int:
