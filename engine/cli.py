@@ -38,10 +38,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="latent file to write (.npz)")
     p.add_argument("--image", type=Path, help="also write the reconstruction (PNG)")
     p.add_argument("--aligned", type=Path, help="also write the aligned input face (PNG)")
-    p.add_argument("--recipe", choices=["default", "seed", "projector", "projector-w+"], default="default",
-                   help="default: ours (375 steps); seed: the seed notebook's exact recipe (1500 steps); projector: "
-                        "NVIDIA's projector.py (W + noise maps, LPIPS, 1000 steps); projector-w+: the same in W+")
-    p.add_argument("--steps", type=positive_int, help="override the recipe's number of steps")
+    p.add_argument("--recipe", choices=["seed", "projector", "projector-w+", "lpips-like"], default="seed",
+                   help="seed (default): the seed notebook's Image2StyleGAN recipe (1500 steps; 750 on a CPU); "
+                        "projector: NVIDIA's projector.py (W + noise maps, LPIPS, 1000 steps); projector-w+: the same "
+                        "in W+; lpips-like: stylebot's earlier recipe (375 steps)")
+    p.add_argument("--steps", type=positive_int,
+                   help="override the recipe's number of steps (default: the recipe's; its CPU preset on a CPU)")
     p.add_argument("--noise-mode", choices=["const", "random"], default="const",
                    help="the generator's noise while optimising: const (the model's fixed maps) or random (new maps "
                         "at every step, as the StyleGAN1 port the seed notebook used draws them)")
@@ -76,8 +78,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save", type=Path, help="also write the edited latent (.npz, keeps the start latent)")
     p.add_argument("--strength", type=finite_float, default=1.0,
                    help="scale the edit afterwards: w0 + k (w - w0) (1.5 = stronger, 0.67 = weaker)")
-    p.add_argument("--recipe", choices=["default", "seed"], default="default",
-                   help="default: StyleCLIP's 300 steps, l2 0.008; seed: 150 steps, l2 0.005")
+    p.add_argument("--recipe", choices=["styleclip", "seed"], default="styleclip",
+                   help="styleclip: StyleCLIP's official optimisation (300 steps, l2 0.008); seed: the seed "
+                        "project's notebook (150 steps, l2 0.005, ramp-down over half the steps, [0, 1] pixels)")
     p.add_argument("--steps", type=positive_int, help="override the recipe's number of steps")
     p.add_argument("--clip", help="open_clip model, or 'tiny'; default: config [edit] (tiny with a built-in model)")
     p.add_argument("--model", help="model name; default: the latent's model")
@@ -345,7 +348,11 @@ def cmd_invert(args: argparse.Namespace, cfg: Config) -> int:
     vgg, vgg_warning = load_vgg(_cache(cfg), G, full_width=args.recipe.startswith("projector"))
     if vgg_warning:
         print(f"note: {vgg_warning}", file=sys.stderr)
-    steps = args.steps or (RECIPES[args.recipe].steps // (2 if start else 1))
+    recipe = RECIPES[args.recipe]
+    steps = args.steps or (recipe.steps_on(dev) // (2 if start else 1))
+    if not args.steps and recipe.steps_on(dev) != recipe.steps:
+        print(f"note: on a CPU, recipe {args.recipe} runs its CPU preset of {recipe.steps_on(dev)} steps "
+              f"(all {recipe.steps} on a GPU; --steps to choose)", file=sys.stderr)
     with tqdm(total=steps, desc=f"{'refining' if start else 'inverting'} ({args.recipe})", unit="step") as bar:
         def progress(step: int, total: int, losses: list[float]) -> None:
             bar.update(1)

@@ -1,9 +1,16 @@
 """StyleCLIP latent optimisation: move a W+ latent toward a text prompt with CLIP, staying near where it started.
 
-loss = (1 - cos(CLIP(image), CLIP(prompt))) + l2 * ||w - w0||^2, Adam lr 0.1 with StyleCLIP's ramp-up / cosine
-ramp-down (Patashnik et al. 2021; defaults from the official repository: 300 steps, l2 0.008; the seed project
-used 150 steps and 0.005, offered as recipe "seed"). `restyle` makes an edit stronger or weaker afterwards:
-w0 + k (w - w0), one synthesis pass, no new optimisation.
+Recipes (each is its source step for step, proven by a fixture that the source's own code computed on tiny networks:
+tests/test_edit_parity.py):
+- "styleclip" (the default): orpatashnik/StyleCLIP `optimization/run_optimization.py`, what the paper's latent
+  optimisation edits used (Patashnik et al. 2021): 300 steps, Adam lr 0.1 with a linear ramp-up over the first 5 %
+  and a cosine ramp-down over the last 25 %, loss = 1 - logits / 100 + 0.008 * sum of squares of (w - w0), where
+  CLIP sees the generator's [-1, 1] image through nearest upsampling x7 and average pooling by resolution / 32
+  (224 px), with no CLIP mean/std normalisation;
+- "seed": the seed project's StyleCLIP notebook: 150 steps, l2 0.005, ramp-down over the last 50 %, the image mapped
+  to [0, 1] by (x + 1) / 2 and clamped before the same pooling.
+`logits` is CLIP's `logit_scale.exp() * cosine` (100 x cosine for OpenAI's weights). `restyle` makes an edit
+stronger or weaker afterwards: w0 + k (w - w0), one synthesis pass, no new optimisation.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import logging
 import os
 import socket
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
@@ -39,11 +46,53 @@ class EditError(StylebotError):
 @dataclass(frozen=True)
 class EditRecipe:
     steps: int
-    l2: float
+    l2: float                           # weight of the sum of squared differences between the latent and its start
     lr: float = 0.1
+    rampup: float = 0.05                # linear ramp-up over this first fraction of the steps
+    rampdown: float = 0.25              # cosine ramp-down over this last fraction
+    unit_pixels: bool = False           # CLIP sees (x + 1) / 2 clamped to [0, 1] (the seed's), else x in [-1, 1]
 
 
-EDIT_RECIPES = {"default": EditRecipe(steps=300, l2=0.008), "seed": EditRecipe(steps=150, l2=0.005)}
+EDIT_RECIPES = {
+    "styleclip": EditRecipe(steps=300, l2=0.008),
+    "seed": EditRecipe(steps=150, l2=0.005, rampdown=0.50, unit_pixels=True),
+}
+DEFAULT_EDIT_RECIPE = "styleclip"
+CLIP_INPUT = 224  # the pooling below turns any resolution that is a multiple of 32 into this
+
+
+def learning_rate(step: int, total: int, r: EditRecipe) -> float:
+    """StyleCLIP's `get_lr(step / total, lr)` with the recipe's ramps."""
+    return lr_schedule(step, total, r.lr, rampup=r.rampup, rampdown=r.rampdown)
+
+
+def clip_view(img: torch.Tensor) -> torch.Tensor:
+    """What StyleCLIP feeds CLIP: `AvgPool2d(R // 32)(Upsample(scale_factor=7)(img))`, nearest upsampling, so a
+    resolution R that is a multiple of 32 becomes 224 px; nothing else (no mean/std normalisation)."""
+    r = img.shape[-1]
+    return F.avg_pool2d(F.interpolate(img, scale_factor=7, mode="nearest"), r // 32)
+
+
+class EditLoss:
+    """One recipe's per-sample loss, shared by `edit()` and the continuous pool (engine.scheduler)."""
+
+    def __init__(self, recipe: EditRecipe, clip: "ClipScorer", resolution: int, precision: str = "fp32"):
+        if resolution % 32:
+            raise EditError(f"StyleCLIP's pooling needs a resolution that is a multiple of 32, not {resolution} px")
+        if clip.size != CLIP_INPUT:
+            raise EditError(f"StyleCLIP's pooling makes {CLIP_INPUT} px images and CLIP model {clip.name} takes "
+                            f"{clip.size} px: use a {CLIP_INPUT} px CLIP (ViT-B-32, as StyleCLIP)")
+        self.recipe, self.clip, self.precision = recipe, clip, precision
+
+    def similarity(self, img: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """[N] cosine between CLIP's embedding of the recipe's view of each image ([-1, 1]) and its prompt's."""
+        x = ((img + 1) / 2).clamp(0, 1) if self.recipe.unit_pixels else img
+        return (self.clip.encode_image(clip_view(x), self.precision) * text).sum(-1)
+
+    def __call__(self, img: torch.Tensor, ws: torch.Tensor, w0: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """[N] 1 - logits / 100 + l2 * ||w - w0||^2, each sample its own."""
+        logits = self.clip.logit_scale * self.similarity(img, text)
+        return (1 - logits / 100) + self.recipe.l2 * (ws - w0).square().flatten(1).sum(1)
 
 
 @dataclass
@@ -56,7 +105,8 @@ class EditResult:
 
 
 class ClipScorer:
-    """An open_clip model and tokenizer, with the image preprocessing done inside the graph."""
+    """An open_clip model and its tokenizer. Weights trained with QuickGELU (OpenAI's, as StyleCLIP used) get the
+    QuickGELU architecture, whatever the model name says."""
 
     def __init__(self, name: str, pretrained: str | None, device: str | torch.device = "cpu"):
         import open_clip
@@ -69,31 +119,26 @@ class ClipScorer:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 with _open_clip_logs_as_ours():
-                    self.model = open_clip.create_model(name, pretrained=pretrained or None, device=device)
+                    self.model = open_clip.create_model(name, pretrained=pretrained or None, device=device,
+                                                        force_quick_gelu=_trained_with_quick_gelu(name, pretrained))
                     self.tokenizer = open_clip.get_tokenizer(name)
         except RuntimeError as e:
             raise EditError(f"CLIP model {name} ({pretrained}) is not available: {str(e).splitlines()[0][:200]}. "
                             "With internet open_clip downloads it once into its cache; offline, use --clip tiny") from None
         self.model.eval().requires_grad_(False)
         self.name, self.pretrained = name, pretrained
-        cfg = self.model.visual.preprocess_cfg
         self.size = self.model.visual.image_size
         self.size = self.size[0] if isinstance(self.size, (tuple, list)) else self.size
-        dev = next(self.model.parameters()).device
-        self.mean = torch.tensor(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN), device=dev).reshape(1, 3, 1, 1)
-        self.std = torch.tensor(cfg.get("std", open_clip.OPENAI_DATASET_STD), device=dev).reshape(1, 3, 1, 1)
+        self.logit_scale = self.model.logit_scale.exp().item()  # 100 for OpenAI's weights
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         with torch.no_grad():
-            t = self.model.encode_text(self.tokenizer(prompts).to(self.mean.device))
+            t = self.model.encode_text(self.tokenizer(prompts).to(self.model.logit_scale.device))
         return F.normalize(t.float(), dim=-1)
 
-    def encode_image(self, img: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-        """Generator images [N, 3, H, W] in [-1, 1] -> unit CLIP embeddings (float32), differentiably; the image
-        encoder runs in `precision` (bf16: under autocast)."""
-        x = (img + 1) / 2
-        x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True)
-        x = (x - self.mean) / self.std
+    def encode_image(self, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+        """CLIP input images [N, 3, size, size], as given (the recipes feed them unnormalised, as StyleCLIP does) ->
+        unit embeddings (float32), differentiably; the image encoder runs in `precision` (bf16: under autocast)."""
         with autocast_for(x.device, precision):
             emb = self.model.encode_image(x)
         return F.normalize(emb.float(), dim=-1)
@@ -117,6 +162,14 @@ def _open_clip_logs_as_ours():
         yield
     finally:
         logging.getLogger().removeFilter(f)
+
+
+def _trained_with_quick_gelu(name: str, pretrained: str | None) -> bool:
+    """OpenAI's CLIP weights were trained with QuickGELU, but open_clip's "ViT-B-32" config uses nn.GELU: loaded
+    as it is, the network is not the one trained (open_clip only warns). The tag's own config says which."""
+    import open_clip
+
+    return bool(pretrained and (open_clip.get_pretrained_cfg(name, pretrained) or {}).get("quick_gelu"))
 
 
 def _check_reachable(name: str, pretrained: str | None, timeout: float = 3.0) -> None:
@@ -164,18 +217,13 @@ def check_prompt(prompt: str, max_chars: int = MAX_PROMPT_CHARS) -> str:
     return prompt
 
 
-def learning_rate(step: int, total: int, lr: float) -> float:
-    """StyleCLIP's schedule: linear ramp-up over the first 5 %, cosine ramp-down over the last 25 %."""
-    return lr_schedule(step, total, lr, rampup=0.05, rampdown=0.25)
-
-
 def edit(
     G,
     clip: ClipScorer,
     w0: torch.Tensor,                   # [N, num_ws, w_dim] starting latents
     prompts: list[str] | str,           # one prompt for all, or one per latent
     *,
-    recipe: str = "default",
+    recipe: str = DEFAULT_EDIT_RECIPE,
     steps: int | None = None,
     l2: float | None = None,
     init_ws: torch.Tensor | None = None,  # [N, num_ws, w_dim] start here instead of w0 (refining an edit); L2 stays to w0
@@ -184,9 +232,10 @@ def edit(
     preview_every: int = 100,
     precision: str = "fp32",            # "bf16": generator and CLIP's image encoder under bf16 autocast; else float32
 ) -> EditResult:
-    r = EDIT_RECIPES[recipe]
-    total, l2 = steps or r.steps, r.l2 if l2 is None else l2
+    r = EDIT_RECIPES[recipe] if l2 is None else replace(EDIT_RECIPES[recipe], l2=l2)
+    total = steps or r.steps
     device = G.mapping.w_avg.device
+    loss = EditLoss(r, clip, G.img_resolution, precision)
     w0 = w0.to(device, torch.float32).reshape(-1, G.num_ws, G.w_dim)
     n = w0.shape[0]
     prompts = [prompts] * n if isinstance(prompts, str) else list(prompts)
@@ -199,13 +248,11 @@ def edit(
         with autocast_for(device, precision):
             img = G.synthesis(w, noise_mode="const")
         img = img.float()
-        sim = (clip.encode_image(img, precision) * text).sum(-1)
-        per_sample = (1 - sim) + l2 * (w - w0).square().flatten(1).sum(1)
-        history[step] = adam_step(opt, per_sample, learning_rate(step, total, r.lr))
+        history[step] = adam_step(opt, loss(img, w, w0, text), learning_rate(step, total, r))
         report(step + 1, total, history[step], img, progress, preview, preview_every)
     with torch.no_grad():
         img = G.synthesis(w, noise_mode="const")
-        sim = (clip.encode_image(img) * text).sum(-1)
+        sim = EditLoss(r, clip, G.img_resolution).similarity(img, text)
     return EditResult(w.detach().cpu(), w0.cpu(), to_uint8(img), history, sim.cpu().tolist())
 
 

@@ -5,19 +5,22 @@ forward/backward pass (per-sample losses summed; Adam is elementwise, so a batch
 `InversionLoss` is a recipe's loss, shared with the continuous engine (engine/scheduler.py).
 
 Recipes:
-- "seed": the seed project's Image2StyleGAN notebook (ChoiDae1/StyleGAN_Project, `Image2StyleGAN.ipynb`) step
-  for step: W+ from zeros; the image mapped to [0, 1] by (x + 1) / 2 and clamped; loss = MSE to the target on
-  [0, 1] at full resolution + the sum of the MSEs of VGG16 relu1_1, relu1_2, relu3_2, relu4_2 between both images
-  scaled to 256 px by bilinear interpolation (`scale_factor = 256 / resolution`) and fed to VGG as [0, 1] images
-  without ImageNet normalisation; Adam lr 0.02 (betas 0.9 / 0.999, eps 1e-8), no schedule, 1500 steps. Proven by
-  tests/test_invert_parity.py against the notebook's own loop (scripts/make_invert_parity.py).
+- "seed" (the default): the seed project's Image2StyleGAN notebook (ChoiDae1/StyleGAN_Project,
+  `Image2StyleGAN.ipynb`; Abdal et al. 2019) step for step: W+ from zeros; the image mapped to [0, 1] by
+  (x + 1) / 2 and clamped; loss = MSE to the target on [0, 1] at full resolution + the sum of the MSEs of VGG16
+  relu1_1, relu1_2, relu3_2, relu4_2 between both images scaled to 256 px by bilinear interpolation
+  (`scale_factor = 256 / resolution`) and fed to VGG as [0, 1] images without ImageNet normalisation; Adam lr 0.02
+  (betas 0.9 / 0.999, eps 1e-8), no schedule, 1500 steps; on a CPU its preset of CPU_STEPS (the same loop, fewer
+  steps: benchmarks/invert.py). Proven by tests/test_invert_parity.py against the notebook's own loop
+  (scripts/make_invert_parity.py). The default because everything it optimises is the W+ latent that the bot
+  stores and renders again (morphs, edits, stronger).
 - "projector": NVIDIA's projector (stylegan2-ada-pytorch `projector.py`) step for step: engine/projector.py;
-  "projector-w+" the same loop in W+ (GANInverter's optimisation baseline; its published numbers are there).
-- "default": ours, a quarter of the seed's steps (375): start from w_avg rather than zeros, pixel MSE on [-1, 1]
-  (weight 30) + LPIPS-style channel-normalised VGG distance (ImageNet-normalised input, area-downsampled to 256),
-  Adam lr 0.2 with a 5 % linear ramp-up and a cosine ramp-down over the last 75 %. Chosen by measurement on
-  self-inversions of `tiny` (benchmarks/invert.py): at 375 steps it beat lr 0.05/0.1/0.3, pixel weights 1/10/100,
-  the seed's loss with w_avg init, and a W-then-W+ schedule (`w_only_fraction`, kept as an option) by 0.5 to 2 dB.
+  "projector-w+" the same loop in W+ (GANInverter's optimisation baseline; its published numbers are there). Both
+  optimise the generator's noise maps too, which a stored W+ latent does not carry (README: what that costs).
+- "lpips-like": stylebot's earlier default, kept as a named variant: W+ from w_avg, pixel MSE on [-1, 1] (weight 30)
+  + LPIPS-style channel-normalised VGG distance (ImageNet-normalised input, area-downsampled to 256 px at most),
+  Adam lr 0.2 with a 5 % linear ramp-up and a cosine ramp-down over the last 75 %, 375 steps. No source and no
+  published numbers: it was tuned on self-inversions of random-weight networks.
 """
 
 from __future__ import annotations
@@ -42,19 +45,26 @@ class Recipe:
     steps: int
     lr: float
     init: str                           # "zeros" | "w_avg"
-    loss: str                           # "image2stylegan" (the seed notebook's) | "lpips_like" (ours)
+    loss: str                           # "image2stylegan" (the seed notebook's) | "lpips_like" | "projector"
     layers: tuple[str, ...]
     vgg_size: int = 256                 # VGG input size (the image is resized to it inside the graph)
     pixel_weight: float = 1.0
     w_only_fraction: float = 0.0        # first fraction of the steps optimises a single w broadcast to all layers
     rampup: float = 0.0                 # fraction of steps for the linear lr ramp-up
     rampdown: float = 0.0               # fraction of steps for the cosine lr ramp-down
+    cpu_steps: int | None = None        # the recipe's preset for CPUs: the same loop, fewer steps
+
+    def steps_on(self, device: str | torch.device) -> int:
+        """The recipe's steps on a device: its CPU preset on a CPU, else all of them."""
+        return self.cpu_steps if self.cpu_steps and torch.device(device).type == "cpu" else self.steps
 
 
+CPU_STEPS = 750  # the seed recipe's CPU preset: the smallest budget within 1 dB of 1500 (benchmarks/invert.py)
+DEFAULT_RECIPE = "seed"
 RECIPES = {
     "seed": Recipe(steps=1500, lr=0.02, init="zeros", loss="image2stylegan",
-                   layers=("relu1_1", "relu1_2", "relu3_2", "relu4_2")),
-    "default": Recipe(steps=375, lr=0.2, init="w_avg", loss="lpips_like",
+                   layers=("relu1_1", "relu1_2", "relu3_2", "relu4_2"), cpu_steps=CPU_STEPS),
+    "lpips-like": Recipe(steps=375, lr=0.2, init="w_avg", loss="lpips_like",
                       layers=("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"),
                       pixel_weight=30.0, rampup=0.05, rampdown=0.75),
 }
@@ -129,8 +139,8 @@ def invert(
     vgg: VGG16Features,                 # feature network for the perceptual term
     targets: np.ndarray,                # uint8 [N, R, R, 3] aligned faces at G's resolution (or [R, R, 3])
     *,
-    recipe: str = "default",
-    steps: int | None = None,           # override the recipe's step count
+    recipe: str = DEFAULT_RECIPE,
+    steps: int | None = None,           # override the recipe's step count (default: its steps on G's device)
     init_ws: torch.Tensor | None = None,  # [N, num_ws, w_dim] start here instead (refining a stored latent)
     progress: Progress | None = None,
     preview: Preview | None = None,     # low-resolution look at the current images, every preview_every steps
@@ -140,8 +150,8 @@ def invert(
     seed: int = 303,                    # "projector": the seed of its noise maps and w noise (projector.py's default)
 ) -> InversionResult:
     r = RECIPES[recipe]
-    total = r.steps if steps is None else steps
     device = G.mapping.w_avg.device
+    total = r.steps_on(device) if steps is None else steps
     target = from_uint8(targets, device)
     n, res = target.shape[0], G.img_resolution
     if target.shape[-1] != res:

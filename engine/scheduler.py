@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from engine.device import CPU_MAX_ACTIVE, autocast_for, pool_sizes, rows_that_fit
-from engine.edit import EDIT_RECIPES, ClipScorer, check_prompt
+from engine.edit import DEFAULT_EDIT_RECIPE, EDIT_RECIPES, ClipScorer, EditLoss, check_prompt
 from engine.edit import learning_rate as edit_learning_rate
 from engine.images import from_uint8, to_uint8
-from engine.invert import RECIPES, InversionLoss, learning_rate, psnr
+from engine.invert import DEFAULT_RECIPE, RECIPES, InversionLoss, learning_rate, psnr
 from engine.pool import RowAdam
 
 log = logging.getLogger("stylebot.engine")
@@ -71,12 +71,12 @@ class TickReport:
 
 
 class OptimisationPool:
-    """Inversions (Image2StyleGAN-style recipe `invert_recipe`) and StyleCLIP edits in one continuous batch."""
+    """Inversions (W+ recipe `invert_recipe`) and StyleCLIP edits (`edit_recipe`) in one continuous batch."""
 
-    def __init__(self, G, *, vgg=None, clip: ClipScorer | None = None, invert_recipe: str = "default",
-                 edit_recipe: str = "default", preview_every: int = 100, precision: str = "fp32",
+    def __init__(self, G, *, vgg=None, clip: ClipScorer | None = None, invert_recipe: str = DEFAULT_RECIPE,
+                 edit_recipe: str = DEFAULT_EDIT_RECIPE, preview_every: int = 100, precision: str = "fp32",
                  synthesis: Callable | None = None):
-        self.G, self.vgg, self.clip = G, vgg, clip
+        self.G, self.vgg = G, vgg
         self.precision = precision                  # "fp32" | "tf32" | "bf16" (engine.device)
         self.synthesis = synthesis or G.synthesis   # the ticks' generator: G.synthesis, or compiled and padded
         self.recipe, self.edit_recipe = RECIPES[invert_recipe], EDIT_RECIPES[edit_recipe]
@@ -88,6 +88,17 @@ class OptimisationPool:
         self.adam = RowAdam((G.num_ws, G.w_dim), device=self.device)
         self.rows: list[Row] = []
         self.invert_loss = InversionLoss(self.recipe, vgg.to(self.device), G.img_resolution, precision) if vgg else None
+        self.clip = clip
+
+    @property
+    def clip(self) -> ClipScorer | None:
+        return self._clip
+
+    @clip.setter
+    def clip(self, clip: ClipScorer | None) -> None:
+        """The CLIP of the edit rows; the engine sets it when the first edit arrives (it loads CLIP lazily)."""
+        self._clip = clip
+        self.edit_loss = EditLoss(self.edit_recipe, clip, self.G.img_resolution, self.precision) if clip else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -127,7 +138,7 @@ class OptimisationPool:
     def _lr(self, row: Row) -> float:
         if row.kind == "invert":
             return learning_rate(row.step, row.total, self.recipe)
-        return edit_learning_rate(row.step, row.total, self.edit_recipe.lr)
+        return edit_learning_rate(row.step, row.total, self.edit_recipe)
 
     def tick(self) -> TickReport:
         """One step for every row: one synthesis forward, each row's own loss, one backward, one Adam update per
@@ -171,8 +182,7 @@ class OptimisationPool:
         if ed:
             rows = [self.rows[i] for i in ed]
             text, w0 = torch.cat([r.text for r in rows]), torch.cat([r.w0 for r in rows])
-            sim = (self.clip.encode_image(img[ed], self.precision) * text).sum(-1)
-            parts.append((1 - sim) + self.edit_recipe.l2 * (ws[ed] - w0).square().flatten(1).sum(1))
+            parts.append(self.edit_loss(img[ed], ws[ed], w0, text))
             where += ed
         order = torch.tensor(where, device=img.device)
         return torch.empty(len(self.rows), device=img.device).index_copy(0, order, torch.cat(parts))
@@ -190,7 +200,7 @@ class OptimisationPool:
             if row.kind == "invert":
                 out.psnr = psnr(out.image, to_uint8(row.target)[0])
             else:
-                out.similarity = (self.clip.encode_image(img) * row.text).sum(-1).item()
+                out.similarity = self.edit_loss.similarity(img, row.text).item()
                 out.w0 = row.w0[0].cpu()
         return out
 

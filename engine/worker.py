@@ -31,8 +31,8 @@ from PIL import Image, UnidentifiedImageError
 
 from engine.align import align, likeness
 from engine.errors import StylebotError
-from engine.edit import EDIT_RECIPES, edit, restyle
-from engine.invert import RECIPES, invert
+from engine.edit import DEFAULT_EDIT_RECIPE, EDIT_RECIPES, edit, restyle
+from engine.invert import DEFAULT_RECIPE, RECIPES, invert
 from engine.latents import FAMILY_NAMES
 from engine.device import compile_synthesis, pool_sizes
 from engine.morph import MorphRender, encode_gif, morph
@@ -242,8 +242,8 @@ class Worker:
             return
         targets = np.stack([face.image for _, face in ready])
         progress, preview = self._reporters([j for j, _ in ready],
-                                            self.settings.invert_steps or RECIPES["default"].steps)
-        result = await asyncio.to_thread(invert, self.G, self.vgg, targets, steps=self.settings.invert_steps,
+                                            self._invert_steps())
+        result = await asyncio.to_thread(invert, self.G, self.vgg, targets, steps=self._invert_steps(),
                                          progress=progress, preview=preview, preview_every=self.settings.preview_every,
                                          precision=self.settings.precision)
         for i, (job, face) in enumerate(ready):
@@ -329,7 +329,7 @@ class Worker:
         w0 = torch.from_numpy(np.stack([lat.ws for _, lat in ready]))
         prompts = [job.params["prompt"] for job, _ in ready]
         progress, preview = self._reporters([j for j, _ in ready],
-                                            self.settings.edit_steps or EDIT_RECIPES["default"].steps)
+                                            self.settings.edit_steps or EDIT_RECIPES[DEFAULT_EDIT_RECIPE].steps)
         result = await asyncio.to_thread(edit, self.G, self._clip, w0, prompts, steps=self.settings.edit_steps,
                                          progress=progress, preview=preview, preview_every=self.settings.preview_every,
                                          precision=self.settings.precision)
@@ -384,12 +384,18 @@ class Worker:
             target = target.resize((res, res), Image.LANCZOS)
         return lat, np.asarray(target)
 
+    def _invert_steps(self) -> int:
+        """An inversion's steps: `invert_steps` if set, else the default recipe's on this device (its CPU preset on
+        a CPU)."""
+        return self.settings.invert_steps or RECIPES[DEFAULT_RECIPE].steps_on(self.G.mapping.w_avg.device)
+
     def _refine_steps(self, op: str, restart: bool = False) -> int:
         """Steps of a refine: half the recipe's (`refine_fraction`), or the whole recipe for a redo."""
         if op == "invert":
-            steps = self.settings.invert_steps or RECIPES["default"].steps
+            steps = self._invert_steps()
             return steps if restart else max(1, int(steps * self.settings.refine_fraction))
-        return max(1, int((self.settings.edit_steps or EDIT_RECIPES["default"].steps) * self.settings.refine_fraction))
+        edit_steps = self.settings.edit_steps or EDIT_RECIPES[DEFAULT_EDIT_RECIPE].steps
+        return max(1, int(edit_steps * self.settings.refine_fraction))
 
     async def _store_edit(self, job: Job, ws: torch.Tensor, w0: torch.Tensor, image: np.ndarray, meta: dict,
                           text: str) -> None:
@@ -679,7 +685,7 @@ class ContinuousLoop:
         face = task.result()
         if job.job_id not in self.w.claimed:  # let go meanwhile
             return
-        steps = self.w.settings.invert_steps or RECIPES["default"].steps
+        steps = self.w._invert_steps()
         self.pool.add_inversion(job, face.image, steps=steps)
         self.context[job.job_id] = {"target": face.image, "steps": steps, "warnings": face.warnings}
         await self.w.queue.progress(job, 0, steps)  # "started": no longer "waiting behind N"
@@ -699,7 +705,7 @@ class ContinuousLoop:
                 return
             await self._clip()
             prompt = job.params["prompt"]
-            steps = s.edit_steps or EDIT_RECIPES["default"].steps
+            steps = s.edit_steps or EDIT_RECIPES[DEFAULT_EDIT_RECIPE].steps
             self.pool.add_edit(job, torch.from_numpy(lat.ws), prompt, steps=steps)
             self.context[job.job_id] = {"meta": edit_meta(prompt), "text": f"edited: {prompt}"}
         elif job.op == "refine":

@@ -18,7 +18,7 @@ optimisation loop, with these substitutions, which change what the loop is given
   upsamples to 256 px here;
 - the target is a face the tiny generator drew (uint8, read as `ToTensor` reads a photo: x / 255), in place of
   `image_reader(...)`; `iteration` is STEPS (the notebook's 1500); `np.save` writes into a temporary folder.
-The latent after every optimiser step and the loss of every step are recorded (CPU, float32).
+The latent and Adam's moments after every optimiser step, and the loss of every step are recorded (CPU, float32).
 tests/test_invert_parity.py checks `invert(..., recipe="seed")` and the continuous pool against them.
 """
 
@@ -42,7 +42,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from engine.images import to_uint8  # noqa: E402
 from engine.perceptual import load_vgg16  # noqa: E402
 from engine.registry import build_builtin, registry_entries  # noqa: E402
-from fingerprints import fingerprint, source_commit, write_fixture  # noqa: E402
+from fingerprints import RecordingAdam, fingerprint, source_commit, write_fixture  # noqa: E402
 
 OUT = ROOT / "tests" / "fixtures" / "invert_parity.safetensors"
 NOTEBOOK = "Image2StyleGAN.ipynb"
@@ -74,19 +74,9 @@ def port_synthesis(clone: Path, G) -> torch.nn.Module:
     return synthesis.eval()
 
 
-class RecordingAdam(torch.optim.Adam):
-    """torch's Adam that keeps a copy of its (single) parameter after every step."""
-
-    trail: list[torch.Tensor] = []
-
-    def step(self, closure=None):
-        out = super().step(closure)
-        RecordingAdam.trail.append(self.param_groups[0]["params"][0].detach().clone())
-        return out
-
-
-def run_notebook(clone: Path, G, vgg, target_u8: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """The notebook's loop on `target_u8` (uint8 [R, R, 3]): latents [STEPS, 1, num_ws, w_dim], losses [STEPS]."""
+def run_notebook(clone: Path, G, vgg, target_u8: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """The notebook's loop on `target_u8` (uint8 [R, R, 3]): latents and Adam's two moments after every step
+    (each [STEPS, 1, num_ws, w_dim]), losses [STEPS]."""
     cells = notebook_cells(clone)
     losses: list[float] = []
     ns: dict = {
@@ -121,7 +111,7 @@ def run_notebook(clone: Path, G, vgg, target_u8: np.ndarray) -> tuple[torch.Tens
             exec(compile(loop, NOTEBOOK, "exec"), ns)
         finally:
             os.chdir(cwd)
-    return torch.stack(RecordingAdam.trail), torch.tensor(losses)
+    return (*RecordingAdam.stacked(), torch.tensor(losses))
 
 
 def main() -> None:
@@ -141,11 +131,11 @@ def main() -> None:
     torch.manual_seed(TARGET_SEED)
     with torch.no_grad():
         target = to_uint8(G.synthesis(G.mapping(torch.randn(1, G.z_dim), None, truncation_psi=0.7)))[0]
-    ws, losses = run_notebook(args.seed, G, vgg, target)
+    ws, m, v, losses = run_notebook(args.seed, G, vgg, target)
     print(f"seed notebook: {STEPS} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
           f"latent moved {ws[-1].norm():.3f}")
 
-    tensors = {"seed.target": torch.from_numpy(np.ascontiguousarray(target)), "seed.ws": ws[:, 0].contiguous(),
+    tensors = {"seed.target": torch.from_numpy(np.ascontiguousarray(target)), "seed.ws": ws[:, 0], "seed.m": m[:, 0], "seed.v": v[:, 0],
                "seed.losses": losses}
     tensors.update({f"G.{k}": v for k, v in strengths.items()})
     # The networks are not stored (2 MB): both are built from fixed seeds by our code on torch's CPU generator, which

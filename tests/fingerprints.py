@@ -32,3 +32,45 @@ def write_fixture(out, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out), metadata=meta)
     print(f"wrote {out} ({out.stat().st_size // 1024} KiB)")
+
+
+class RecordingAdam(torch.optim.Adam):
+    """torch's Adam that keeps, after every step, its (single) parameter and its moments: the reference's whole
+    optimiser state, so that a test can take one step from exactly where the reference stood."""
+
+    trail: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def step(self, closure=None):
+        out = super().step(closure)
+        p = self.param_groups[0]["params"][0]
+        state = self.state[p]
+        RecordingAdam.trail.append((p.detach().clone(), state["exp_avg"].clone(), state["exp_avg_sq"].clone()))
+        return out
+
+    @classmethod
+    def stacked(cls) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(params, exp_avg, exp_avg_sq), each [steps, *shape]."""
+        return tuple(torch.stack(x) for x in zip(*cls.trail))
+
+
+def steps_from_reference(pool, key, start: torch.Tensor, ws: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+                         tol: float) -> float:
+    """Take each step of a reference optimisation from the reference's own state. The pool holds one row (`key`,
+    whose total is the reference's number of steps); before step i its latent and Adam moments are set to the
+    reference's after step i - 1 (`start` and zero moments before the first), then one tick must land on the
+    reference's latent after step i within `tol`. Each step is thus compared alone: rounding differences between
+    two implementations cannot pile up through the steps that follow (where a loop can amplify them: the
+    parity tests say by how much). Returns the largest difference."""
+    worst = 0.0
+    prev = (start.reshape(ws.shape[1:]), torch.zeros_like(ws[0]), torch.zeros_like(ws[0]))
+    (row,) = [r for r in pool.rows if r.key == key]
+    for i in range(ws.shape[0]):
+        pool.adam.params[0], pool.adam.exp_avg[0], pool.adam.exp_avg_sq[0] = prev
+        pool.adam.steps[0] = row.step = i
+        report = pool.tick()
+        got = report.finished[0].ws if report.finished else pool.adam.params[0]
+        err = (got - ws[i]).abs().max().item()
+        assert err <= tol, f"step {i + 1} from the reference's state: max |ours - reference| = {err:.3g} > {tol}"
+        worst = max(worst, err)
+        prev = (ws[i], m[i], v[i])
+    return worst

@@ -210,7 +210,7 @@ def test_invert_cli_writes_latent_and_images(tmp_path, config_file, capsys):
 
     lat = load_latent(out)
     assert lat.ws.shape == (8, 64) and lat.model_id == "tiny"
-    assert lat.settings["steps"] == 30 and lat.settings["recipe"] == "default"
+    assert lat.settings["steps"] == 30 and lat.settings["recipe"] == "seed"
     assert Image.open(img).size == (32, 32) and Image.open(aligned).size == (32, 32)
     said = capsys.readouterr().out
     assert "dB PSNR against the aligned photo" in said
@@ -274,6 +274,21 @@ def test_morph_cli_writes_gif_and_mp4_and_refuses_other_models_latents(tmp_path,
     capsys.readouterr()
     assert main([*cfg, "morph", str(a), str(other), "--model", "tiny", "--out", str(tmp_path / "x.gif")]) == 1
     assert "belongs to model 'ffhq-1024', not 'tiny'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["tiny", "stylegan1-tiny"])
+@pytest.mark.parametrize("recipe", ["styleclip", "seed"])
+def test_every_edit_recipe_runs_from_the_cli_on_both_tiny_presets(tmp_path, config_file, recipe, model):
+    from engine.latents import Latent, load_latent, save_latent
+
+    start, saved = tmp_path / "me.npz", tmp_path / "angry.npz"
+    ws = np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32)
+    save_latent(start, Latent(ws=ws, model_id=model, family="stylegan1" if model == "stylegan1-tiny" else "stylegan2"))
+    rc = main(["--config", str(config_file), "edit", str(start), "really angry face", "--recipe", recipe, "--steps",
+               "3", "--out", str(tmp_path / "angry.png"), "--save", str(saved)])
+    edited = load_latent(saved)
+    assert rc == 0 and edited.settings["recipe"] == recipe and edited.model_id == model
+    assert not np.array_equal(edited.ws, ws)  # 3 steps of a ramped lr: the first is 0, the next two move it
 
 
 def test_edit_cli_writes_image_and_a_latent_that_remembers_its_start(tmp_path, config_file, capsys):

@@ -194,7 +194,7 @@ async def test_a_static_engine_keeps_the_jobs_waiting_behind_its_running_group_c
 
     from storage.latents import StoredLatent
 
-    stack = Stack(client, scheduler="static", invert_steps=400)
+    stack = Stack(client, scheduler="static", invert_steps=150)
     stack.queue.reclaim_idle_ms = 1000
     stack.worker.queue.takeover_every_s = 3600  # only the reclaim time is under test here
     try:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.edit import EDIT_RECIPES, EditError, check_prompt, edit, restyle
+from engine.edit import DEFAULT_EDIT_RECIPE, EDIT_RECIPES, EditError, EditLoss, check_prompt, edit, restyle
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,8 @@ def w0(G):
 
 
 def test_edit_moves_the_image_toward_the_prompt(G, clip, w0):
-    before = (clip.encode_image(G.synthesis(w0[:1])) * clip.encode_text(["really angry face"])).sum().item()
+    scorer = EditLoss(EDIT_RECIPES[DEFAULT_EDIT_RECIPE], clip, G.img_resolution)
+    before = scorer.similarity(G.synthesis(w0[:1]), clip.encode_text(["really angry face"])).item()
     result = edit(G, clip, w0[:1], "really angry face", steps=40)
     assert result.similarity[0] > before + 0.02
     assert result.losses[-1, 0] < result.losses[0, 0]
@@ -53,13 +54,37 @@ def test_stronger_is_one_pass_along_the_same_direction(G, clip, w0):
 
 
 def test_recipes_and_prompt_limits():
-    assert (EDIT_RECIPES["default"].steps, EDIT_RECIPES["default"].l2) == (300, 0.008)
-    assert (EDIT_RECIPES["seed"].steps, EDIT_RECIPES["seed"].l2) == (150, 0.005)
+    """The recipes' numbers as their sources print them (their loops are proven step for step in test_edit_parity)."""
+    assert DEFAULT_EDIT_RECIPE == "styleclip"
+    styleclip, seed = EDIT_RECIPES["styleclip"], EDIT_RECIPES["seed"]
+    assert (styleclip.steps, styleclip.l2, styleclip.lr, styleclip.rampup, styleclip.rampdown) == (300, 0.008, 0.1,
+                                                                                                   0.05, 0.25)
+    assert (seed.steps, seed.l2, seed.lr, seed.rampup, seed.rampdown) == (150, 0.005, 0.1, 0.05, 0.50)
+    assert seed.unit_pixels and not styleclip.unit_pixels
     assert check_prompt("  really   angry face ") == "really angry face"
     with pytest.raises(EditError, match="prompt is empty"):
         check_prompt("   ")
     with pytest.raises(EditError, match="keep it under 200"):
         check_prompt("x" * 201)
+
+
+def test_openai_weights_get_the_quickgelu_network_they_were_trained_with(clip):
+    """open_clip's "ViT-B-32" config uses nn.GELU; OpenAI's weights (StyleCLIP's CLIP) were trained with QuickGELU,
+    and open_clip would load them into the GELU network with a warning only. Ours asks for QuickGELU whenever the
+    pretrained tag says so."""
+    from engine.edit import _trained_with_quick_gelu
+
+    assert _trained_with_quick_gelu("ViT-B-32", "openai")
+    assert not _trained_with_quick_gelu("ViT-B-32", "laion2b_s34b_b79k")
+    assert not _trained_with_quick_gelu("ViT-B-32", None)
+    acts = {type(m).__name__ for m in clip.model.modules() if "GELU" in type(m).__name__}
+    assert acts == {"QuickGELU"}  # the tiny CLIP is OpenAI's architecture too
+
+
+def test_a_clip_that_does_not_take_224_px_is_refused_in_one_line(G, clip, monkeypatch):
+    monkeypatch.setattr(clip, "size", 336)
+    with pytest.raises(EditError, match="pooling makes 224 px images and CLIP model .* takes 336 px: use a 224 px CLIP"):
+        edit(G, clip, torch.zeros(1, G.num_ws, G.w_dim), "angry", steps=1)
 
 
 def test_uncached_clip_weights_fail_in_seconds_with_what_to_do(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.images import to_uint8
-from engine.invert import RECIPES, invert, learning_rate
+from engine.invert import CPU_STEPS, DEFAULT_RECIPE, RECIPES, invert, learning_rate
 from engine.latents import Latent, LatentError, load_latent, save_latent
 
 
@@ -39,14 +39,16 @@ def test_batch_equals_single_runs(G, vgg, targets):
     batch = invert(G, vgg, targets, steps=5)
     singles = [invert(G, vgg, targets[i:i + 1], steps=5) for i in range(2)]
     for i, single in enumerate(singles):
-        moved = (single.ws[0] - G.mapping.w_avg).norm()
+        moved = single.ws[0].norm()  # the default recipe (the seed's) starts from zeros
         assert (batch.ws[i] - single.ws[0]).norm() < 1e-3 * moved
         assert np.allclose(batch.losses[:, i], single.losses[:, 0], rtol=1e-3)
 
 
-def test_seed_recipe_is_the_notebooks(G, vgg, targets):
+def test_seed_recipe_is_the_notebooks_and_the_default(G, vgg, targets):
     r = RECIPES["seed"]
+    assert DEFAULT_RECIPE == "seed"
     assert (r.steps, r.lr, r.init, r.layers) == (1500, 0.02, "zeros", ("relu1_1", "relu1_2", "relu3_2", "relu4_2"))
+    assert (r.steps_on("cuda"), r.steps_on("cpu")) == (1500, CPU_STEPS)  # the CPU preset: fewer steps, same loop
     assert all(learning_rate(s, 1500, r) == 0.02 for s in (0, 700, 1499))
     result = invert(G, vgg, targets[:1], recipe="seed", steps=3)
     assert result.recipe == "seed" and result.losses.shape == (3, 1)

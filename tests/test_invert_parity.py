@@ -13,17 +13,19 @@ from engine.invert import invert
 from engine.perceptual import load_vgg16
 from engine.registry import build_builtin, registry_entries
 from engine.scheduler import OptimisationPool
-from fingerprints import fingerprint
+from fingerprints import fingerprint, steps_from_reference
 
 PATH = FIXTURES / "invert_parity.safetensors"
 
-# How close our latent must stay to the notebook's after each of 20 steps. Both sides run the same generator
-# weights and noise, the same VGG and torch's Adam; what differs is the order of float32 sums (the port's modules
-# against ours, F.mse_loss against our per-sample means) and, with Adam dividing by the gradient's running RMS, a
-# few ulp in a gradient can move a coordinate whose gradient is near zero by a sizeable part of a step, and that
-# grows with the steps. Measured: at most 4.5e-7 over the 20 steps on 1 and 2 threads (5.9e-6 in another draw of
-# the noise strengths), against steps of 0.02 (lr) per coordinate; the old recipe's differences are caught from the
-# second step on (no clamp: 0.03; ImageNet-normalised VGG input: 0.04 at the first step).
+# Each step is taken from the notebook's own state (latent and Adam moments: fingerprints.steps_from_reference), so
+# the bound is on one step. Both sides run the same generator weights and noise, the same VGG and the same Adam;
+# what differs is the order of float32 sums (the port's modules against ours, F.mse_loss against our per-sample
+# means). Measured: at most 2.6e-7 in one step, against steps of 0.02 (lr) per coordinate. A whole trail is no such
+# proof: Adam divides by the gradient's running RMS, so a few ulp in a gradient near zero can move a coordinate by a
+# part of a step, and the loop amplifies that from step to step on some CPUs: 20-step trails stayed within 4.5e-7
+# of the notebook's on the machine that first made this fixture, and drifted to 8.6e-4 from step 12 on an AMD EPYC
+# (its loss per step still within 1e-5). The old recipe's differences are caught from the second step on (no
+# clamp: 0.03; ImageNet-normalised VGG input: 0.04 at the first step).
 TOL = 1e-4
 
 
@@ -39,22 +41,17 @@ def fx():
     return tensors, meta, G, vgg
 
 
-def _within(ours: torch.Tensor, theirs: torch.Tensor, step: int) -> None:
-    err = (ours - theirs).abs().max().item()
-    assert err <= TOL, f"step {step}: max |ours - notebook| = {err:.3g} > {TOL}"
-
-
 def test_seed_recipe_equals_the_notebook_at_every_step(fx):
     tensors, meta, G, vgg = fx
     ref, steps = tensors["seed.ws"], int(meta["steps"])
-    # invert(): its loss at every step (1e-5: the loss is about 0.1, summed in another order) and its final latent
+    # the continuous engine's pool, whose row keeps its Adam state between ticks: every step, taken from the
+    # notebook's own latent and moments, lands on the notebook's next latent
+    pool = OptimisationPool(G, vgg=vgg, invert_recipe="seed")
+    pool.add_inversion("me", tensors["seed.target"].numpy(), steps=steps)
+    worst = steps_from_reference(pool, "me", torch.zeros_like(ref[0]), ref, tensors["seed.m"], tensors["seed.v"], TOL)
+    print(f"largest one-step difference {worst:.2g}")
+    # invert(), run through all the steps on its own: its loss at every step (1e-5: the loss is about 0.1, summed in
+    # another order; rounding that the loop amplifies in a few coordinates of the latent, above, barely moves it)
     result = invert(G, vgg, tensors["seed.target"].numpy(), recipe="seed", steps=steps)
     assert (torch.from_numpy(result.losses[:, 0]) - tensors["seed.losses"]).abs().max() < 1e-5
-    _within(result.ws[0], ref[-1], steps)
-    # the continuous engine's pool, whose row keeps its Adam state between ticks: its latent after every step
-    pool = OptimisationPool(G, vgg=vgg, invert_recipe="seed")
-    pool.add_inversion("me", tensors["seed.target"].numpy(), steps=steps + 1)
-    for step in range(steps):
-        pool.tick()
-        _within(pool.adam.params[0], ref[step], step + 1)
     assert (ref[-1] - ref[0]).abs().max() > 0.1  # the latent really travelled during the checked steps

@@ -68,7 +68,7 @@ async def test_forget_while_jobs_run_and_wait_leaves_no_trace_and_answers_nothin
     """Alice's inversion is running, her edit and a second photo wait, an earlier result sits unposted in the
     stream, when she sends /forget: the engine stores nothing of hers afterwards, nobody answers her, and a scan
     of the whole keyspace finds nothing that holds her id, her name, her prompt or her photo."""
-    stack = Stack(client, invert_steps=400, limits=LimitsConfig(max_jobs_per_user=5))
+    stack = Stack(client, invert_steps=150, limits=LimitsConfig(max_jobs_per_user=5))
     await stack.start_engine()
     try:
         rec = Recorder()

@@ -162,7 +162,7 @@ async def test_continuous_engine_fails_a_bad_photo_alone_and_answers_stronger_wh
     queue, store = parts
     G = build_builtin(registry_entries()["tiny"])
     worker = Worker(G, queue, store, vgg=load_vgg16(width=0.125),
-                    settings=WorkerSettings(name="e4", invert_steps=300, progress_every=50, preview_every=100))
+                    settings=WorkerSettings(name="e4", invert_steps=100, progress_every=50, preview_every=100))
     obama = (FIXTURES / "faces" / "obama.jpg").read_bytes()
     thin = io.BytesIO()
     Image.new("RGB", (1, 4000)).save(thin, "PNG")
