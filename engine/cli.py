@@ -79,7 +79,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strength", type=finite_float, default=1.0,
                    help="scale the edit afterwards: w0 + k (w - w0) (1.5 = stronger, 0.67 = weaker)")
     p.add_argument("--recipe", choices=["styleclip", "seed"], default="styleclip",
-                   help="styleclip: StyleCLIP's official optimisation (300 steps, l2 0.008); seed: the seed "
+                   help="styleclip (default): StyleCLIP's official optimisation (300 steps, l2 0.008); seed: the seed "
                         "project's notebook (150 steps, l2 0.005, ramp-down over half the steps, [0, 1] pixels)")
     p.add_argument("--steps", type=positive_int, help="override the recipe's number of steps")
     p.add_argument("--clip", help="open_clip model, or 'tiny'; default: config [edit] (tiny with a built-in model)")
@@ -351,8 +351,8 @@ def cmd_invert(args: argparse.Namespace, cfg: Config) -> int:
     recipe = RECIPES[args.recipe]
     steps = args.steps or (recipe.steps_on(dev) // (2 if start else 1))
     if not args.steps and recipe.steps_on(dev) != recipe.steps:
-        print(f"note: on a CPU, recipe {args.recipe} runs its CPU preset of {recipe.steps_on(dev)} steps "
-              f"(all {recipe.steps} on a GPU; --steps to choose)", file=sys.stderr)
+        print(f"note: on a CPU, recipe {args.recipe} runs {steps} steps ({'half ' if start else ''}its CPU preset of "
+              f"{recipe.steps_on(dev)}; {recipe.steps} on a GPU; --steps to choose)", file=sys.stderr)
     with tqdm(total=steps, desc=f"{'refining' if start else 'inverting'} ({args.recipe})", unit="step") as bar:
         def progress(step: int, total: int, losses: list[float]) -> None:
             bar.update(1)

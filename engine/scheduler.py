@@ -97,8 +97,8 @@ class OptimisationPool:
     @clip.setter
     def clip(self, clip: ClipScorer | None) -> None:
         """The CLIP of the edit rows; the engine sets it when the first edit arrives (it loads CLIP lazily)."""
-        self._clip = clip
-        self.edit_loss = EditLoss(self.edit_recipe, clip, self.G.img_resolution, self.precision) if clip else None
+        loss = EditLoss(self.edit_recipe, clip, self.G.img_resolution, self.precision) if clip else None  # may refuse
+        self._clip, self.edit_loss = clip, loss
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -112,7 +112,8 @@ class OptimisationPool:
         prepared = self.invert_loss.prepare(t)
         if init_ws is None:
             init_ws = self.invert_loss.start(self.G, 1)
-        self._join(Row(key, "invert", steps or self.recipe.steps, target=t, prepared=prepared), init_ws)
+        self._join(Row(key, "invert", steps or self.recipe.steps_on(self.device), target=t, prepared=prepared),
+                   init_ws)
 
     def add_edit(self, key: Any, w0: torch.Tensor, prompt: str, *, steps: int | None = None,
                  init_ws: torch.Tensor | None = None) -> None:

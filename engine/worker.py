@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from engine.align import align, likeness
 from engine.errors import StylebotError
-from engine.edit import DEFAULT_EDIT_RECIPE, EDIT_RECIPES, edit, restyle
+from engine.edit import DEFAULT_EDIT_RECIPE, EDIT_RECIPES, EditError, edit, restyle
 from engine.invert import DEFAULT_RECIPE, RECIPES, invert
 from engine.latents import FAMILY_NAMES
 from engine.device import compile_synthesis, pool_sizes
@@ -330,9 +330,15 @@ class Worker:
         prompts = [job.params["prompt"] for job, _ in ready]
         progress, preview = self._reporters([j for j, _ in ready],
                                             self.settings.edit_steps or EDIT_RECIPES[DEFAULT_EDIT_RECIPE].steps)
-        result = await asyncio.to_thread(edit, self.G, self._clip, w0, prompts, steps=self.settings.edit_steps,
-                                         progress=progress, preview=preview, preview_every=self.settings.preview_every,
-                                         precision=self.settings.precision)
+        try:
+            result = await asyncio.to_thread(edit, self.G, self._clip, w0, prompts, steps=self.settings.edit_steps,
+                                             progress=progress, preview=preview,
+                                             preview_every=self.settings.preview_every,
+                                             precision=self.settings.precision)
+        except EditError as e:  # this engine's CLIP cannot run the recipe (it says why): every edit gets that line
+            for job, _ in ready:
+                await self._fail(job, str(e))
+            return
         for i, (job, _) in enumerate(ready):
             await self._store_edit(job, result.ws[i], result.w0[i], result.images[i], edit_meta(prompts[i]),
                                    f"edited: {prompts[i]}")
@@ -431,11 +437,15 @@ class Worker:
             steps = self._refine_steps("edit")
             prompt = lat.meta["prompt"]
             progress, preview = self._reporters([job], steps)
-            result = await asyncio.to_thread(edit, self.G, self._clip, torch.from_numpy(lat.w0)[None], [prompt],
-                                             steps=steps, init_ws=torch.from_numpy(lat.ws)[None],
-                                             progress=progress, preview=preview,
-                                             preview_every=self.settings.preview_every,
-                                             precision=self.settings.precision)
+            try:
+                result = await asyncio.to_thread(edit, self.G, self._clip, torch.from_numpy(lat.w0)[None], [prompt],
+                                                 steps=steps, init_ws=torch.from_numpy(lat.ws)[None],
+                                                 progress=progress, preview=preview,
+                                                 preview_every=self.settings.preview_every,
+                                                 precision=self.settings.precision)
+            except EditError as e:
+                await self._fail(job, str(e))
+                return
             meta = dict(lat.meta, refined=int(lat.meta.get("refined", 0)) + 1)
             await self._store_edit(job, result.ws[0], torch.from_numpy(lat.w0), result.images[0], meta,
                                    f"edited: {prompt} (refined {meta['refined']}x)")
@@ -512,7 +522,8 @@ class ContinuousLoop:
         from engine.scheduler import OptimisationPool
 
         self.w, s = worker, worker.settings
-        self.pool = OptimisationPool(worker.G, vgg=worker.vgg, clip=worker._clip, preview_every=s.preview_every)
+        self.pool = OptimisationPool(worker.G, vgg=worker.vgg, clip=worker._clip, preview_every=s.preview_every,
+                                     precision=s.precision)
         self.backlog: deque[Job] = deque()  # claimed optimisations waiting for a row
         self.context: dict[str, dict] = {}  # job id -> what storing its result needs
         self.tick_s: float | None = None    # moving average of a tick's duration: the ETA's step time
@@ -524,7 +535,6 @@ class ContinuousLoop:
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.w.settings
-        self.pool.precision = s.precision
         if s.compile:  # before the first heartbeat: the engine is online once no job would pay for compiling
             self.pool.synthesis = await asyncio.to_thread(compile_synthesis, self.w.G, pool_sizes(s.max_active),
                                                           s.precision)

@@ -63,7 +63,8 @@ def steps_from_reference(pool, key, start: torch.Tensor, ws: torch.Tensor, m: to
     parity tests say by how much). Returns the largest difference."""
     worst = 0.0
     prev = (start.reshape(ws.shape[1:]), torch.zeros_like(ws[0]), torch.zeros_like(ws[0]))
-    (row,) = [r for r in pool.rows if r.key == key]
+    (row,) = pool.rows  # the pool's only row, so Adam's row 0 (the reference has one latent)
+    assert row.key == key and row.total == ws.shape[0], (row.key, row.total, ws.shape)
     for i in range(ws.shape[0]):
         pool.adam.params[0], pool.adam.exp_avg[0], pool.adam.exp_avg_sq[0] = prev
         pool.adam.steps[0] = row.step = i

@@ -219,7 +219,7 @@ def test_invert_cli_writes_latent_and_images(tmp_path, config_file, capsys):
 
 
 @pytest.mark.parametrize("model", ["tiny", "stylegan1-tiny"])
-@pytest.mark.parametrize("recipe", ["seed", "projector", "projector-w+"])
+@pytest.mark.parametrize("recipe", ["seed", "projector", "projector-w+", "lpips-like"])
 def test_every_inversion_recipe_runs_from_the_cli_on_both_tiny_presets(tmp_path, config_file, recipe, model):
     out = tmp_path / "me.npz"
     rc = main(["--config", str(config_file), "invert", str(FACES / "obama.jpg"), "--model", model, "--steps", "3",

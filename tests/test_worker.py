@@ -273,3 +273,16 @@ async def test_a_photo_being_aligned_does_not_hold_back_the_inversions_in_flight
         await asyncio.wait_for(task, 30)
     assert [a["job_id"] for a in answers] == [first.job_id, second.job_id]
     assert all(a["type"] == "done" for a in answers), answers
+
+
+def test_without_overrides_an_engine_runs_the_default_recipes_cpu_preset(G):
+    """No `invert_steps`: an inversion on a CPU runs the seed recipe's CPU preset, a refine half of it, a redo all
+    of it; an edit refine half of StyleCLIP's 300 steps."""
+    from types import SimpleNamespace
+
+    from engine.invert import CPU_STEPS
+
+    worker = Worker(G, SimpleNamespace(takeover_every_s=10.0), None, vgg=None)
+    assert worker._invert_steps() == CPU_STEPS == 750
+    assert (worker._refine_steps("invert"), worker._refine_steps("invert", restart=True)) == (375, 750)
+    assert worker._refine_steps("edit") == 150
