@@ -98,10 +98,11 @@ class EditLoss:
                             f"{clip.size} px: use a {CLIP_INPUT} px CLIP (ViT-B-32, as StyleCLIP)")
         self.recipe, self.clip, self.precision = recipe, clip, precision
 
-    def similarity(self, img: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """[N] cosine between CLIP's embedding of the recipe's view of each image ([-1, 1]) and its prompt's."""
+    def similarity(self, img: torch.Tensor, text: torch.Tensor, precision: str | None = None) -> torch.Tensor:
+        """[N] cosine between CLIP's embedding of the recipe's view of each image ([-1, 1]) and its prompt's; CLIP
+        runs in `precision` (default: the loss's; the similarity reported to users is taken in "fp32")."""
         x = ((img + 1) / 2).clamp(0, 1) if self.recipe.unit_pixels else img
-        return (self.clip.encode_image(clip_view(x), self.precision) * text).sum(-1)
+        return (self.clip.encode_image(clip_view(x), precision or self.precision) * text).sum(-1)
 
     def __call__(self, img: torch.Tensor, ws: torch.Tensor, w0: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """[N] 1 - logits / 100 + l2 * ||w - w0||^2, each sample its own."""
@@ -266,7 +267,7 @@ def edit(
         report(step + 1, total, history[step], img, progress, preview, preview_every)
     with torch.no_grad():
         img = G.synthesis(w, noise_mode="const")
-        sim = EditLoss(r, clip, G.img_resolution).similarity(img, text)
+        sim = loss.similarity(img, text, "fp32")
     return EditResult(w.detach().cpu(), w0.cpu(), to_uint8(img), history, sim.cpu().tolist())
 
 

@@ -201,7 +201,7 @@ class OptimisationPool:
             if row.kind == "invert":
                 out.psnr = psnr(out.image, to_uint8(row.target)[0])
             else:
-                out.similarity = self.edit_loss.similarity(img, row.text).item()
+                out.similarity = self.edit_loss.similarity(img, row.text, "fp32").item()
                 out.w0 = row.w0[0].cpu()
         return out
 

@@ -51,27 +51,24 @@ def _opt_float(v: Any) -> float | None:
     return None if v is None else float(v)
 
 
-# TensorFlow kwarg -> (our config field, TensorFlow's default, conversion).
-STYLEGAN2_FIELDS: dict[str, tuple[str, Any, Callable]] = {
+# TensorFlow kwarg -> (our config field, TensorFlow's default, conversion). Both families' G_main / G_style take
+# the mapping network's and the image's sizes under the same names and defaults.
+SHARED_FIELDS: dict[str, tuple[str, Any, Callable]] = {
     "latent_size": ("z_dim", 512, _int),
-    "label_size": ("c_dim", 0, _int),
     "dlatent_size": ("w_dim", 512, _int),
     "resolution": ("img_resolution", 1024, _int),
     "num_channels": ("img_channels", 3, _int),
     "mapping_layers": ("mapping_layers", 8, _int),
     "mapping_lrmul": ("mapping_lr_multiplier", 0.01, float),
+}
+STYLEGAN2_FIELDS: dict[str, tuple[str, Any, Callable]] = SHARED_FIELDS | {
+    "label_size": ("c_dim", 0, _int),
     "fmap_base": ("channel_base", 16 << 10, lambda v: 2 * int(v)),  # TF: nf = fmap_base / (res / 2)
     "fmap_max": ("channel_max", 512, _int),
     "conv_clamp": ("conv_clamp", None, _opt_float),
     "architecture": ("architecture", "skip", str),
 }
-STYLEGAN1_FIELDS: dict[str, tuple[str, Any, Callable]] = {
-    "latent_size": ("z_dim", 512, _int),
-    "dlatent_size": ("w_dim", 512, _int),
-    "resolution": ("img_resolution", 1024, _int),
-    "num_channels": ("img_channels", 3, _int),
-    "mapping_layers": ("mapping_layers", 8, _int),
-    "mapping_lrmul": ("mapping_lr_multiplier", 0.01, float),
+STYLEGAN1_FIELDS: dict[str, tuple[str, Any, Callable]] = SHARED_FIELDS | {
     "fmap_base": ("fmap_base", 8192, _int),
     "fmap_max": ("fmap_max", 512, _int),
     "truncation_psi": ("truncation_psi", 0.7, _opt_float),  # G_style truncates Gs's output by default
