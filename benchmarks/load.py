@@ -61,7 +61,6 @@ class Bench:
         self.sent: dict[str, tuple[str, float]] = {}        # job id -> (kind, sent at)
         self.answered: dict[str, float] = {}               # job id -> answered at
         self.failed: list[str] = []
-        self.started: set[str] = set()                     # job ids the engine reported progress on
 
     async def __aenter__(self) -> "Bench":
         self.folder = tempfile.TemporaryDirectory()
@@ -120,9 +119,7 @@ class Bench:
         while True:
             for entry_id, event in await self.queue.read_events(ADAPTER, "bench", count=200, block_ms=200):
                 await self.queue.ack_event(ADAPTER, entry_id)
-                if event["type"] == "progress":  # step 0: the engine started it (a row, or aligning)
-                    self.started.add(event["job_id"])
-                elif event["type"] != "progress":
+                if event["type"] != "progress":
                     self.answered[event["job_id"]] = time.perf_counter()
                     if event["type"] != "done":
                         self.failed.append(event.get("error", "?"))
@@ -189,12 +186,11 @@ async def load(bench: Bench, mix: dict[str, float], rate: float, duration: float
 
 
 async def in_flight(bench: Bench, n: int, every: float = 1.0) -> dict:
-    """`n` inversions at once, then one "stronger" every `every` seconds from the moment the engine reports one of
-    them started until the last is answered: the strongers' n, p50, p95, and the fewest inversions still unanswered
-    when a stronger was."""
+    """`n` inversions at once, then, a second later (the engine has claimed them), one "stronger" every `every`
+    seconds until the last inversion is answered: the strongers' n, p50, p95, and the fewest inversions still
+    unanswered when a stronger was."""
     inverts = await asyncio.gather(*(bench.send("invert", i % bench.users) for i in range(n)))
-    while not bench.started.intersection(inverts):
-        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)
     strongers, unanswered = [], []
     while not all(j in bench.answered for j in inverts):
         job = await bench.send("stronger", (n + len(strongers)) % bench.users)

@@ -2,8 +2,8 @@
 
 The default scheduler is continuous batching: optimisations (invert, refine, edit) are rows of one
 `OptimisationPool`; every tick runs one step for all of them in a thread, rows join as jobs are claimed and leave
-as they finish (stored, acknowledged and posted at once), and one-pass jobs (stronger / weaker, morph) run between
-ticks, so they never wait for an optimisation. Whatever fails for one job (its photo, its latent, a loss that blows
+as they finish (stored, acknowledged and posted at once); jobs are claimed during a tick too, a stronger / weaker
+is rendered at once beside it, and a morph a few frames between ticks, so they never wait for an optimisation. Whatever fails for one job (its photo, its latent, a loss that blows
 up) fails that job alone with its reason. `scheduler = "static"` keeps the older loop (claim a batch, run each group
 of alike jobs to the end) for comparison.
 
@@ -512,7 +512,7 @@ def _crop(image: np.ndarray) -> bytes:
 
 
 
-ONE_PASS = ("restyle", "morph")     # jobs that run between ticks, never in the pool
+ONE_PASS = ("restyle", "morph")     # jobs that never join the pool: restyles beside a tick, morphs between ticks
 
 
 class ContinuousLoop:
@@ -546,7 +546,7 @@ class ContinuousLoop:
                     await self._cancel_forgotten()
                     await self._admit()
                     if len(self.pool):
-                        await self._tick()
+                        await self._tick_claiming()
                     elif self.aligning:  # nothing to tick: wait for a photo to be aligned (or new jobs, shortly)
                         await asyncio.wait([t for _, t in self.aligning.values()], timeout=0.05)
                     if self.morphs:  # the oldest morph's next frames, ahead of the next tick
@@ -740,6 +740,21 @@ class ContinuousLoop:
             await w._fail(job, f"unknown operation {job.op!r}")
             return
         await w.queue.progress(job, 0, self.pool.rows[-1].total)  # "started": no longer "waiting behind N"
+
+    async def _tick_claiming(self) -> None:
+        """A tick, while new jobs are claimed beside it (every 0.1 s): a stronger / weaker claimed meanwhile is
+        rendered at once in its own thread, not after the tick (a tick of a big model on a CPU takes seconds).
+        Optimisations claimed meanwhile wait in the backlog; the pool changes only between ticks."""
+        tick = asyncio.create_task(self._tick())
+        try:
+            while not tick.done():
+                await asyncio.wait([tick], timeout=0.1)
+                if not tick.done():
+                    await self._claim()
+        except BaseException:  # Redis away while claiming: nothing touches the pool before its tick is over
+            await asyncio.wait([tick])
+            raise
+        await tick
 
     async def _tick(self) -> None:
         """One step of every row (in a thread), then progress, previews, and the rows that finished."""

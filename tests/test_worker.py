@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 
 import numpy as np
@@ -199,6 +200,53 @@ async def test_continuous_engine_fails_a_bad_photo_alone_and_answers_stronger_wh
     assert answers[stronger.job_id]["type"] == "done" and "x1.50" in answers[stronger.job_id]["text"]
     assert order.index(stronger.job_id) < min(order.index(j.job_id) for j in good)
     assert worker.claimed == {}  # every job this engine took was answered
+
+
+async def test_a_stronger_is_answered_while_a_tick_is_still_running(parts, monkeypatch):
+    """A tick of a big model on a CPU takes seconds: a stronger claimed during one is rendered beside it, not after
+    it. The first tick is held (a gate before the real tick) until the stronger has been answered."""
+    from engine.scheduler import OptimisationPool
+    from storage.latents import StoredLatent
+
+    queue, store = parts
+    real_tick, gate, entered = OptimisationPool.tick, threading.Event(), threading.Event()
+
+    def held_tick(pool):
+        entered.set()
+        gate.wait(60)
+        return real_tick(pool)
+
+    monkeypatch.setattr(OptimisationPool, "tick", held_tick)
+    worker = Worker(build_builtin(registry_entries()["tiny"]), queue, store, vgg=load_vgg16(width=0.125),
+                    settings=WorkerSettings(name="e5", invert_steps=5))
+    w0 = np.random.default_rng(2).standard_normal((8, 64)).astype(np.float32)
+    await store.set_result("dora", "edit1", StoredLatent(w0 + 0.1, "tiny", meta={"op": "edit", "prompt": "angry"},
+                                                         w0=w0))
+    face = Job(op="invert", user_id="ann", adapter="web")
+    await queue.enqueue(face, photo=(FIXTURES / "faces" / "obama.jpg").read_bytes())
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        assert await asyncio.to_thread(entered.wait, 60)  # the inversion's first tick has begun, and waits
+        stronger = Job(op="restyle", user_id="dora", adapter="web", params={"result_id": "edit1", "factor": 1.5})
+        await queue.enqueue(stronger)
+        answers = {}
+        deadline = asyncio.get_running_loop().time() + 30
+        while stronger.job_id not in answers and asyncio.get_running_loop().time() < deadline:
+            for entry_id, event in await queue.read_events("web", "web-test", block_ms=100):
+                await queue.ack_event("web", entry_id)
+                answers[event["job_id"]] = event
+        assert answers.get(stronger.job_id, {}).get("type") == "done"  # answered with the first tick still held
+        assert face.job_id not in answers
+    finally:
+        gate.set()
+    while face.job_id not in answers:
+        for entry_id, event in await queue.read_events("web", "web-test", block_ms=100):
+            await queue.ack_event("web", entry_id)
+            answers[event["job_id"]] = event
+    stop.set()
+    await asyncio.wait_for(task, 60)
+    assert answers[face.job_id]["type"] == "done"
 
 
 async def test_stopping_finishes_what_ends_within_drain_s_and_leaves_the_rest_claimable(parts, client):
