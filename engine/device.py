@@ -57,10 +57,11 @@ def keep_freed_memory(trim_bytes: int = KEEP_FREED_BYTES) -> bool:
     """On glibc, serve every CPU allocation from the heap and keep freed memory for the next one.
 
     glibc maps each allocation over its mmap threshold (at most 32 MiB) freshly from the system and unmaps it when
-    freed, so every tensor that big faults in all its pages again on every tick: at the ffhq-256 architecture
-    (64 channels at 256 px: 16 MiB an image) a pool of 2 rows took 2x and 4 rows 4x the time per row of 1 row
-    (`benchmarks/cpu_memory.py`). With mmap off the pages are reused. The cost: the process keeps the memory of its
-    biggest tick, as CUDA's caching allocator does. Returns whether it was applied (False off glibc)."""
+    freed, so every tensor that big faults in all its pages again on every tick: at the ffhq-256 architecture (64
+    channels at 256 px: 16 MiB an image) an inversion tick of 2 rows took 2.0x and of 8 rows 3.3x the time per row
+    of 1 row on 2 cores (`benchmarks/cpu_memory.py`). With mmap off the pages are reused. The cost: the process
+    keeps the memory of its biggest tick, as CUDA's caching allocator does. Returns whether it was applied (False
+    off glibc)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:

@@ -207,11 +207,11 @@ class OptimisationPool:
 
 
 def _best_cpu_pool(pool: "OptimisationPool", target) -> int:
-    """On a CPU a bigger pool is not always faster per face: a tick of the ffhq-256 architecture costs about the
-    same per row at 1 to 8 rows on 2 cores (3.5x more per row at 8 before `keep_freed_memory`), while the tiny
-    model's gains 1.5x. So time one
-    tick at 1, 2, 4, ... rows (up to CPU_MAX_ACTIVE), stop once a size is 10 % slower per row than the best so
-    far, and keep the size with the least time per row (within 5 %, the larger: newcomers join at once). Logged."""
+    """On a CPU a bigger pool is not always faster per face: an inversion tick of the ffhq-256 architecture costs
+    about the same per row at 1 to 8 rows on 2 cores (3.3x more at 8 before `keep_freed_memory`), while the tiny
+    model's costs 1.5x less at 8. So time one tick at 1, 2, 4, ... rows (up to CPU_MAX_ACTIVE), stop once a size is
+    10 % slower per row than the best so far, and keep the size with the least time per row (within 5 %, the
+    larger: newcomers join at once). Logged."""
     timings: dict[int, float] = {}
     for n in pool_sizes(CPU_MAX_ACTIVE):
         while len(pool) < n:  # rows that never finish while measured

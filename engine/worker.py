@@ -3,9 +3,9 @@
 The default scheduler is continuous batching: optimisations (invert, refine, edit) are rows of one
 `OptimisationPool`; every tick runs one step for all of them in a thread, rows join as jobs are claimed and leave
 as they finish (stored, acknowledged and posted at once); jobs are claimed during a tick too, a stronger / weaker
-is rendered at once beside it, and a morph a few frames between ticks, so they never wait for an optimisation. Whatever fails for one job (its photo, its latent, a loss that blows
-up) fails that job alone with its reason. `scheduler = "static"` keeps the older loop (claim a batch, run each group
-of alike jobs to the end) for comparison.
+is rendered at once beside it, and a morph a few frames between ticks, so they never wait for an optimisation.
+Whatever fails for one job (its photo, its latent, a loss that blows up) fails that job alone with its reason.
+`scheduler = "static"` keeps the older loop (claim a batch, run each group of alike jobs to the end) for comparison.
 
 Either way a job is acknowledged only after its result is stored, and `JobQueue.finish` stores it at most once, so
 a job reclaimed after a crash is posted once; every job this engine holds stays claimed (touched) until then.
