@@ -27,11 +27,10 @@ sys.path[0] = str(ROOT)  # not benchmarks/: its queue.py would shadow the stdlib
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from benchmarks.gpu import build, ms_per_tick
+    from benchmarks.gpu import build, feature_vgg, ms_per_tick
     from engine.device import keep_freed_memory
     from engine.edit import TINY_CLIP, ClipScorer
     from engine.images import to_uint8
-    from engine.perceptual import load_vgg16
     from engine.scheduler import auto_max_active
 
     applied = keep_freed_memory() if args.child == "kept" else False
@@ -39,8 +38,7 @@ def child(args: argparse.Namespace) -> None:
     device = torch.device("cpu")
     for name in args.model.split(","):
         G = build(name, device)
-        tiny = G.img_resolution <= 64
-        vgg = load_vgg16(width=0.125 if tiny else 1.0)
+        vgg = feature_vgg(G, device)
         clip = ClipScorer(TINY_CLIP, None, device=device)
         rows = [int(r) for r in args.rows.split(",")]
         with torch.no_grad():

@@ -44,6 +44,11 @@ def build(name: str, device: torch.device):
     return build_builtin(entry).to(device)
 
 
+def feature_vgg(G, device: torch.device):
+    """VGG16 for inverting with G: width 1/8 beside the 32 px built-ins (as the engine loads it), else full width."""
+    return load_vgg16(width=0.125 if G.img_resolution <= 64 else 1.0).to(device)
+
+
 def nvidia_generator(path: Path, G, device: torch.device):
     """NVIDIA's Generator with G's architecture and weights (the parameter names are the same)."""
     sys.path.insert(0, str(path))
@@ -90,8 +95,7 @@ def main() -> None:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     cuda = device.type == "cuda"
     G = build(args.model or ("ffhq-1024" if cuda else "tiny"), device)
-    tiny = G.img_resolution <= 64
-    vgg = load_vgg16(width=0.125 if tiny else 1.0).to(device)
+    vgg = feature_vgg(G, device)
     clip_name = args.clip or ("ViT-B-32" if cuda else "tiny")
     clip = ClipScorer(TINY_CLIP if clip_name == "tiny" else clip_name, None, device=device)
     torch.manual_seed(0)

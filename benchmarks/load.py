@@ -55,8 +55,8 @@ ADAPTER = "bench"
 class Bench:
     """One engine process (one scheduler) on a fresh key prefix, and the bot core that sends it commands."""
 
-    def __init__(self, redis_url: str, scheduler: str, users: int, args: argparse.Namespace):
-        self.url, self.scheduler, self.users, self.args = redis_url, scheduler, users, args
+    def __init__(self, args: argparse.Namespace, scheduler: str):
+        self.url, self.scheduler, self.users, self.args = args.redis, scheduler, args.users, args
         self.keys = Keys(f"bench-{uuid.uuid4().hex[:6]}:")
         self.sent: dict[str, tuple[str, float]] = {}        # job id -> (kind, sent at)
         self.answered: dict[str, float] = {}               # job id -> answered at
@@ -228,7 +228,7 @@ async def main() -> None:
 
     results, lone, flight = {}, {}, {}
     for scheduler in ("static", "continuous"):
-        async with Bench(args.redis, scheduler, args.users, args) as bench:
+        async with Bench(args, scheduler) as bench:
             lone[scheduler] = await lone_times(bench, list(mix))
             print(f"{scheduler:10} lone jobs: " + ", ".join(f"{k} {v:.2f} s" for k, v in lone[scheduler].items()),
                   flush=True)

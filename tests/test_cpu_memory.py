@@ -1,5 +1,6 @@
 """The engine's CPU allocator setting: freed tensor memory is reused, not faulted in again on every tick."""
 
+import json
 import platform
 import subprocess
 import sys
@@ -17,9 +18,9 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 # (an aligned request does not fit the exact hole a freed tensor leaves) and from the fifth on the same pages
 # serve every round (0 faults here).
 ROUNDS = textwrap.dedent("""
-    import resource, sys, threading, torch
+    import json, resource, threading, torch
     from engine.device import keep_freed_memory
-    print(keep_freed_memory() if sys.argv[1] == "kept" else "plain")
+    applied = keep_freed_memory()
     def rounds():
         for _ in range(8):
             torch.ones(16 << 20).sum()
@@ -27,24 +28,19 @@ ROUNDS = textwrap.dedent("""
         for _ in range(9):
             torch.ones(16 << 20).sum()
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    print(rounds())
+    faults = rounds()
     big = []  # allocations that only mmap could serve before: still served, from worker threads too
     threads = [threading.Thread(target=lambda: big.append(float(torch.ones(80 << 20).sum()))) for _ in range(3)]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    print(big)
+    print(json.dumps([applied, faults, big]))
 """)
 
 
-def faults(mode: str) -> tuple[str, int, list]:
-    out = subprocess.run([sys.executable, "-c", ROUNDS, mode], check=True, capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1]).stdout
-    applied, count, big = out.split("\n")[:3]
-    return applied, int(count), eval(big)  # noqa: S307 - our own child's print of a list of floats
-
-
 def test_freed_tensor_memory_is_reused_from_any_thread():
-    applied, kept, big = faults("kept")
-    assert applied == "True"
+    out = subprocess.run([sys.executable, "-c", ROUNDS], check=True, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    applied, kept, big = json.loads(out)
+    assert applied is True
     assert kept < 16384, f"{kept} page faults in 9 rounds: the freed pages were not reused"
     assert big == [float(80 << 20)] * 3  # 320 MiB tensors from three threads at once: nothing refused

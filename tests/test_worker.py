@@ -224,26 +224,27 @@ async def test_a_stronger_is_answered_while_a_tick_is_still_running(parts, monke
                                                          w0=w0))
     face = Job(op="invert", user_id="ann", adapter="web")
     await queue.enqueue(face, photo=(FIXTURES / "faces" / "obama.jpg").read_bytes())
+    answers: dict[str, dict] = {}
+
+    async def read_until(job: Job, timeout: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while job.job_id not in answers and asyncio.get_running_loop().time() < deadline:
+            for entry_id, event in await queue.read_events("web", "web-test", block_ms=100):
+                await queue.ack_event("web", entry_id)
+                answers[event["job_id"]] = event
+
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     try:
         assert await asyncio.to_thread(entered.wait, 60)  # the inversion's first tick has begun, and waits
         stronger = Job(op="restyle", user_id="dora", adapter="web", params={"result_id": "edit1", "factor": 1.5})
         await queue.enqueue(stronger)
-        answers = {}
-        deadline = asyncio.get_running_loop().time() + 30
-        while stronger.job_id not in answers and asyncio.get_running_loop().time() < deadline:
-            for entry_id, event in await queue.read_events("web", "web-test", block_ms=100):
-                await queue.ack_event("web", entry_id)
-                answers[event["job_id"]] = event
+        await read_until(stronger, 30)
         assert answers.get(stronger.job_id, {}).get("type") == "done"  # answered with the first tick still held
         assert face.job_id not in answers
     finally:
         gate.set()
-    while face.job_id not in answers:
-        for entry_id, event in await queue.read_events("web", "web-test", block_ms=100):
-            await queue.ack_event("web", entry_id)
-            answers[event["job_id"]] = event
+    await read_until(face, 60)
     stop.set()
     await asyncio.wait_for(task, 60)
     assert answers[face.job_id]["type"] == "done"
