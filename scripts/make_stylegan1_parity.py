@@ -5,22 +5,28 @@
 
 The reference is the "StyleGAN in PyTorch" notebook (style_gan/pytorch_style_gan.ipynb), the port whose
 `karras2019stylegan-ffhq-1024x1024.pt` files people use. This script runs the notebook's definition cells from
-the clone (nothing of them is stored here), builds small generators with them, randomises every parameter, fixes
-each noise layer's noise map, and records weights (the port's names), inputs and outputs (CPU, float32). Case
-"a" is 128 px so that the fused upscale (from 128 px) is covered; case "b" is 32 px with a narrow w. The mapping
-network is the port's own (512 wide, 18 ws). tests/test_stylegan1_parity.py checks our generator against them.
+the clone (nothing of them is stored here), builds small generators with them, gives every parameter random values
+drawn by name from a seed (tests/fingerprints.seeded_weights) and each noise layer a noise map drawn from another,
+and records the seeds, the port's parameter names and shapes (so that the test draws the same weights without
+storing them), inputs and outputs (CPU, float32). Case "a" is 128 px so that the fused upscale (from 128 px) is
+covered; case "b" is 32 px with a narrow w. The mapping network is the port's own (512 wide, 18 ws).
+tests/test_stylegan1_parity.py checks our generator against them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests")]
+from fingerprints import seeded_weights, source_commit, write_fixture  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures"
 OUT = FIXTURES / "stylegan1_parity.safetensors"
 NOTEBOOK = Path("style_gan") / "pytorch_style_gan.ipynb"
 
@@ -30,7 +36,7 @@ CASES = {
     "b": dict(w_dim=24, img_resolution=32, fmap_base=64, fmap_max=8),
 }
 BATCH = 2
-MAPPING_SEED = 7
+SEEDS = {"mapping": 7, "a": 2019, "b": 2020, "noise": 11}  # of the weights drawn by name, and of the noise maps
 
 
 def load_reference(clone: Path) -> dict:
@@ -45,10 +51,21 @@ def load_reference(clone: Path) -> dict:
     return ns
 
 
-def randomise(module: torch.nn.Module, gen: torch.Generator | None = None) -> None:
+def draw(module: torch.nn.Module, seed: int, prefix: str) -> dict[str, list[int]]:
+    """Give the module's parameters weights drawn by name from `seed`; returns their names (with `prefix`, as in a
+    port file) and shapes, which the fixture records."""
+    shapes = {prefix + k: list(p.shape) for k, p in module.named_parameters()}
+    weights = seeded_weights(shapes, seed)
     with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.ndim <= 1 else 1.0))
+        for k, p in module.named_parameters():
+            p.copy_(weights[prefix + k])
+    return shapes
+
+
+def noise_maps(sizes: list[int]) -> list[torch.Tensor]:
+    """One constant noise map per noise layer, in layer order, drawn from SEEDS["noise"]."""
+    maps = seeded_weights({f"{i:02d}": [1, 1, s, s] for i, s in enumerate(sizes)}, SEEDS["noise"])
+    return [maps[f"{i:02d}"] for i in range(len(sizes))]
 
 
 def main() -> None:
@@ -60,11 +77,10 @@ def main() -> None:
 
     torch.manual_seed(2019)
     tensors: dict[str, torch.Tensor] = {}
+    param_shapes: dict[str, dict[str, list[int]]] = {}
 
-    # The port's mapping is 512 wide (8 MiB of weights): its weights are drawn from MAPPING_SEED, in parameter
-    # order, rather than stored; the test draws the same ones.
     mapping = ref["G_mapping"]().eval()
-    randomise(mapping, torch.Generator().manual_seed(MAPPING_SEED))
+    param_shapes["mapping"] = draw(mapping, SEEDS["mapping"], "g_mapping.")
     z = torch.randn([BATCH, 512]) * 1.5
     with torch.no_grad():
         ws = mapping(z)
@@ -74,22 +90,19 @@ def main() -> None:
     for name, cfg in CASES.items():
         G = ref["G_synthesis"](dlatent_size=cfg["w_dim"], resolution=cfg["img_resolution"],
                                fmap_base=cfg["fmap_base"], fmap_max=cfg["fmap_max"]).eval()
-        randomise(G)
+        param_shapes[name] = draw(G, SEEDS[name], "g_synthesis.")
         noise_layers = [m for m in G.modules() if type(m).__name__ == "NoiseLayer"]
         num_ws = 2 * len(G.blocks)
         ws = torch.randn([BATCH, num_ws, cfg["w_dim"]])
         with torch.no_grad():
             # noise as fixed maps (the notebook's `.noise` attribute), then without noise (zero maps)
-            sizes = [int(k.split("x")[0]) for k in G.blocks for _ in (0, 1)]
-            maps = [torch.randn([1, 1, s, s]) for s in sizes]
+            maps = noise_maps([int(k.split("x")[0]) for k in G.blocks for _ in (0, 1)])
             for layer, noise in zip(noise_layers, maps):
                 layer.noise = noise
             img_noise = G(ws)
             for layer, noise in zip(noise_layers, maps):
                 layer.noise = torch.zeros_like(noise)
             img_none = G(ws)
-        tensors.update({f"{name}.param.g_synthesis.{k}": v.clone() for k, v in G.state_dict().items()})
-        tensors.update({f"{name}.noise.{i}": m for i, m in enumerate(maps)})
         tensors[f"{name}.ws"], tensors[f"{name}.img_noise"], tensors[f"{name}.img_none"] = ws, img_noise, img_none
         print(f"case {name}: {sum(p.numel() for p in G.parameters())} parameters, image {tuple(img_noise.shape)}")
 
@@ -98,13 +111,11 @@ def main() -> None:
     g_all.add_module("g_mapping", ref["G_mapping"]())
     g_all.add_module("g_synthesis", ref["G_synthesis"]())
     shapes = {k: list(v.shape) for k, v in g_all.state_dict().items()}
-    meta = {"cases": json.dumps(CASES), "mapping_seed": str(MAPPING_SEED), "ffhq_shapes": json.dumps(shapes),
-            "ffhq_parameters": str(sum(p.numel() for p in g_all.parameters())),
-            "reference": "lernapparat/lernapparat style_gan/pytorch_style_gan.ipynb, CPU float32"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(args.out), metadata=meta)
-    print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB); FFHQ model: {meta['ffhq_parameters']} parameters")
-
+    meta = {"cases": json.dumps(CASES), "seeds": json.dumps(SEEDS), "param_shapes": json.dumps(param_shapes),
+            "ffhq_shapes": json.dumps(shapes), "ffhq_parameters": str(sum(p.numel() for p in g_all.parameters())),
+            "reference": f"lernapparat/lernapparat {source_commit(args.reference)} {NOTEBOOK}, CPU float32"}
+    write_fixture(args.out, tensors, meta)
+    print(f"FFHQ model: {meta['ffhq_parameters']} parameters")
 
 if __name__ == "__main__":
     main()

@@ -5,9 +5,12 @@
 (the reference's dnnlib imports `requests`: pip install requests first.)
 
 It builds two tiny generators with the *reference* code (one unconditional with conv_clamp, one conditional with
-a short mapping network), randomises every parameter and buffer, and records their weights (same names as ours),
-inputs and outputs (reference ops on the CPU, float32, noise_mode='const' and 'none'). Nothing of the reference's
-code is stored: only numbers it computed. tests/test_stylegan2_parity.py checks our generator against them.
+a short mapping network), gives every parameter and buffer (but the fixed resampling filters) random values drawn
+from the case's seed by name (tests/fingerprints.seeded_weights: our generator has the same names, so the tests
+draw the same weights without storing them), and records inputs and outputs (reference ops on the CPU, float32,
+noise_mode='const' and 'none'), the seeds and the fingerprint of our generator holding those weights. Nothing of
+the reference's code, and no weights, are stored: only numbers it computed. tests/test_stylegan2_parity.py checks
+our generator against them.
 """
 
 from __future__ import annotations
@@ -18,9 +21,13 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from engine.stylegan2 import Generator as OurGenerator, StyleGAN2Config  # noqa: E402
+from fingerprints import fingerprint, seeded_weights, source_commit, write_fixture  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures"
 OUT = FIXTURES / "stylegan2_parity.safetensors"
 SHAPES_OUT = FIXTURES / "stylegan2_official_shapes.json"
 
@@ -39,6 +46,7 @@ OFFICIAL = {
     "ffhq-256": dict(CASES["a"], z_dim=512, w_dim=512, img_resolution=256, channel_base=16384, channel_max=512,
                      conv_clamp=256),
 }
+WEIGHT_SEEDS = {"a": 2024, "b": 2025}
 BATCH = 3
 TRUNCATION = dict(psi=0.6, cutoff=3)
 
@@ -64,13 +72,16 @@ def main() -> None:
 
     torch.manual_seed(2024)
     tensors: dict[str, torch.Tensor] = {}
+    fingerprints = {}
     for name, cfg in CASES.items():
         G = build_reference(cfg)
-        with torch.no_grad():
-            for t in list(G.parameters()) + [b for n, b in G.named_buffers() if not n.endswith("resample_filter")]:
-                t.copy_(torch.randn_like(t) * (0.5 if t.ndim <= 1 else 1.0))
-        for key, value in G.state_dict().items():
-            tensors[f"{name}.param.{key}"] = value.detach().clone().contiguous()
+        weights = seeded_weights({k: v.shape for k, v in G.state_dict().items() if not k.endswith("resample_filter")},
+                                 WEIGHT_SEEDS[name])
+        missing, unexpected = G.load_state_dict(weights, strict=False)
+        assert not unexpected and all(k.endswith("resample_filter") for k in missing), (missing, unexpected)
+        ours = OurGenerator(StyleGAN2Config(**cfg))
+        ours.load_state_dict(G.state_dict(), strict=True)  # the same names, shapes and filters
+        fingerprints[name] = fingerprint(ours)
         z = torch.randn([BATCH, cfg["z_dim"]])
         c = torch.randn([BATCH, cfg["c_dim"]]) if cfg["c_dim"] else None
         with torch.no_grad():
@@ -92,12 +103,11 @@ def main() -> None:
     SHAPES_OUT.write_text(json.dumps({"configs": OFFICIAL, "shapes": shapes}, indent=0) + "\n")
     print(f"wrote {SHAPES_OUT}")
 
-    meta = {"cases": json.dumps(CASES), "truncation": json.dumps(TRUNCATION),
-            "reference": "NVlabs/stylegan2-ada-pytorch training/networks.py, reference ops, CPU float32"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(args.out), metadata=meta)
-    print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB)")
-
+    meta = {"cases": json.dumps(CASES), "truncation": json.dumps(TRUNCATION), "weight_seeds": json.dumps(WEIGHT_SEEDS),
+            "fingerprints": json.dumps(fingerprints),
+            "reference": f"NVlabs/stylegan2-ada-pytorch {source_commit(args.reference)} training/networks.py, "
+                         "reference ops, CPU float32"}
+    write_fixture(args.out, tensors, meta)
 
 if __name__ == "__main__":
     main()

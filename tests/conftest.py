@@ -20,17 +20,31 @@ torch.set_num_threads(2)
 
 
 class ParityFixture:
-    """tests/fixtures/stylegan2_parity.safetensors: tiny generators, inputs and outputs made by NVIDIA's code."""
+    """tests/fixtures/stylegan2_parity.safetensors: inputs and outputs that NVIDIA's code computed with tiny
+    generators whose weights are drawn from the seeds it records (scripts/make_stylegan2_parity.py)."""
 
     def __init__(self, path: Path = FIXTURES / "stylegan2_parity.safetensors"):
         self.tensors = load_file(str(path))
         meta = safe_open(str(path), "pt").metadata()
         self.cases: dict[str, dict] = json.loads(meta["cases"])
         self.truncation: dict = json.loads(meta["truncation"])
+        self.weight_seeds: dict[str, int] = json.loads(meta["weight_seeds"])
+        self.fingerprints: dict[str, str] = json.loads(meta["fingerprints"])
 
     def state(self, case: str) -> dict[str, torch.Tensor]:
-        prefix = f"{case}.param."
-        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        """The case's weights, under NVIDIA's names (which are ours): drawn as the script drew them."""
+        from engine.stylegan2 import Generator, StyleGAN2Config
+        from fingerprints import fingerprint, seeded_weights
+
+        G = Generator(StyleGAN2Config(**self.cases[case]))
+        state = G.state_dict()
+        state.update(seeded_weights({k: v.shape for k, v in state.items() if not k.endswith("resample_filter")},
+                                    self.weight_seeds[case]))
+        G.load_state_dict(state, strict=True)
+        assert fingerprint(G) == self.fingerprints[case], (
+            "our StyleGAN2 no longer holds the weights the fixture was computed with: "
+            "regenerate it with scripts/make_stylegan2_parity.py")
+        return state
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors[key]

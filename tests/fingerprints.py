@@ -4,6 +4,7 @@ only numbers (not the networks) can say so when a change of ours makes those net
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -16,6 +17,18 @@ def fingerprint(module: torch.nn.Module) -> str:
     for name in sorted(tensors):
         h.update(name.encode() + tensors[name].detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def seeded_weights(shapes: Mapping[str, Sequence[int]], seed: int,
+                   vector_scale: float = 0.5) -> dict[str, torch.Tensor]:
+    """The random weights of a tiny network that a reference fixture was computed with, drawn rather than stored
+    (the fixture keeps the seed): one generator seeded once, one tensor per name in sorted order, so that the draw
+    does not depend on the order in which either implementation declares its layers; N(0, 1) for matrices and
+    kernels, N(0, vector_scale^2) for vectors and scalars (biases, strengths, averages), so that a dozen layers of
+    them neither vanish nor blow up."""
+    gen = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(list(shapes[name]), generator=gen) * (vector_scale if len(shapes[name]) <= 1 else 1.0)
+            for name in sorted(shapes)}
 
 
 def source_commit(clone) -> str:

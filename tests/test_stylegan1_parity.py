@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import FIXTURES, close_to_reference
 from engine.stylegan1 import Generator, MappingNetwork, StyleGAN1Config, port_to_ours
+from fingerprints import seeded_weights
 
 PATH = FIXTURES / "stylegan1_parity.safetensors"
 
@@ -21,18 +22,25 @@ def fx():
     return load_file(str(PATH)), meta
 
 
+def port_weights(fx, part: str) -> dict[str, torch.Tensor]:
+    """The weights the script gave the port's `part` ("mapping", or a case's synthesis), under the port's names:
+    drawn from the seed it records, by the names and shapes it records."""
+    _, meta = fx
+    return seeded_weights(json.loads(meta["param_shapes"])[part], json.loads(meta["seeds"])[part])
+
+
 def _synthesis(fx, case: str) -> Generator:
-    tensors, meta = fx
+    _, meta = fx
     cfg = StyleGAN1Config(**json.loads(meta["cases"])[case], z_dim=8, mapping_layers=1)
     G = Generator(cfg).eval()
-    prefix = f"{case}.param."
-    port = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    state = port_to_ours(port)
-    ours = G.state_dict()
-    state.update({k: v for k, v in ours.items() if k.startswith("mapping.")})  # the case checks synthesis only
+    state = G.state_dict()  # the mapping (the case checks synthesis only) and the fixed blur kernels are ours
+    state.update(port_to_ours(port_weights(fx, case)))
     G.load_state_dict(state, strict=True)
-    for i, layer in enumerate(G.noise_layers()):
-        layer.noise_const.copy_(tensors[f"{case}.noise.{i}"])
+    layers = G.noise_layers()
+    maps = seeded_weights({f"{i:02d}": layer.noise_const.shape for i, layer in enumerate(layers)},
+                          json.loads(meta["seeds"])["noise"])  # as the script draws them
+    for i, layer in enumerate(layers):
+        layer.noise_const.copy_(maps[f"{i:02d}"])
     return G
 
 
@@ -65,10 +73,9 @@ def test_the_fused_upscale_is_what_the_port_does_from_128_px(fx, monkeypatch):
 def test_mapping_matches_the_port(fx):
     tensors, meta = fx
     M = MappingNetwork(StyleGAN1Config())  # the port's: 512 wide, 8 layers, 18 ws
-    gen = torch.Generator().manual_seed(int(meta["mapping_seed"]))
+    state = {k[len("mapping."):]: v for k, v in port_to_ours(port_weights(fx, "mapping")).items()}
+    M.load_state_dict(state | {"w_avg": M.w_avg}, strict=True)
     with torch.no_grad():
-        for p in M.parameters():  # the script's weights: drawn in the port's parameter order
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.ndim <= 1 else 1.0))
         ws = M(tensors["map.z"])
         M.w_avg.copy_(torch.randn(512) * 0.01)
         ws_trunc = M(tensors["map.z"], truncation_psi=0.7, truncation_cutoff=8)
