@@ -17,8 +17,9 @@ writes them as a TF-era `(G, D, Gs)` pickle with stub `dnnlib.tflib.network.Netw
   mapping, the original's truncation (`Truncation` with the pickle's psi and cutoff), synthesis with the pickle's
   noise maps and without noise.
 
-The fixture stores only numbers: the variables (so that tests/test_tf_pickles.py writes the same pickles with the
-same stub code), the kwargs in the metadata, inputs and outputs. Nothing of the references' code is stored.
+The fixture stores only numbers: the seeds of the variables (tf_formats.random_variables draws them, so that
+tests/test_tf_pickles.py writes the same pickles with the same stub code), the kwargs in the metadata, inputs and
+outputs. No weights, and nothing of the references' code, are stored.
 """
 
 from __future__ import annotations
@@ -38,13 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "scripts")]
 
 from fingerprints import source_commit, write_fixture  # noqa: E402
-from tf_formats import (  # noqa: E402
-    stylegan1_tf_shapes,
-    stylegan2_tf_shapes,
-    tf_generator,
-    to_numpy_scalars,
-    write_tf_pkl,
-)
+from tf_formats import random_variables, tf_generator, to_numpy_scalars, write_tf_pkl  # noqa: E402
 
 OUT = ROOT / "tests" / "fixtures" / "tf_parity.safetensors"
 NOTEBOOK = Path("style_gan") / "pytorch_style_gan.ipynb"
@@ -63,21 +58,9 @@ CASES = {
                               mapping_layers=2, mapping_fmaps=16, fmap_base=64, fmap_max=8, truncation_psi=0.6,
                               truncation_cutoff=4)),
 }
+VARIABLE_SEEDS = {"f": 2020, "orig": 2021, "resnet": 2022, "sg1": 2023}
 BATCH = 2
 TRUNCATION_PSI = 0.5  # StyleGAN2 cases: the PyTorch API's truncation, from the file's dlatent_avg
-
-
-def random_variables(shapes: dict[str, list[int]], rng: np.random.RandomState, kwargs: dict) -> dict[str, np.ndarray]:
-    """N(0, 1) weights, N(0, 0.25) vectors and scalars (biases, strengths, w_avg); the mapping's divided by its
-    learning-rate multiplier, as TensorFlow initialises them (else ws would be about 0); `lod` is 0, as in a
-    finished run."""
-    out = {}
-    for name, shape in shapes.items():
-        value = rng.randn(*shape) * (0.5 if len(shape) <= 1 else 1.0)
-        if name.startswith("mapping/Dense"):
-            value = value / kwargs.get("mapping_lrmul", 0.01)
-        out[name] = np.zeros(shape) if name.split("/")[-1] == "lod" else value
-    return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
 
 def nvidia_generator(reference: Path, pkl: Path):
@@ -179,19 +162,17 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(2020)
-    rng = np.random.RandomState(2020)
     tensors: dict[str, torch.Tensor] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (family, kwargs) in CASES.items():
-            shapes = (stylegan2_tf_shapes if family == "stylegan2" else stylegan1_tf_shapes)(kwargs)
-            variables = random_variables(shapes, rng, kwargs)
+            variables = random_variables(family, kwargs, VARIABLE_SEEDS[name])
             if family == "stylegan2":
                 out = stylegan2_case(name, kwargs, variables, args.reference, Path(tmp))
             else:
                 out = stylegan1_case(name, kwargs, variables, args.port)
-            tensors.update({f"{name}.tf.{k}": torch.from_numpy(v) for k, v in variables.items()})
             tensors.update({f"{name}.{k}": v for k, v in out.items()})
-    meta = {"cases": json.dumps(CASES), "truncation_psi": str(TRUNCATION_PSI),
+    meta = {"cases": json.dumps(CASES), "variable_seeds": json.dumps(VARIABLE_SEEDS),
+            "truncation_psi": str(TRUNCATION_PSI),
             "source": f"NVlabs/stylegan2-ada-pytorch {source_commit(args.reference)} legacy.py load_network_pkl; "
                       f"lernapparat/lernapparat {source_commit(args.port)} {NOTEBOOK} (conversion cell, modules); "
                       "CPU float32"}

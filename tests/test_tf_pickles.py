@@ -22,7 +22,7 @@ from bot.cli import main
 from conftest import FIXTURES, close_to_reference
 from engine.checkpoints import CheckpointError, load_generator, sniff_format
 from engine.registry import WeightsCache, load_model
-from tf_formats import Network, tf_generator, to_numpy_scalars, write_tf_pkl
+from tf_formats import Network, random_variables, tf_generator, to_numpy_scalars, write_tf_pkl
 
 PATH = FIXTURES / "tf_parity.safetensors"
 
@@ -30,19 +30,21 @@ PATH = FIXTURES / "tf_parity.safetensors"
 @pytest.fixture(scope="module")
 def fx():
     meta = safe_open(str(PATH), "pt").metadata()
-    return load_file(str(PATH)), json.loads(meta["cases"]), float(meta["truncation_psi"])
+    cases, seeds = json.loads(meta["cases"]), json.loads(meta["variable_seeds"])
+    return load_file(str(PATH)), cases, float(meta["truncation_psi"]), seeds
 
 
 def variables(fx, case: str) -> dict[str, np.ndarray]:
-    tensors, _, _ = fx
-    prefix = f"{case}.tf."
-    return to_numpy_scalars({k[len(prefix):]: v.numpy() for k, v in tensors.items() if k.startswith(prefix)})
+    """The case's TF variables, drawn as the script drew them."""
+    _, cases, _, seeds = fx
+    family, kwargs = cases[case]
+    return to_numpy_scalars(random_variables(family, kwargs, seeds[case]))
 
 
 def write_case(fx, case: str, path: Path, *, kwargs: dict | None = None, build_func: str | None = None,
                module_src: str | None = None, **extra_vars) -> Path:
     """The case's TF pickle; `kwargs` replace its static kwargs, `extra_vars` add (or, as None, drop) variables."""
-    _, cases, _ = fx
+    _, cases, _, _ = fx
     family, case_kwargs = cases[case]
     tf_vars = variables(fx, case)
     for name, value in extra_vars.items():
@@ -67,7 +69,7 @@ def imported(config_file: Path, name: str):
 def test_tf_pickles_import_and_render_like_the_references(fx, tmp_path, config_file, capsys, case, family, arch):
     """Through `stylebot weights import`, then by name: mapping (with truncation from the file's dlatent_avg) and
     synthesis (the file's noise maps, and none) equal what NVIDIA's converter / the port computed."""
-    tensors, cases, psi = fx
+    tensors, cases, psi, _ = fx
     pkl = write_case(fx, case, tmp_path / f"{case}.pkl")
     assert sniff_format(pkl) == "tensorflow"
     assert cli(config_file, "weights", "import", str(pkl), "--name", f"tf-{case}") == 0
@@ -94,7 +96,7 @@ def test_tf_pickles_import_and_render_like_the_references(fx, tmp_path, config_f
 
 def test_orig_and_resnet_files_are_not_read_as_skip(fx, tmp_path):
     """The architecture kwarg decides the maths: the same variables under another architecture do not load."""
-    _, cases, _ = fx
+    _, cases, _, _ = fx
     path = write_case(fx, "orig", tmp_path / "o.pkl", kwargs=dict(cases["orig"][1], architecture="skip"))
     with pytest.raises(CheckpointError, match=r"variable 'synthesis/4x4/ToRGB/weight' is missing"):
         load_generator(path)
@@ -125,7 +127,7 @@ def test_weights_list_shows_nvidias_tf_pickles_and_imported_ones(fx, tmp_path, c
 
 def test_a_stylegan1_tf_model_keeps_its_noise_maps_through_convert(fx, tmp_path, config_file):
     """The original's constant noise comes from the file (the port has none); `weights convert` keeps it."""
-    tensors, _, _ = fx
+    tensors, _, _, _ = fx
     pkl = write_case(fx, "sg1", tmp_path / "sg1.pkl")
     G = load_generator(pkl)
     out = tmp_path / "sg1.safetensors"
@@ -176,7 +178,7 @@ class _EvalKwarg:
 def test_a_tf_pickle_that_calls_a_global_is_refused_in_one_line_and_runs_nothing(fx, tmp_path, config_file,
                                                                                   capsys, where):
     marker = tmp_path / "pwned"
-    _, cases, _ = fx
+    _, cases, _, _ = fx
     family, kwargs = cases["f"]
     tf_vars = variables(fx, "f")
     if where == "variable":
@@ -213,7 +215,7 @@ def test_the_embedded_module_source_is_never_run(fx, tmp_path):
      "variable 'synthesis/9x9/Conv/weight' has no place in the StyleGAN2 generator"),
 ])
 def test_what_is_not_a_generator_we_run_is_refused_by_name(fx, tmp_path, config_file, capsys, change, message):
-    _, cases, _ = fx
+    _, cases, _, _ = fx
     kwargs = dict(cases["f"][1], **change.get("kwargs_update", {}))
     path = write_case(fx, "f", tmp_path / "odd.pkl", kwargs=kwargs, build_func=change.get("build_func"),
                       **change.get("extra", {}))
@@ -224,7 +226,7 @@ def test_what_is_not_a_generator_we_run_is_refused_by_name(fx, tmp_path, config_
 
 def test_stylegan2_config_a_to_d_synthesis_is_refused_by_name(fx, tmp_path):
     """Configs A-D (and StyleGAN2's progressive-growing baseline) use G_synthesis_stylegan_revised: not ours."""
-    _, cases, _ = fx
+    _, cases, _, _ = fx
     Gs = tf_generator("stylegan2", cases["f"][1], variables(fx, "f"))
     Gs.state["components"]["synthesis"].state["build_func_name"] = "G_synthesis_stylegan_revised"
     write_tf_pkl(tmp_path / "config-d.pkl", Gs)
@@ -246,7 +248,7 @@ def test_stylegan2_ada_pytorch_pickles_of_orig_and_resnet_generators_load_too(fx
     default) is a PyTorch pickle whose synthesis_kwargs name the architecture: read, not refused."""
     from official_formats import official_init_kwargs, write_official_pkl
 
-    tensors, _, _ = fx
+    tensors, _, _, _ = fx
     G = load_generator(write_case(fx, case, tmp_path / "tf.pkl"))
     kwargs = official_init_kwargs(G.cfg)
     kwargs["synthesis_kwargs"]["architecture"] = case

@@ -7,7 +7,8 @@ networks), build_module_src (the module's source text), build_func_name, and var
 under TensorFlow's names, relative to the network (`Dense0/weight`, `4x4/Conv/weight`, `noise0`, Gs's own
 `lod` and `dlatent_avg`). `Network` below pickles the same way under the same module path, so the bytes are what a
 loader of the real files meets. `stylegan2_tf_shapes` / `stylegan1_tf_shapes` list the variables (names and shapes, TF's
-layouts: dense [in, out], conv [kh, kw, in, out]) that NVIDIA's build functions create for given kwargs.
+layouts: dense [in, out], conv [kh, kw, in, out]) that NVIDIA's build functions create for given kwargs;
+`random_variables` draws values for them from a seed (scripts/make_tf_parity.py records the seed, not the values).
 """
 
 from __future__ import annotations
@@ -166,3 +167,22 @@ def to_numpy_scalars(variables: dict[str, np.ndarray]) -> dict:
     """Scalar variables as numpy scalars (what `tfutil.run` returns for them: noise_strength, lod), the rest as
     arrays."""
     return {k: (np.float32(v) if np.ndim(v) == 0 else np.asarray(v, np.float32)) for k, v in variables.items()}
+
+
+def tf_shapes(family: str, kwargs: dict) -> dict[str, list[int]]:
+    return (stylegan2_tf_shapes if family == "stylegan2" else stylegan1_tf_shapes)(kwargs)
+
+
+def random_variables(family: str, kwargs: dict, seed: int) -> dict[str, np.ndarray]:
+    """Random values for the variables of a tiny TF generator, drawn in name order from `seed` (numpy's
+    RandomState draws the same numbers on every machine): N(0, 1) weights, N(0, 0.25) vectors and scalars (biases,
+    strengths, w_avg); the mapping's divided by its learning-rate multiplier, as TensorFlow initialises them (else
+    ws would be about 0); `lod` is 0, as in a finished run."""
+    rng = np.random.RandomState(seed)
+    out = {}
+    for name, shape in sorted(tf_shapes(family, kwargs).items()):
+        value = rng.randn(*shape) * (0.5 if len(shape) <= 1 else 1.0)
+        if name.startswith("mapping/Dense"):
+            value = value / kwargs.get("mapping_lrmul", 0.01)
+        out[name] = np.zeros(shape) if name.split("/")[-1] == "lod" else value
+    return {k: np.asarray(v, np.float32) for k, v in out.items()}
