@@ -8,9 +8,9 @@ The seed project's `Image2StyleGAN.ipynb` inverts a photo with the StyleGAN1 PyT
 here), that file's `G_synthesis` and the notebook's cells for the VGG16 feature extractor, the loss and the
 optimisation loop, with these substitutions, which change what the loop is given, not what it does:
 - the generator is the port's `G_synthesis` at our `stylegan1-tiny` architecture (32 px) holding the weights of our
-  `stylegan1-tiny` (engine.registry.build_builtin; its noise strengths, zero as built, drawn from NOISE_SEED and
-  stored), with each noise layer's noise fixed to our constant noise maps:
-  the proof uses constant noise on both sides (the port draws new noise at every call unless `.noise` is set; our
+  `stylegan1-tiny` (engine.registry.build_builtin; its noise strengths, zero as built, drawn from NOISE_SEED:
+  fingerprints.with_noise_strengths, which the test calls too), with each noise layer's noise fixed to our
+  constant noise maps: the proof uses constant noise on both sides (the port draws new noise at every call unless `.noise` is set; our
   `invert(..., noise_mode="random")` does that for users);
 - `models.vgg16(pretrained=True)` is our VGG16 of an eighth of the width with random weights (engine.perceptual,
   laid out as torchvision's, so the notebook's indices 1, 3, 13, 20 are the same layers);
@@ -42,7 +42,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from engine.images import to_uint8  # noqa: E402
 from engine.perceptual import load_vgg16  # noqa: E402
 from engine.registry import build_builtin, registry_entries  # noqa: E402
-from fingerprints import RecordingAdam, fingerprint, source_commit, write_fixture  # noqa: E402
+from fingerprints import (  # noqa: E402
+    RecordingAdam,
+    fingerprint,
+    source_commit,
+    with_noise_strengths,
+    write_fixture,
+)
 
 OUT = ROOT / "tests" / "fixtures" / "invert_parity.safetensors"
 NOTEBOOK = "Image2StyleGAN.ipynb"
@@ -51,7 +57,7 @@ CELLS = {"features": 13, "loss": 15, "loop": 17}  # the notebook's code cells th
 STEPS = 20
 VGG_WIDTH, VGG_SEED = 0.125, 11
 TARGET_SEED = 5
-NOISE_SEED = 3
+NOISE_SEED, NOISE_SCALE = 3, 0.5
 
 
 def notebook_cells(clone: Path) -> dict[str, str]:
@@ -122,11 +128,8 @@ def main() -> None:
     torch.set_num_threads(1)
 
     G = build_builtin(registry_entries()["stylegan1-tiny"])
-    # the built-in model's noise layers have zero strength (as a freshly initialised StyleGAN's do): give them some,
-    # so that the noise really is part of what is compared; the strengths are stored
-    strengths = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(NOISE_SEED)) * 0.5
-                 for k, v in G.state_dict().items() if k.endswith("noise.weight")}
-    G.load_state_dict(strengths, strict=False)
+    built = fingerprint(G)
+    with_noise_strengths(G, NOISE_SEED, NOISE_SCALE)
     vgg = load_vgg16(width=VGG_WIDTH, seed=VGG_SEED)
     torch.manual_seed(TARGET_SEED)
     with torch.no_grad():
@@ -135,14 +138,15 @@ def main() -> None:
     print(f"seed notebook: {STEPS} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
           f"latent moved {ws[-1].norm():.3f}")
 
-    tensors = {"seed.target": torch.from_numpy(np.ascontiguousarray(target)), "seed.ws": ws[:, 0], "seed.m": m[:, 0], "seed.v": v[:, 0],
-               "seed.losses": losses}
-    tensors.update({f"G.{k}": v for k, v in strengths.items()})
-    # The networks are not stored (2 MB): both are built from fixed seeds by our code on torch's CPU generator, which
-    # draws the same numbers on every machine; their fingerprints say when a change of ours makes them others.
+    tensors = {"seed.target": torch.from_numpy(np.ascontiguousarray(target)), "seed.ws": ws[:, 0], "seed.m": m[:, 0],
+               "seed.v": v[:, 0], "seed.losses": losses}
+    # The networks (2 MB) and the noise strengths are not stored: all are drawn from fixed seeds by our code on
+    # torch's CPU generator, which draws the same numbers on every machine; the networks' fingerprints say when a
+    # change of ours makes them others.
     meta = {"source": f"ChoiDae1/StyleGAN_Project {source_commit(args.seed)} {NOTEBOOK} cells {CELLS}, {PORT}",
-            "model": "stylegan1-tiny", "steps": str(STEPS), "vgg_width": str(VGG_WIDTH), "vgg_seed": str(VGG_SEED),
-            "model_fingerprint": fingerprint(G), "vgg_fingerprint": fingerprint(vgg),
+            "model": "stylegan1-tiny", "noise_seed": str(NOISE_SEED), "noise_scale": str(NOISE_SCALE),
+            "steps": str(STEPS), "vgg_width": str(VGG_WIDTH), "vgg_seed": str(VGG_SEED),
+            "model_fingerprint": built, "vgg_fingerprint": fingerprint(vgg),
             "noise": "constant (our noise_const maps set as the port's NoiseLayer.noise)",
             "machine": "CPU float32, 1 thread"}
     write_fixture(args.out, tensors, meta)

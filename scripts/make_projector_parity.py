@@ -7,7 +7,7 @@
 It imports `projector.project` and `training.networks.Generator` from the clone (nothing of them is stored here)
 and runs `project()` as it is for STEPS steps on:
 - G: the reference's own generator at our built-in `tiny`'s architecture (32 px) holding `tiny`'s weights, with
-  noise strengths drawn from NOISE_SEED and stored (they are zero as built, so the noise maps would not matter);
+  noise strengths drawn from NOISE_SEED (fingerprints.with_noise_strengths; the test draws the same ones);
   ours equals the reference generator on random weights (tests/test_stylegan2_parity.py);
 - the target: an image that G drew from a random latent (uint8, as projector.py reads a photo);
 - `torch.manual_seed(SEED)` before the call, as projector.py's `run_projection` does, so that the noise maps and the
@@ -36,13 +36,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from engine.images import to_uint8  # noqa: E402
 from engine.perceptual import load_vgg16  # noqa: E402
 from engine.registry import build_builtin, registry_entries  # noqa: E402
-from fingerprints import fingerprint, source_commit, write_fixture  # noqa: E402
+from fingerprints import fingerprint, source_commit, with_noise_strengths, write_fixture  # noqa: E402
 
 OUT = ROOT / "tests" / "fixtures" / "projector_parity.safetensors"
 STEPS = 20
 SEED = 303          # projector.py's default --seed
 VGG_SEED = 4
-NOISE_SEED = 2
+NOISE_SEED, NOISE_SCALE = 2, 0.3
 TARGET_SEED = 9
 
 
@@ -76,7 +76,7 @@ class LPIPSFeatures(torch.nn.Module):
 
 def build_reference(clone: Path):
     """The reference generator at `tiny`'s architecture holding `tiny`'s weights, with noise strengths drawn from
-    NOISE_SEED (zero as built, like a fresh StyleGAN's); returns it and those strengths."""
+    NOISE_SEED; returns it and the fingerprint of `tiny` as built."""
     sys.path.insert(0, str(clone))
     from training.networks import Generator
 
@@ -89,10 +89,9 @@ def build_reference(clone: Path):
         synthesis_kwargs=dict(channel_base=cfg.channel_base, channel_max=cfg.channel_max, num_fp16_res=0,
                               conv_clamp=cfg.conv_clamp, architecture="skip"),
     ).eval()
-    gen = torch.Generator().manual_seed(NOISE_SEED)
-    strengths = {k: torch.randn([], generator=gen) * 0.3 for k in ours.state_dict() if k.endswith("noise_strength")}
-    G.load_state_dict(ours.state_dict() | strengths, strict=True)
-    return G, strengths, fingerprint(ours)
+    built = fingerprint(ours)
+    G.load_state_dict(with_noise_strengths(ours, NOISE_SEED, NOISE_SCALE).state_dict(), strict=True)
+    return G, built
 
 
 def main() -> None:
@@ -102,7 +101,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    G, strengths, tiny_fingerprint = build_reference(args.reference)
+    G, tiny_fingerprint = build_reference(args.reference)
     import dnnlib
     import projector
 
@@ -140,9 +139,9 @@ def main() -> None:
     tensors = {"target": torch.from_numpy(np.ascontiguousarray(target)), "w": ws[:, 0].contiguous()}
     for i in range(1, len(trail[0])):  # each noise map after every step, before project() renormalises it
         tensors[f"noise.{i - 1}"] = torch.stack([t[i] for t in trail])
-    tensors.update({f"G.{k}": v for k, v in strengths.items()})
     meta = {"source": f"NVlabs/stylegan2-ada-pytorch {source_commit(args.reference)} projector.py project()",
-            "model": "tiny", "model_fingerprint": tiny_fingerprint, "steps": str(STEPS), "seed": str(SEED),
+            "model": "tiny", "noise_seed": str(NOISE_SEED), "noise_scale": str(NOISE_SCALE),
+            "model_fingerprint": tiny_fingerprint, "steps": str(STEPS), "seed": str(SEED),
             "vgg_seed": str(VGG_SEED), "vgg_fingerprint": fingerprint(vgg),
             "lpips": "lpips package LPIPS(net='vgg', version 0.1) pieces in place of NVIDIA's vgg16.pt",
             "machine": "CPU float32, 1 thread, reference ops"}

@@ -31,6 +31,15 @@ def seeded_weights(shapes: Mapping[str, Sequence[int]], seed: int,
             for name in sorted(shapes)}
 
 
+def with_noise_strengths(G: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:
+    """Give a tiny generator's noise layers (StyleGAN2's `noise_strength`, StyleGAN1's `noise.weight`) strengths
+    drawn from `seed`, N(0, scale^2): they are zero as built, like a fresh StyleGAN's, so that without them the noise
+    would not be part of what a parity fixture compares. Returns G."""
+    shapes = {k: v.shape for k, v in G.state_dict().items() if k.endswith(("noise_strength", "noise.weight"))}
+    G.load_state_dict(seeded_weights(shapes, seed, vector_scale=scale), strict=False)
+    return G
+
+
 def source_commit(clone) -> str:
     """The commit a reference clone is at (recorded in the fixtures its code computed)."""
     import subprocess

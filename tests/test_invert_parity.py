@@ -13,7 +13,7 @@ from engine.invert import invert
 from engine.perceptual import load_vgg16
 from engine.registry import build_builtin, registry_entries
 from engine.scheduler import OptimisationPool
-from fingerprints import fingerprint, steps_from_reference
+from fingerprints import fingerprint, steps_from_reference, with_noise_strengths
 
 PATH = FIXTURES / "invert_parity.safetensors"
 
@@ -33,11 +33,11 @@ TOL = 1e-4
 def fx():
     tensors, meta = load_file(str(PATH)), safe_open(str(PATH), "pt").metadata()
     G = build_builtin(registry_entries()[meta["model"]])
-    G.load_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("G.")}, strict=False)  # noise strengths
     vgg = load_vgg16(width=float(meta["vgg_width"]), seed=int(meta["vgg_seed"]))
     assert fingerprint(G) == meta["model_fingerprint"] and fingerprint(vgg) == meta["vgg_fingerprint"], (
         "the tiny networks the fixture was computed with are no longer what our builders make: "
         "regenerate it with scripts/make_invert_parity.py")
+    with_noise_strengths(G, int(meta["noise_seed"]), float(meta["noise_scale"]))  # as the script drew them
     return tensors, meta, G, vgg
 
 

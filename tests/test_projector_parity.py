@@ -14,7 +14,7 @@ from engine.lpips import load_lpips
 from engine.perceptual import load_vgg16
 from engine.projector import noise_buffers, noise_maps, noise_regularization, project
 from engine.registry import build_builtin, registry_entries
-from fingerprints import fingerprint
+from fingerprints import fingerprint, with_noise_strengths
 
 PATH = FIXTURES / "projector_parity.safetensors"
 
@@ -39,7 +39,7 @@ def fx():
     assert fingerprint(G) == meta["model_fingerprint"] and fingerprint(vgg) == meta["vgg_fingerprint"], (
         "the tiny networks the fixture was computed with are no longer what our builders make: "
         "regenerate it with scripts/make_projector_parity.py")
-    G.load_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("G.")}, strict=False)  # noise strengths
+    with_noise_strengths(G, int(meta["noise_seed"]), float(meta["noise_scale"]))  # as the script drew them
     return tensors, meta, G.requires_grad_(False), load_lpips(vgg)
 
 
