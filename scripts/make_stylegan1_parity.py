@@ -8,7 +8,7 @@ The reference is the "StyleGAN in PyTorch" notebook (style_gan/pytorch_style_gan
 the clone (nothing of them is stored here), builds small generators with them, gives every parameter random values
 drawn by name from a seed (tests/fingerprints.seeded_weights) and each noise layer a noise map drawn from another,
 and records the seeds, the port's parameter names and shapes (so that the test draws the same weights without
-storing them), inputs and outputs (CPU, float32). Case "a" is 128 px so that the fused upscale (from 128 px) is
+storing them), its fixed blur kernels, inputs and outputs (CPU, float32). Case "a" is 128 px so that the fused upscale (from 128 px) is
 covered; case "b" is 32 px with a narrow w. The mapping network is the port's own (512 wide, 18 ws).
 tests/test_stylegan1_parity.py checks our generator against them.
 """
@@ -91,6 +91,8 @@ def main() -> None:
         G = ref["G_synthesis"](dlatent_size=cfg["w_dim"], resolution=cfg["img_resolution"],
                                fmap_base=cfg["fmap_base"], fmap_max=cfg["fmap_max"]).eval()
         param_shapes[name] = draw(G, SEEDS[name], "g_synthesis.")
+        # its buffers are fixed blur kernels, learned by nothing: kept, so that a test can write a port file whole
+        tensors.update({f"{name}.buffer.g_synthesis.{k}": b.clone() for k, b in G.named_buffers()})
         noise_layers = [m for m in G.modules() if type(m).__name__ == "NoiseLayer"]
         num_ws = 2 * len(G.blocks)
         ws = torch.randn([BATCH, num_ws, cfg["w_dim"]])

@@ -53,6 +53,20 @@ class ParityFixture:
         return self.tensors.get(key)
 
 
+def stylegan1_port_state(part: str) -> dict[str, torch.Tensor]:
+    """What the StyleGAN1 parity fixture's `part` ("mapping", or case "a" / "b"'s synthesis) held when the port's
+    code computed it, under the port's names, as a port file holds it: the weights drawn from the seed the fixture
+    records, by the names and shapes it records (scripts/make_stylegan1_parity.py), and the port's blur kernels."""
+    from fingerprints import seeded_weights
+
+    path = FIXTURES / "stylegan1_parity.safetensors"
+    meta = safe_open(str(path), "pt").metadata()
+    state = seeded_weights(json.loads(meta["param_shapes"])[part], json.loads(meta["seeds"])[part])
+    prefix = f"{part}.buffer."
+    state.update({k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)})
+    return state
+
+
 # How close a float32 computation must come to a reference computed by other code (NVIDIA's, the port's) on another
 # CPU. Sums taken in another order (another SIMD width, another convolution algorithm, another batch size) differ
 # by a few ulp each; through a dozen layers of unnormalised random weights the outputs reach |20| and the rounding

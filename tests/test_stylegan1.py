@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from bot.cli import main
-from conftest import FIXTURES, close_to_reference
+from conftest import FIXTURES, close_to_reference, stylegan1_port_state
 from engine.checkpoints import CheckpointError, load_generator, sniff_format
 from engine.latents import load_latent
 
@@ -25,8 +25,7 @@ PARITY = FIXTURES / "stylegan1_parity.safetensors"
 def write_port_file(path: Path, *, w_dim: int = 32, seed: int = 0) -> None:
     """A state dict exactly as the port saves one: case a's synthesis (names as the port's code wrote them) and an
     8-layer mapping under g_mapping.dense0..7, through torch.save."""
-    tensors = load_file(str(PARITY))
-    state = {k[len("a.param."):]: v for k, v in tensors.items() if k.startswith("a.param.")}
+    state = stylegan1_port_state("a")
     gen = torch.Generator().manual_seed(seed)
     for i in range(8):
         state[f"g_mapping.dense{i}.weight"] = torch.randn([w_dim, w_dim], generator=gen) * 100  # lr multiplier 0.01

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, close_to_reference
+from conftest import FIXTURES, close_to_reference, stylegan1_port_state
 from engine.stylegan1 import Generator, MappingNetwork, StyleGAN1Config, port_to_ours
 from fingerprints import seeded_weights
 
@@ -22,19 +22,12 @@ def fx():
     return load_file(str(PATH)), meta
 
 
-def port_weights(fx, part: str) -> dict[str, torch.Tensor]:
-    """The weights the script gave the port's `part` ("mapping", or a case's synthesis), under the port's names:
-    drawn from the seed it records, by the names and shapes it records."""
-    _, meta = fx
-    return seeded_weights(json.loads(meta["param_shapes"])[part], json.loads(meta["seeds"])[part])
-
-
 def _synthesis(fx, case: str) -> Generator:
     _, meta = fx
     cfg = StyleGAN1Config(**json.loads(meta["cases"])[case], z_dim=8, mapping_layers=1)
     G = Generator(cfg).eval()
-    state = G.state_dict()  # the mapping (the case checks synthesis only) and the fixed blur kernels are ours
-    state.update(port_to_ours(port_weights(fx, case)))
+    state = G.state_dict()  # the case checks synthesis only: the mapping is ours
+    state.update(port_to_ours(stylegan1_port_state(case)))
     G.load_state_dict(state, strict=True)
     layers = G.noise_layers()
     maps = seeded_weights({f"{i:02d}": layer.noise_const.shape for i, layer in enumerate(layers)},
@@ -73,7 +66,7 @@ def test_the_fused_upscale_is_what_the_port_does_from_128_px(fx, monkeypatch):
 def test_mapping_matches_the_port(fx):
     tensors, meta = fx
     M = MappingNetwork(StyleGAN1Config())  # the port's: 512 wide, 8 layers, 18 ws
-    state = {k[len("mapping."):]: v for k, v in port_to_ours(port_weights(fx, "mapping")).items()}
+    state = {k[len("mapping."):]: v for k, v in port_to_ours(stylegan1_port_state("mapping")).items()}
     M.load_state_dict(state | {"w_avg": M.w_avg}, strict=True)
     with torch.no_grad():
         ws = M(tensors["map.z"])
