@@ -20,11 +20,11 @@ PATH = FIXTURES / "invert_parity.safetensors"
 # Each step is taken from the notebook's own state (latent and Adam moments: fingerprints.steps_from_reference), so
 # the bound is on one step. Both sides run the same generator weights and noise, the same VGG and the same Adam;
 # what differs is the order of float32 sums (the port's modules against ours, F.mse_loss against our per-sample
-# means). Measured: at most 2.6e-7 in one step, against steps of 0.02 (lr) per coordinate. A whole trail is no such
+# means). Measured: at most 6.7e-8 in one step, against steps of 0.02 (lr) per coordinate. A whole trail is no such
 # proof: Adam divides by the gradient's running RMS, so a few ulp in a gradient near zero can move a coordinate by a
-# part of a step, and the loop amplifies that from step to step on some CPUs: 20-step trails stayed within 4.5e-7
-# of the notebook's on the machine that first made this fixture, and drifted to 8.6e-4 from step 12 on an AMD EPYC
-# (its loss per step still within 1e-5). The old recipe's differences are caught from the second step on (no
+# part of a step, and the loop amplifies that from step to step on some CPUs: the previous fixture's 20-step trail
+# stayed within 4.5e-7 of the notebook's on the machine that made it, and drifted to 8.6e-4 from step 12 on an AMD
+# EPYC (its loss per step still within 1e-5). The old recipe's differences are caught from the second step on (no
 # clamp: 0.03; ImageNet-normalised VGG input: 0.04 at the first step).
 TOL = 1e-4
 
