@@ -2,6 +2,7 @@
 
     python benchmarks/load.py [--redis redis://127.0.0.1:6379/15] [--duration 60] [--rate auto] [--users 40]
                               [--model tiny|ffhq-256] [--invert-steps N] [--edit-steps N] [--in-flight 8]
+                              [--max-active auto|N]
 
 Simulated users send commands with Poisson arrivals (by default 60 % /invert with a photo, 25 % /edit, 15 %
 "stronger" on an earlier edit) for `--duration` seconds to a `stylebot engine` (CPU, the recipes' step counts
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import signal
@@ -75,7 +77,9 @@ class Bench:
             import_file(folder / "ffhq-256.safetensors", model, WeightsCache(folder / "weights"))
             edit = '[edit]\nclip_model = "ViT-B-32"\nclip_pretrained = ""\n\n'  # random weights: offline
         cfg = folder / "config.toml"
-        cfg.write_text(f'[engine]\ndevice = "cpu"\nmodel = "{model}"\nscheduler = "{self.scheduler}"\n\n'
+        max_active = self.args.max_active if self.args.max_active == "auto" else int(self.args.max_active)
+        cfg.write_text(f'[engine]\ndevice = "cpu"\nmodel = "{model}"\nscheduler = "{self.scheduler}"\n'
+                       f'max_active = {json.dumps(max_active)}\n\n'
                        f'[weights]\ndir = "{folder / "weights"}"\n\n{edit}'
                        f'[redis]\nurl = "{self.url}"\nprefix = "{self.keys.prefix}"\n')
         self.client = connect(self.url)
@@ -237,11 +241,13 @@ async def main() -> None:
                     help="the built-in tiny model, or the ffhq-256 architecture with random weights")
     ap.add_argument("--invert-steps", type=int, help="shorter inversions (default: the recipe's CPU preset)")
     ap.add_argument("--edit-steps", type=int, help="shorter edits (default: the edit recipe's steps)")
+    ap.add_argument("--max-active", default="auto", help="the continuous engine's [engine] max_active")
     ap.add_argument("--in-flight", type=int, default=8, help="inversions in flight for the stronger test (0: skip)")
     args = ap.parse_args()
     mix = {k: float(v) for k, v in (part.split("=") for part in args.mix.split(","))}
     steps = f"invert steps {args.invert_steps or 'as the recipe'}, edit steps {args.edit_steps or 'as the recipe'}"
-    print(f"CPU threads {os.cpu_count()}, model {args.model}, {steps}; mix {mix}", flush=True)
+    print(f"CPU threads {os.cpu_count()}, model {args.model}, {steps}, max_active {args.max_active}; mix {mix}",
+          flush=True)
 
     results, lone, flight = {}, {}, {}
     for scheduler in ("static", "continuous"):
