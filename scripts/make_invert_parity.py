@@ -10,8 +10,8 @@ optimisation loop, with these substitutions, which change what the loop is given
 - the generator is the port's `G_synthesis` at our `stylegan1-tiny` architecture (32 px) holding the weights of our
   `stylegan1-tiny` (engine.registry.build_builtin; its noise strengths, zero as built, drawn from NOISE_SEED:
   fingerprints.with_noise_strengths, which the test calls too), with each noise layer's noise fixed to our
-  constant noise maps: the proof uses constant noise on both sides (the port draws new noise at every call unless `.noise` is set; our
-  `invert(..., noise_mode="random")` does that for users);
+  constant noise maps: the proof uses constant noise on both sides (the port draws new noise at every call unless
+  `.noise` is set; our `invert(..., noise_mode="random")` does that for users);
 - `models.vgg16(pretrained=True)` is our VGG16 of an eighth of the width with random weights (engine.perceptual,
   laid out as torchvision's, so the notebook's indices 1, 3, 13, 20 are the same layers);
 - `resolution` is the model's 32 px (the notebook's 1024), so its `Upsample(scale_factor=256 / resolution)`

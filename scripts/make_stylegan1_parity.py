@@ -8,8 +8,9 @@ The reference is the "StyleGAN in PyTorch" notebook (style_gan/pytorch_style_gan
 the clone (nothing of them is stored here), builds small generators with them, gives every parameter random values
 drawn by name from a seed (tests/fingerprints.seeded_weights) and each noise layer a noise map drawn from another,
 and records the seeds, the port's parameter names and shapes (so that the test draws the same weights without
-storing them), its fixed blur kernels, inputs and outputs (CPU, float32). Case "a" is 128 px so that the fused upscale (from 128 px) is
-covered; case "b" is 32 px with a narrow w. The mapping network is the port's own (512 wide, 18 ws).
+storing them), its fixed blur kernels, inputs and outputs (CPU, float32). Case "a" is 128 px so that the fused
+upscale (from 128 px) is covered; case "b" is 32 px with a narrow w. The mapping network is the port's own (512
+wide, 18 ws).
 tests/test_stylegan1_parity.py checks our generator against them.
 """
 

@@ -109,5 +109,6 @@ def main() -> None:
                          "reference ops, CPU float32"}
     write_fixture(args.out, tensors, meta)
 
+
 if __name__ == "__main__":
     main()

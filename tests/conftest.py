@@ -71,7 +71,8 @@ def stylegan1_port_state(part: str) -> dict[str, torch.Tensor]:
 # CPU. Sums taken in another order (another SIMD width, another convolution algorithm, another batch size) differ
 # by a few ulp each; through a dozen layers of unnormalised random weights the outputs reach |20| and the rounding
 # grows with them, so the bound is relative to the output's largest magnitude. Measured: 0 to 3.5e-6 of that scale
-# on 1 and 2 threads with the earlier fixtures, 0 to 2.0e-6 with today's (2 threads, AMD EPYC); real defects the fixtures guard (noise on/off, fused vs plain upscale) are above 1e-3.
+# on 1 and 2 threads with the earlier fixtures, 0 to 2.0e-6 with today's (2 threads, AMD EPYC); real defects the
+# fixtures guard (noise on/off, fused vs plain upscale) are above 1e-3.
 PARITY_REL_TOL = 1e-4
 
 

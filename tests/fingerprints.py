@@ -1,5 +1,6 @@
-"""Fingerprints of the tiny networks that reference fixtures were computed with, so that a fixture which stores
-only numbers (not the networks) can say so when a change of ours makes those networks others."""
+"""The tiny networks that reference fixtures were computed with: their weights drawn from seeds the fixtures record
+(a fixture stores only numbers the reference computed, never weights), and their fingerprints, so that a fixture
+can say so when a change of ours makes those networks others; and the recorder of a reference's Adam."""
 
 from __future__ import annotations
 
