@@ -77,9 +77,8 @@ class Bench:
             import_file(folder / "ffhq-256.safetensors", model, WeightsCache(folder / "weights"))
             edit = '[edit]\nclip_model = "ViT-B-32"\nclip_pretrained = ""\n\n'  # random weights: offline
         cfg = folder / "config.toml"
-        max_active = self.args.max_active if self.args.max_active == "auto" else int(self.args.max_active)
         cfg.write_text(f'[engine]\ndevice = "cpu"\nmodel = "{model}"\nscheduler = "{self.scheduler}"\n'
-                       f'max_active = {json.dumps(max_active)}\n\n'
+                       f'max_active = {json.dumps(self.args.max_active)}\n\n'
                        f'[weights]\ndir = "{folder / "weights"}"\n\n{edit}'
                        f'[redis]\nurl = "{self.url}"\nprefix = "{self.keys.prefix}"\n')
         self.client = connect(self.url)
@@ -222,11 +221,15 @@ async def in_flight(bench: Bench, n: int, every: float = 1.0) -> dict:
     while unanswered and unanswered[-1] == 0:  # answered after the last inversion: not while any was in flight
         unanswered.pop()
         strongers.pop()
-    lat = sorted(bench.latency(j) for j in strongers)
-    if not lat:
+    stats = percentiles([bench.latency(j) for j in strongers])
+    if stats is None:
         return {"n": 0}
-    return {"n": len(lat), "p50": statistics.median(lat), "p95": lat[max(0, round(0.95 * len(lat)) - 1)],
-            "in_flight": min(unanswered), "invert_s": max(bench.latency(j) for j in inverts)}
+    return dict(zip(("n", "p50", "p95"), stats), in_flight=min(unanswered),
+                invert_s=max(bench.latency(j) for j in inverts))
+
+
+def auto_or_count(value: str) -> str | int:
+    return value if value == "auto" else int(value)
 
 
 async def main() -> None:
@@ -241,7 +244,8 @@ async def main() -> None:
                     help="the built-in tiny model, or the ffhq-256 architecture with random weights")
     ap.add_argument("--invert-steps", type=int, help="shorter inversions (default: the recipe's CPU preset)")
     ap.add_argument("--edit-steps", type=int, help="shorter edits (default: the edit recipe's steps)")
-    ap.add_argument("--max-active", default="auto", help="the continuous engine's [engine] max_active")
+    ap.add_argument("--max-active", default="auto", type=auto_or_count,
+                    help="the continuous engine's [engine] max_active: auto or a number")
     ap.add_argument("--in-flight", type=int, default=8, help="inversions in flight for the stronger test (0: skip)")
     args = ap.parse_args()
     mix = {k: float(v) for k, v in (part.split("=") for part in args.mix.split(","))}
@@ -269,8 +273,8 @@ async def main() -> None:
     floors = {f"one-by-one {scheduler[0]}": (one_at_a_time(results[scheduler]["arrivals"], lone[scheduler]),
                                              lone[scheduler]) for scheduler in results}
     print(f"\n{'kind':10} {'scheduler':14} {'n':>4} {'p50 s':>7} {'p95 s':>7} {'p95 / lone':>10}")
+    rows = {scheduler: (results[scheduler], lone[scheduler]) for scheduler in results} | floors
     for kind in mix:
-        rows = {scheduler: (results[scheduler], lone[scheduler]) for scheduler in results} | floors
         for name, (table, alone) in rows.items():
             if table.get(kind):
                 n, p50, p95 = table[kind]
