@@ -25,7 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests")]
-from fingerprints import seeded_weights, source_commit, write_fixture  # noqa: E402
+from fingerprints import seeded_in_order, seeded_weights, source_commit, write_fixture  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 OUT = FIXTURES / "stylegan1_parity.safetensors"
@@ -63,12 +63,6 @@ def draw(module: torch.nn.Module, seed: int, prefix: str) -> dict[str, list[int]
     return shapes
 
 
-def noise_maps(sizes: list[int]) -> list[torch.Tensor]:
-    """One constant noise map per noise layer, in layer order, drawn from SEEDS["noise"]."""
-    maps = seeded_weights({f"{i:02d}": [1, 1, s, s] for i, s in enumerate(sizes)}, SEEDS["noise"])
-    return [maps[f"{i:02d}"] for i in range(len(sizes))]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference", required=True, type=Path, help="local clone of lernapparat/lernapparat")
@@ -99,7 +93,8 @@ def main() -> None:
         ws = torch.randn([BATCH, num_ws, cfg["w_dim"]])
         with torch.no_grad():
             # noise as fixed maps (the notebook's `.noise` attribute), then without noise (zero maps)
-            maps = noise_maps([int(k.split("x")[0]) for k in G.blocks for _ in (0, 1)])
+            sizes = [int(k.split("x")[0]) for k in G.blocks for _ in (0, 1)]
+            maps = seeded_in_order([[1, 1, size, size] for size in sizes], SEEDS["noise"])
             for layer, noise in zip(noise_layers, maps):
                 layer.noise = noise
             img_noise = G(ws)

@@ -32,6 +32,12 @@ def seeded_weights(shapes: Mapping[str, Sequence[int]], seed: int,
             for name in sorted(shapes)}
 
 
+def seeded_in_order(shapes: Sequence[Sequence[int]], seed: int) -> list[torch.Tensor]:
+    """`seeded_weights` for tensors known by their place rather than a name (noise maps, layer by layer)."""
+    drawn = seeded_weights({f"{i:02d}": shape for i, shape in enumerate(shapes)}, seed)
+    return [drawn[f"{i:02d}"] for i in range(len(shapes))]
+
+
 def with_noise_strengths(G: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:
     """Give a tiny generator's noise layers (StyleGAN2's `noise_strength`, StyleGAN1's `noise.weight`) strengths
     drawn from `seed`, N(0, scale^2): they are zero as built, like a fresh StyleGAN's, so that without them the noise

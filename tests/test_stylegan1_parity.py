@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import FIXTURES, close_to_reference, stylegan1_port_state
 from engine.stylegan1 import Generator, MappingNetwork, StyleGAN1Config, port_to_ours
-from fingerprints import seeded_weights
+from fingerprints import seeded_in_order
 
 PATH = FIXTURES / "stylegan1_parity.safetensors"
 
@@ -30,10 +30,9 @@ def _synthesis(fx, case: str) -> Generator:
     state.update(port_to_ours(stylegan1_port_state(case)))
     G.load_state_dict(state, strict=True)
     layers = G.noise_layers()
-    maps = seeded_weights({f"{i:02d}": layer.noise_const.shape for i, layer in enumerate(layers)},
-                          json.loads(meta["seeds"])["noise"])  # as the script draws them
-    for i, layer in enumerate(layers):
-        layer.noise_const.copy_(maps[f"{i:02d}"])
+    maps = seeded_in_order([layer.noise_const.shape for layer in layers], json.loads(meta["seeds"])["noise"])
+    for layer, noise in zip(layers, maps, strict=True):  # as the script drew them
+        layer.noise_const.copy_(noise)
     return G
 
 
