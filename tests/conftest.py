@@ -204,6 +204,14 @@ class Stack:
 
         self._stop = asyncio.Event()
         self._task = asyncio.create_task(self.worker.run(self._stop))
+        # online before the test speaks: a command sent while the engine is still starting is answered "waiting for
+        # the engine, which is offline", which is right, but not what a test of a running engine expects
+        async def online():
+            while self.worker.name not in await self.queue.engines_online():
+                if self._task.done():
+                    self._task.result()  # the engine failed to start: its error, not a timeout
+                await asyncio.sleep(0.02)
+        await asyncio.wait_for(online(), 120)
 
     async def close(self) -> None:
         import asyncio
