@@ -86,11 +86,13 @@ def use_compile(device: str | torch.device, compile: str) -> bool:
 
 
 def pool_sizes(max_active: int) -> tuple[int, ...]:
-    """The batch sizes a compiled pool runs at: powers of two up to the first that holds `max_active` rows."""
+    """The batch sizes a compiled pool runs at: the powers of two below `max_active`, then `max_active` itself. Never
+    more rows than `max_active`: the pool's memory was sized for that many (padding 49 rows to 64 would not fit where
+    49 fill the card), and a size beyond the largest would compile again on a user's job."""
     sizes = [1]
-    while sizes[-1] < max_active:
+    while sizes[-1] * 2 < max_active:
         sizes.append(sizes[-1] * 2)
-    return tuple(sizes)
+    return tuple(sizes) + ((max_active,) if max_active > 1 else ())
 
 
 def rows_that_fit(free_bytes: int, row_bytes: int, fraction: float = 0.8) -> int:

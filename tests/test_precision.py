@@ -107,7 +107,8 @@ def test_max_active_auto_from_free_memory_and_timed_on_a_cpu(G, vgg, caplog):
     assert rows_that_fit(70 * GiB, int(1.4 * GiB)) == 40        # floor(0.8 * 70 / 1.4)
     assert rows_that_fit(80 * GiB, 200 * 2**20) == 64           # 327 rows fit: clamped to 64
     assert rows_that_fit(1 * GiB, 2 * GiB) == 1                 # not even one: one row, as the integer form allows
-    assert pool_sizes(8) == (1, 2, 4, 8) and pool_sizes(12) == (1, 2, 4, 8, 16) and pool_sizes(1) == (1,)
+    assert pool_sizes(8) == (1, 2, 4, 8) and pool_sizes(12) == (1, 2, 4, 8, 12) and pool_sizes(1) == (1,)
+    assert pool_sizes(49) == (1, 2, 4, 8, 16, 32, 49)  # ffhq-1024 on an H200: never padded past what fits
     with caplog.at_level(logging.INFO, logger="stylebot.engine"):
         rows = auto_max_active(G, vgg)
     assert rows in (1, 2, 4, 8)  # the size with the least time per row: timing-dependent, so only its form
