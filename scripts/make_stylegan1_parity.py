@@ -8,7 +8,8 @@ The reference is the "StyleGAN in PyTorch" notebook (style_gan/pytorch_style_gan
 the clone (nothing of them is stored here), builds small generators with them, gives every parameter random values
 drawn by name from a seed (tests/fingerprints.seeded_weights) and each noise layer a noise map drawn from another,
 and records the seeds, the port's parameter names and shapes (so that the test draws the same weights without
-storing them), its fixed blur kernels, inputs and outputs (CPU, float32). Case "a" is 128 px so that the fused
+storing them), the names of its fixed blur buffers (each checked to be fingerprints.port_blur_kernel()), inputs
+and outputs (CPU, float32). Case "a" is 128 px so that the fused
 upscale (from 128 px) is covered; case "b" is 32 px with a narrow w. The mapping network is the port's own (512
 wide, 18 ws).
 tests/test_stylegan1_parity.py checks our generator against them.
@@ -25,7 +26,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests")]
-from fingerprints import seeded_in_order, seeded_weights, source_commit, write_fixture  # noqa: E402
+from fingerprints import (port_blur_kernel, seeded_in_order, seeded_weights, source_commit,  # noqa: E402
+                          write_fixture)
 
 FIXTURES = ROOT / "tests" / "fixtures"
 OUT = FIXTURES / "stylegan1_parity.safetensors"
@@ -73,6 +75,7 @@ def main() -> None:
     torch.manual_seed(2019)
     tensors: dict[str, torch.Tensor] = {}
     param_shapes: dict[str, dict[str, list[int]]] = {}
+    buffer_names: dict[str, list[str]] = {}
 
     mapping = ref["G_mapping"]().eval()
     param_shapes["mapping"] = draw(mapping, SEEDS["mapping"], "g_mapping.")
@@ -86,8 +89,11 @@ def main() -> None:
         G = ref["G_synthesis"](dlatent_size=cfg["w_dim"], resolution=cfg["img_resolution"],
                                fmap_base=cfg["fmap_base"], fmap_max=cfg["fmap_max"]).eval()
         param_shapes[name] = draw(G, SEEDS[name], "g_synthesis.")
-        # its buffers are fixed blur kernels, learned by nothing: kept, so that a test can write a port file whole
-        tensors.update({f"{name}.buffer.g_synthesis.{k}": b.clone() for k, b in G.named_buffers()})
+        # its buffers are one fixed blur kernel, learned by nothing: their names are recorded, so that a test can
+        # write a port file whole, and the kernel is checked to be the one the test puts there
+        buffers = dict(G.named_buffers())
+        assert all(torch.equal(b, port_blur_kernel()) for b in buffers.values()), "the port's blur kernel changed"
+        buffer_names[name] = [f"g_synthesis.{k}" for k in buffers]
         noise_layers = [m for m in G.modules() if type(m).__name__ == "NoiseLayer"]
         num_ws = 2 * len(G.blocks)
         ws = torch.randn([BATCH, num_ws, cfg["w_dim"]])
@@ -110,6 +116,7 @@ def main() -> None:
     g_all.add_module("g_synthesis", ref["G_synthesis"]())
     shapes = {k: list(v.shape) for k, v in g_all.state_dict().items()}
     meta = {"cases": json.dumps(CASES), "seeds": json.dumps(SEEDS), "param_shapes": json.dumps(param_shapes),
+            "buffer_names": json.dumps(buffer_names),
             "ffhq_shapes": json.dumps(shapes), "ffhq_parameters": str(sum(p.numel() for p in g_all.parameters())),
             "reference": f"lernapparat/lernapparat {source_commit(args.reference)} {NOTEBOOK}, CPU float32"}
     write_fixture(args.out, tensors, meta)

@@ -56,14 +56,13 @@ class ParityFixture:
 def stylegan1_port_state(part: str) -> dict[str, torch.Tensor]:
     """What the StyleGAN1 parity fixture's `part` ("mapping", or case "a" / "b"'s synthesis) held when the port's
     code computed it, under the port's names, as a port file holds it: the weights drawn from the seed the fixture
-    records, by the names and shapes it records (scripts/make_stylegan1_parity.py), and the port's blur kernels."""
-    from fingerprints import seeded_weights
+    records, by the names and shapes it records (scripts/make_stylegan1_parity.py), and the port's fixed blur kernel
+    under each buffer name it records."""
+    from fingerprints import port_blur_kernel, seeded_weights
 
-    path = FIXTURES / "stylegan1_parity.safetensors"
-    meta = safe_open(str(path), "pt").metadata()
+    meta = safe_open(str(FIXTURES / "stylegan1_parity.safetensors"), "pt").metadata()
     state = seeded_weights(json.loads(meta["param_shapes"])[part], json.loads(meta["seeds"])[part])
-    prefix = f"{part}.buffer."
-    state.update({k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)})
+    state.update({k: port_blur_kernel() for k in json.loads(meta["buffer_names"]).get(part, [])})
     return state
 
 
