@@ -5,11 +5,13 @@ from known latents, the same steps) of fp32 against bf16.
 
     python benchmarks/gpu.py [--model tiny|ffhq-256|ffhq-1024] [--device auto|cpu|cuda] [--steps 20]
                              [--guard-steps 375] [--clip ViT-B-32|tiny] [--nvidia-ref /tmp/stylegan2-ada-pytorch]
-                             [--paths fp32,tf32,bf16,nvidia,guard,bf16-compile,tf32-compile] [--compile-sizes 1,2,4,8]
+                             [--paths fp32,tf32,max_active,bf16,nvidia,guard,bf16-compile,tf32-compile]
+                             [--compile-sizes 1,2,4,8]
 
 Defaults: on CUDA the ffhq-1024 architecture, full VGG16 and ViT-B-32; on a CPU `tiny`, VGG16 at 1/8 width and the
-tiny CLIP. Paths: fp32; tf32 + cudnn.benchmark (CUDA only); bf16 autocast; bf16 or tf32 + torch.compile with CUDA
-graphs over `--compile-sizes` (CUDA only, run last: compiling takes minutes). Each stage that fails prints its error
+tiny CLIP. Paths: fp32; tf32 + cudnn.benchmark (CUDA only); the rows `max_active = "auto"` takes (CUDA only); bf16
+autocast; bf16 or tf32 + torch.compile with CUDA graphs over `--compile-sizes` (CUDA only, run last: compiling takes
+minutes). Each stage that fails prints its error
 and the next one runs; the table is printed again at the end. `--nvidia-ref` times NVIDIA's stylegan2-ada-pytorch
 generator (its custom CUDA ops and fp16 layers on a GPU; reference ops, float32 on a CPU) in the same pool, side by
 side, and prints how far its images are from ours in float32 and whether its custom ops loaded. Give a local clone
@@ -43,7 +45,8 @@ from engine.scheduler import OptimisationPool, auto_max_active  # noqa: E402
 
 ARCHS = {"ffhq-1024": {}, "ffhq-256": {"img_resolution": 256, "channel_base": 16384}}  # official, random weights
 POOL = 8
-PATHS = ("fp32", "tf32", "bf16", "nvidia", "guard", "bf16-compile", "tf32-compile")  # the last two: CUDA only
+# what --paths can run, in this order; tf32, max_active and the compiled paths run on CUDA only
+PATHS = ("fp32", "tf32", "max_active", "bf16", "nvidia", "guard", "bf16-compile", "tf32-compile")
 
 
 def build(name: str, device: torch.device):
@@ -174,6 +177,8 @@ def main() -> None:
     stages = {
         "fp32": lambda: row("fp32", G, "fp32"),
         "tf32": lambda: row("tf32 + cudnn.benchmark", G, "tf32"),
+        "max_active": lambda: print(f"max_active = \"auto\" here: {auto_max_active(G, vgg, precision='tf32')} rows",
+                                    flush=True),
         "bf16": lambda: row("bf16 autocast", G, "bf16"),
         "nvidia": lambda: nvidia_row(reference),
         "guard": quality_guard,
@@ -181,14 +186,11 @@ def main() -> None:
         "bf16-compile": lambda: row("bf16 autocast + torch.compile", G, "bf16", compiled=True),
         "tf32-compile": lambda: row("tf32 + torch.compile (CUDA's default)", G, "tf32", compiled=True),
     }
-    skip = {"tf32": not cuda, "nvidia": not args.nvidia_ref, "guard": not args.guard_steps,
+    skip = {"tf32": not cuda, "max_active": not cuda, "nvidia": not args.nvidia_ref, "guard": not args.guard_steps,
             "bf16-compile": not cuda, "tf32-compile": not cuda}
     for stage in PATHS:
         if stage in wanted and not skip.get(stage):
             guarded(stage, stages[stage])
-        if stage == "tf32" and "tf32" in wanted and cuda:
-            guarded("max_active", lambda: print(f"max_active = \"auto\" here: "
-                                                f"{auto_max_active(G, vgg, precision='tf32')} rows", flush=True))
 
     print("\n" + header)
     for name, cells in rows.items():

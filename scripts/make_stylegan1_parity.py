@@ -8,10 +8,9 @@ The reference is the "StyleGAN in PyTorch" notebook (style_gan/pytorch_style_gan
 the clone (nothing of them is stored here), builds small generators with them, gives every parameter random values
 drawn by name from a seed (tests/fingerprints.seeded_weights) and each noise layer a noise map drawn from another,
 and records the seeds, the port's parameter names and shapes (so that the test draws the same weights without
-storing them), the names of its fixed blur buffers (each checked to be fingerprints.port_blur_kernel()), inputs
-and outputs (CPU, float32). Case "a" is 128 px so that the fused
-upscale (from 128 px) is covered; case "b" is 32 px with a narrow w. The mapping network is the port's own (512
-wide, 18 ws).
+storing them), the names of its fixed blur buffers (each checked to equal our engine.stylegan1.Blur's kernel, which
+the tests put there), inputs and outputs (CPU, float32). Case "a" is 128 px so that the fused upscale (from 128 px)
+is covered; case "b" is 32 px with a narrow w. The mapping network is the port's own (512 wide, 18 ws).
 tests/test_stylegan1_parity.py checks our generator against them.
 """
 
@@ -25,9 +24,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests")]
-from fingerprints import (port_blur_kernel, seeded_in_order, seeded_weights, source_commit,  # noqa: E402
-                          write_fixture)
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from engine.stylegan1 import Blur  # noqa: E402
+from fingerprints import seeded_in_order, seeded_weights, source_commit, write_fixture  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 OUT = FIXTURES / "stylegan1_parity.safetensors"
@@ -90,9 +89,9 @@ def main() -> None:
                                fmap_base=cfg["fmap_base"], fmap_max=cfg["fmap_max"]).eval()
         param_shapes[name] = draw(G, SEEDS[name], "g_synthesis.")
         # its buffers are one fixed blur kernel, learned by nothing: their names are recorded, so that a test can
-        # write a port file whole, and the kernel is checked to be the one the test puts there
-        buffers = dict(G.named_buffers())
-        assert all(torch.equal(b, port_blur_kernel()) for b in buffers.values()), "the port's blur kernel changed"
+        # write a port file whole, and the kernel is checked to be ours, which the test puts there
+        buffers, kernel = dict(G.named_buffers()), Blur().kernel
+        assert all(torch.equal(b, kernel) for b in buffers.values()), "the port's blur kernel is not ours"
         buffer_names[name] = [f"g_synthesis.{k}" for k in buffers]
         noise_layers = [m for m in G.modules() if type(m).__name__ == "NoiseLayer"]
         num_ws = 2 * len(G.blocks)
@@ -121,6 +120,7 @@ def main() -> None:
             "reference": f"lernapparat/lernapparat {source_commit(args.reference)} {NOTEBOOK}, CPU float32"}
     write_fixture(args.out, tensors, meta)
     print(f"FFHQ model: {meta['ffhq_parameters']} parameters")
+
 
 if __name__ == "__main__":
     main()

@@ -57,12 +57,13 @@ def stylegan1_port_state(part: str) -> dict[str, torch.Tensor]:
     """What the StyleGAN1 parity fixture's `part` ("mapping", or case "a" / "b"'s synthesis) held when the port's
     code computed it, under the port's names, as a port file holds it: the weights drawn from the seed the fixture
     records, by the names and shapes it records (scripts/make_stylegan1_parity.py), and the port's fixed blur kernel
-    under each buffer name it records."""
-    from fingerprints import port_blur_kernel, seeded_weights
+    (the script checked that it is our Blur's) under each buffer name it records."""
+    from engine.stylegan1 import Blur
+    from fingerprints import seeded_weights
 
     meta = safe_open(str(FIXTURES / "stylegan1_parity.safetensors"), "pt").metadata()
     state = seeded_weights(json.loads(meta["param_shapes"])[part], json.loads(meta["seeds"])[part])
-    state.update({k: port_blur_kernel() for k in json.loads(meta["buffer_names"]).get(part, [])})
+    state.update({k: Blur().kernel for k in json.loads(meta["buffer_names"]).get(part, [])})
     return state
 
 

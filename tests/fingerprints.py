@@ -47,15 +47,6 @@ def with_noise_strengths(G: torch.nn.Module, seed: int, scale: float) -> torch.n
     return G
 
 
-def port_blur_kernel() -> torch.Tensor:
-    """The StyleGAN1 port's blur buffer, the same fixed [1, 2, 1] x [1, 2, 1] / 16 filter in every upscaling layer,
-    shape [1, 1, 3, 3]. A port file carries it; scripts/make_stylegan1_parity.py checks every buffer of the port
-    against this, so that the fixture records only where the port holds it, not the tensor."""
-    k = torch.tensor([1.0, 2.0, 1.0])
-    k = k[:, None] * k[None, :]
-    return (k / k.sum())[None, None]
-
-
 def source_commit(clone) -> str:
     """The commit a reference clone is at (recorded in the fixtures its code computed)."""
     import subprocess
