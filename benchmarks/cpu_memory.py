@@ -31,7 +31,7 @@ def child(args: argparse.Namespace) -> None:
     from engine.device import keep_freed_memory
     from engine.edit import TINY_CLIP, ClipScorer
     from engine.images import to_uint8
-    from engine.scheduler import auto_max_active
+    from engine.pool import auto_max_active
 
     applied = keep_freed_memory() if args.child == "kept" else False
     out = {"applied": applied, "threads": torch.get_num_threads(), "models": {}}

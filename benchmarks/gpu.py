@@ -41,7 +41,7 @@ from engine.images import to_uint8  # noqa: E402
 from engine.invert import invert  # noqa: E402
 from engine.perceptual import load_vgg16  # noqa: E402
 from engine.registry import ModelEntry, build_builtin, registry_entries  # noqa: E402
-from engine.scheduler import OptimisationPool, auto_max_active  # noqa: E402
+from engine.pool import OptimisationPool, auto_max_active  # noqa: E402
 
 ARCHS = {"ffhq-1024": {}, "ffhq-256": {"img_resolution": 256, "channel_base": 16384}}  # official, random weights
 POOL = 8

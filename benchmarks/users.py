@@ -92,7 +92,7 @@ def start_server(folder: str) -> tuple[str, subprocess.Popen]:
 
 
 def crop_bytes(px: int) -> bytes:
-    """The aligned crop as the engine keeps it (`engine.worker._crop`: JPEG quality 95)."""
+    """The aligned crop as the engine keeps it (`engine.handlers.invert.aligned_crop_bytes`: JPEG quality 95)."""
     buf = io.BytesIO()
     Image.open(FACE).convert("RGB").resize((px, px), Image.BICUBIC).save(buf, "JPEG", quality=95)
     return buf.getvalue()

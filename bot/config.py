@@ -26,17 +26,14 @@ class ConfigError(StylebotError, ValueError):
 class EngineConfig:
     device: str = "auto"                # auto | cpu | cuda
     model: str = "auto"                 # auto (ffhq-1024 on a GPU, ffhq-256 on a CPU, if downloaded; else tiny) | name
-    scheduler: str = "continuous"       # continuous (a pool of optimisations stepped together) | static (batches)
-    # continuous: optimisations in the pool at once, or auto (what the GPU's free memory holds; on a CPU the timed
+    # optimisations in the pool at once, or auto (what the GPU's free memory holds; on a CPU the timed
     # size with the least time per row)
     max_active: int | str = field(default="auto", metadata={"types": (int, str)})
-    drain_s: float = 30.0               # continuous: on SIGTERM, jobs that end within this are finished
+    drain_s: float = 30.0               # on SIGTERM, jobs that end within this are finished
     precision: str = "auto"             # auto (tf32 on CUDA, fp32 on a CPU) | fp32 | tf32 | bf16 (autocast)
     compile: str = "auto"               # auto (torch.compile the generator on CUDA, not on a CPU) | off
 
     def __post_init__(self):
-        if self.scheduler not in ("continuous", "static"):
-            raise ConfigError(f"[engine] scheduler must be \"continuous\" or \"static\", got {self.scheduler!r}")
         if self.max_active != "auto" and (type(self.max_active) is not int or self.max_active < 1):
             raise ConfigError(f"[engine] max_active must be \"auto\" or a whole number of at least 1, "
                               f"got {self.max_active!r}")
@@ -78,7 +75,6 @@ class RedisConfig:
 
 @dataclass(frozen=True)
 class QueueConfig:
-    batch_size: int = 8                 # jobs an engine claims and runs together
     max_deliveries: int = 3             # a job handed out more often than this is failed with a reason
     reclaim_idle_s: float = 30.0        # a job whose engine has not touched it for this long is taken over
     heartbeat_ttl_s: int = 15           # an engine without a heartbeat this fresh counts as offline
@@ -182,8 +178,19 @@ def _load(p: Path | None) -> Config:
     return Config(**sections, source=str(p))
 
 
+# Options that older versions had: a config file that still sets one is told what became of it.
+REMOVED = {
+    ("engine", "scheduler"): "the engine always batches continuously now (the static scheduler is gone)",
+    ("queue", "batch_size"): "it sized the static scheduler's batches, which are gone ([engine] max_active sizes "
+                             "the pool)",
+}
+
+
 def _section(path: Path, name: str, cls: type, values: dict):
     known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if (name, key) in REMOVED:
+            raise ConfigError(f"{path}: [{name}] {key} was removed: {REMOVED[name, key]}; delete the line")
     unknown = set(values) - set(known)
     if unknown:
         raise ConfigError(f"{path}: unknown option(s) in [{name}]: {sorted(unknown)}")

@@ -87,11 +87,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
     p.set_defaults(handler=cmd_edit)
 
-    p = sub.add_parser("engine", help="run the engine worker: take jobs from the Redis queue until stopped",
-                       description="Load the model once, then claim, run, store and acknowledge jobs ([engine] "
-                                   "scheduler: continuous batching by default). SIGTERM or Ctrl-C stops taking "
-                                   "jobs, finishes those that end within [engine] drain_s, leaves the rest for "
-                                   "another engine and exits 0. Run one per GPU.")
+    p = sub.add_parser("engine", help="run the engine: take jobs from the Redis queue until stopped",
+                       description="Load the model once, then claim, run, store and acknowledge jobs (continuous "
+                                   "batching: optimisations advance one step together per tick). SIGTERM or Ctrl-C "
+                                   "stops taking jobs, finishes those that end within [engine] drain_s, leaves the "
+                                   "rest for another engine and exits 0. Run one per GPU.")
     p.add_argument("--model", help="model name; default: config [engine] model")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
     p.add_argument("--name", default="", help="consumer name in the queue (default host:pid)")
@@ -334,7 +334,7 @@ def cmd_invert(args: argparse.Namespace, cfg: Config) -> int:
 
     from engine.align import align, likeness
     from engine.invert import RECIPES, invert
-    from engine.latents import Latent, load_latent, save_latent
+    from engine.latent_files import Latent, load_latent, save_latent
     from engine.registry import load_vgg
 
     if args.recipe.startswith("projector") and args.noise_mode != "const":
@@ -394,7 +394,7 @@ def cmd_morph(args: argparse.Namespace, cfg: Config) -> int:
     import torch
     from tqdm import tqdm
 
-    from engine.latents import load_latent
+    from engine.latent_files import load_latent
     from engine.morph import encode_gif, encode_mp4, morph
 
     if not 2 <= args.frames <= 120:
@@ -428,7 +428,7 @@ def cmd_edit(args: argparse.Namespace, cfg: Config) -> int:
     from tqdm import tqdm
 
     from engine.edit import EDIT_RECIPES, TINY_CLIP, ClipScorer, check_prompt, edit, restyle
-    from engine.latents import Latent, check_finite, load_latent, save_latent
+    from engine.latent_files import Latent, check_finite, load_latent, save_latent
 
     prompt = check_prompt(args.prompt, cfg.edit.max_prompt_chars)
     check_image_out(args.out)
@@ -467,7 +467,8 @@ def cmd_engine(args: argparse.Namespace, cfg: Config) -> int:
 
     from bot.logs import setup_logging
     from engine.registry import load_vgg
-    from engine.worker import Worker, WorkerSettings
+    from engine.loop import Engine
+    from engine.services import EngineSettings
     from storage.connect import connect
     from storage.keys import Keys
     from storage.latents import LatentStore
@@ -486,7 +487,7 @@ def cmd_engine(args: argparse.Namespace, cfg: Config) -> int:
         return ClipScorer(clip_name, cfg.edit.clip_pretrained, device=dev)
 
     from engine.device import configure_backends, resolve_precision, use_compile
-    from engine.scheduler import auto_max_active
+    from engine.pool import auto_max_active
 
     precision = resolve_precision(dev, cfg.engine.precision)
     configure_backends(dev, precision)
@@ -494,8 +495,7 @@ def cmd_engine(args: argparse.Namespace, cfg: Config) -> int:
     max_active = cfg.engine.max_active
     if max_active == "auto":
         max_active = auto_max_active(G, vgg, precision=precision)
-    settings = WorkerSettings(name=args.name, batch_size=cfg.queue.batch_size, scheduler=cfg.engine.scheduler,
-                              max_active=max_active, drain_s=cfg.engine.drain_s, precision=precision,
+    settings = EngineSettings(name=args.name, max_active=max_active, drain_s=cfg.engine.drain_s, precision=precision,
                               compile=use_compile(dev, cfg.engine.compile), heartbeat_ttl_s=cfg.queue.heartbeat_ttl_s,
                               invert_steps=args.invert_steps, edit_steps=args.edit_steps)
 
@@ -511,7 +511,7 @@ def cmd_engine(args: argparse.Namespace, cfg: Config) -> int:
             loop.add_signal_handler(sig, stop.set)
         try:
             store = LatentStore(client, keys, result_ttl_s=cfg.chat.result_ttl_s)
-            await Worker(G, queue, store, vgg=vgg, clip_factory=clip_factory, settings=settings).run(stop)
+            await Engine(G, queue, store, vgg=vgg, clip_factory=clip_factory, settings=settings).run(stop)
         finally:
             await client.aclose()
 
@@ -560,7 +560,7 @@ def cmd_latent_import(args: argparse.Namespace, cfg: Config) -> int:
     from PIL import Image
 
     from engine.images import to_uint8
-    from engine.latents import Latent, LatentError, read_raw_latent, save_latent
+    from engine.latent_files import Latent, LatentError, read_raw_latent, save_latent
 
     check_latent_out(args.out)
     check_image_out(args.image)

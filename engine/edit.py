@@ -88,7 +88,7 @@ def _pool_matrix(r: int, device: torch.device) -> torch.Tensor:
 
 
 class EditLoss:
-    """One recipe's per-sample loss, shared by `edit()` and the continuous pool (engine.scheduler)."""
+    """One recipe's per-sample loss, shared by `edit()` and the continuous pool (engine.pool)."""
 
     def __init__(self, recipe: EditRecipe, clip: "ClipScorer", resolution: int, precision: str = "fp32"):
         if resolution % 32:

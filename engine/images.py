@@ -5,10 +5,12 @@ This is the one place where pixels change representation.
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
 import torch
+from PIL import Image
 
 
 def to_uint8(img: torch.Tensor) -> np.ndarray:
@@ -38,3 +40,20 @@ def grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
         r, col = divmod(i, cols)
         out[r * h:(r + 1) * h, col * w:(col + 1) * w] = im
     return out
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """uint8 RGB [H, W, 3] as a PNG file: what a chat is sent."""
+    buf = io.BytesIO()
+    Image.fromarray(image, "RGB").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def jpeg_bytes(image: np.ndarray, *, quality: int, size: int | None = None) -> bytes:
+    """uint8 RGB [H, W, 3] as a JPEG file, resized to `size` x `size` first when given (previews)."""
+    img = Image.fromarray(image, "RGB")
+    if size is not None:
+        img = img.resize((size, size), Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()

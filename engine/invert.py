@@ -2,7 +2,7 @@
 
 `invert(G, vgg, targets, recipe=...)` is pure (no I/O): it optimises one latent per target in a single batched
 forward/backward pass (per-sample losses summed; Adam is elementwise, so a batch of N equals N single runs).
-`InversionLoss` is a recipe's loss, shared with the continuous engine (engine/scheduler.py).
+`InversionLoss` is a recipe's loss, shared with the continuous engine (engine/pool.py).
 
 Recipes:
 - "seed" (the default): the seed project's Image2StyleGAN notebook (ChoiDae1/StyleGAN_Project,

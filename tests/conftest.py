@@ -171,7 +171,7 @@ class Stack:
     """A bot core and a running in-process engine (tiny models) on a fresh key prefix of the test Redis."""
 
     def __init__(self, client, *, chat=None, limits=None, invert_steps: int = 20, edit_steps: int = 10,
-                 model: str = "tiny", scheduler: str = "continuous"):
+                 model: str = "tiny", max_active: int = 8):
         import uuid
 
         from bot.config import ChatConfig, LimitsConfig
@@ -179,7 +179,8 @@ class Stack:
         from engine.edit import TINY_CLIP, ClipScorer
         from engine.perceptual import load_vgg16
         from engine.registry import build_builtin, registry_entries
-        from engine.worker import Worker, WorkerSettings
+        from engine.loop import Engine
+        from engine.services import EngineSettings
         from storage.keys import Keys
         from storage.latents import LatentStore
         from storage.queue import JobQueue
@@ -191,11 +192,11 @@ class Stack:
         chat = chat or ChatConfig(progress_interval_s=0.0)
         self.core = BotCore(self.queue, self.store, limits or LimitsConfig(), chat=chat)
         G = build_builtin(registry_entries()[model])
-        self.worker = Worker(G, self.queue, self.store, vgg=load_vgg16(width=0.125),
+        self.worker = Engine(G, self.queue, self.store, vgg=load_vgg16(width=0.125),
                              clip_factory=lambda: ClipScorer(TINY_CLIP, None),
-                             settings=WorkerSettings(name="test-engine", invert_steps=invert_steps,
+                             settings=EngineSettings(name="test-engine", invert_steps=invert_steps,
                                                      edit_steps=edit_steps, progress_every=5, preview_every=10,
-                                                     scheduler=scheduler))
+                                                     max_active=max_active))
         self._stop = None
         self._task = None
 

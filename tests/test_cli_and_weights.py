@@ -206,7 +206,7 @@ def test_invert_cli_writes_latent_and_images(tmp_path, config_file, capsys):
     rc = main(["--config", str(config_file), "invert", str(FACES / "obama.jpg"), "--model", "tiny", "--steps", "30",
                "--out", str(out), "--image", str(img), "--aligned", str(aligned)])
     assert rc == 0
-    from engine.latents import load_latent
+    from engine.latent_files import load_latent
 
     lat = load_latent(out)
     assert lat.ws.shape == (8, 64) and lat.model_id == "tiny"
@@ -224,7 +224,7 @@ def test_every_inversion_recipe_runs_from_the_cli_on_both_tiny_presets(tmp_path,
     out = tmp_path / "me.npz"
     rc = main(["--config", str(config_file), "invert", str(FACES / "obama.jpg"), "--model", model, "--steps", "3",
                "--recipe", recipe, "--out", str(out)])
-    from engine.latents import load_latent
+    from engine.latent_files import load_latent
 
     lat = load_latent(out)
     assert rc == 0 and lat.settings["recipe"] == recipe and lat.model_id == model and lat.settings["steps"] == 3
@@ -237,7 +237,7 @@ def test_invert_cli_refine_goes_on_from_a_latent(tmp_path, config_file, capsys):
     base = ["--config", str(config_file), "invert", str(FACES / "obama.jpg")]
     assert main(base + ["--model", "tiny", "--steps", "20", "--out", str(first)]) == 0
     assert main(base + ["--refine", str(first), "--steps", "40", "--out", str(second)]) == 0  # model from the latent
-    from engine.latents import load_latent
+    from engine.latent_files import load_latent
 
     a, b = load_latent(first), load_latent(second)
     assert b.settings["steps"] == 60 and b.settings["psnr"] > a.settings["psnr"]
@@ -258,7 +258,7 @@ def test_invert_cli_bad_photos_get_one_line(tmp_path, config_file, capsys, make,
 
 
 def test_morph_cli_writes_gif_and_mp4_and_refuses_other_models_latents(tmp_path, config_file, capsys):
-    from engine.latents import Latent, save_latent
+    from engine.latent_files import Latent, save_latent
 
     rng = np.random.default_rng(0)
     a, b, other = tmp_path / "a.npz", tmp_path / "b.npz", tmp_path / "other.npz"
@@ -279,7 +279,7 @@ def test_morph_cli_writes_gif_and_mp4_and_refuses_other_models_latents(tmp_path,
 @pytest.mark.parametrize("model", ["tiny", "stylegan1-tiny"])
 @pytest.mark.parametrize("recipe", ["styleclip", "seed"])
 def test_every_edit_recipe_runs_from_the_cli_on_both_tiny_presets(tmp_path, config_file, recipe, model):
-    from engine.latents import Latent, load_latent, save_latent
+    from engine.latent_files import Latent, load_latent, save_latent
 
     start, saved = tmp_path / "me.npz", tmp_path / "angry.npz"
     ws = np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32)
@@ -292,7 +292,7 @@ def test_every_edit_recipe_runs_from_the_cli_on_both_tiny_presets(tmp_path, conf
 
 
 def test_edit_cli_writes_image_and_a_latent_that_remembers_its_start(tmp_path, config_file, capsys):
-    from engine.latents import Latent, load_latent, save_latent
+    from engine.latent_files import Latent, load_latent, save_latent
 
     start = tmp_path / "me.npz"
     ws = np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32)

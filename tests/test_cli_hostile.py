@@ -20,7 +20,7 @@ from bot.photos import check_photo
 from conftest import FIXTURES
 from engine.align import AlignError, align
 from engine.errors import prog_for
-from engine.latents import Latent, LatentError, save_latent
+from engine.latent_files import Latent, LatentError, save_latent
 
 OBAMA = FIXTURES / "faces" / "obama.jpg"
 

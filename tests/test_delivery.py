@@ -58,8 +58,8 @@ async def test_an_engine_started_before_redis_waits_for_it(client, unused_tcp_po
     stack = Stack(client)
     absent = connect(f"redis://127.0.0.1:{unused_tcp_port}/0", pool_timeout_s=1)
     worker = stack.worker
-    worker.queue = JobQueue(absent, Keys("nowhere:"))
-    worker.store = LatentStore(absent, Keys("nowhere:"))
+    worker.s.queue = JobQueue(absent, Keys("nowhere:"))
+    worker.s.store = LatentStore(absent, Keys("nowhere:"))
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     await asyncio.sleep(3)
@@ -110,7 +110,7 @@ async def test_the_jobs_of_an_engine_whose_heartbeat_expired_are_taken_at_once(c
 async def test_a_job_whose_engines_died_is_not_blamed_on_its_user(client):
     """A job handed out more than max_deliveries times because its engines were killed is answered "the engine
     restarted"; only one that raised itself is answered "try another photo"."""
-    from engine.worker import given_up
+    from engine.loop import given_up
 
     stack = Stack(client)
     try:
@@ -187,34 +187,36 @@ async def test_a_front_end_down_while_a_thousand_jobs_finish_posts_every_result_
         await stack.close()
 
 
-async def test_a_static_engine_keeps_the_jobs_waiting_behind_its_running_group_claimed(client):
-    """The static engine claims a batch, runs the inversions, and the edits of the same batch wait their turn:
-    another engine looking for stale jobs meanwhile (reclaim time 1 s) finds none to take, so nothing runs twice."""
+async def test_an_engine_keeps_the_jobs_waiting_for_a_row_claimed(client):
+    """An engine with room for one row claims an inversion and an edit: the edit waits for the row while the
+    inversion runs, and another engine looking for stale jobs meanwhile (reclaim time 1 s) finds none to take, so
+    nothing runs twice."""
     import numpy as np
 
     from storage.latents import StoredLatent
 
-    stack = Stack(client, scheduler="static", invert_steps=150)
+    stack = Stack(client, max_active=1, invert_steps=150)
     stack.queue.reclaim_idle_ms = 1000
-    stack.worker.queue.takeover_every_s = 3600  # only the reclaim time is under test here
+    stack.queue.takeover_every_s = 3600  # only the reclaim time is under test here
     try:
         await stack.queue.ensure_groups(adapters=("web",))
         await stack.store.set_face("web:bob", StoredLatent(np.zeros((8, 64), np.float32), "tiny"))
         await stack.queue.enqueue(Job(op="invert", user_id="web:alice", adapter="web"), photo=OBAMA)
-        edits = [Job(op="edit", user_id="web:bob", adapter="web", params={"prompt": "smile"}) for _ in range(2)]
-        for job in edits:
-            await stack.queue.enqueue(job)
+        await stack.queue.enqueue(Job(op="edit", user_id="web:bob", adapter="web", params={"prompt": "smile"}))
         sub = await stack.queue.listen_progress("web")
         await stack.start_engine()
         while not any(e["step"] > 0 for e in await stack.queue.read_progress(sub, 0.1)):
-            pass  # the inversion runs: the batch is claimed, the edits wait behind it
+            pass  # the inversion runs
         await sub.aclose()
+        while len(stack.worker.claimed) < 2:  # the edit is claimed too, and waits for the inversion's row
+            await asyncio.sleep(0.05)
         other = type(stack.queue)(client, stack.keys, reclaim_idle_ms=1000)
         other.takeover_every_s = 3600
-        for _ in range(4):  # for 3 s, while the inversion runs and the edits wait
+        for _ in range(4):  # for 3 s, while the inversion runs and the edit waits
             await asyncio.sleep(0.75)
             taken, _ = await other.claim("other-engine", 8, block_ms=10)
             assert taken == [], [j.op for j in taken]
+        assert len(stack.worker.rows) == 1 and len(stack.worker.joining) == 1  # still waiting: the test held
     finally:
         await stack.close()
 
@@ -243,7 +245,7 @@ async def test_an_engine_restarted_under_its_name_takes_up_its_dead_predecessors
         held, _ = await predecessor.claim("gpu0", 10, block_ms=100)  # it took them, then died
         await predecessor.beat("gpu0", "tiny", 600, holder=f"{socket.gethostname()}:{dead.pid}")
         assert len(held) == 3
-        stack.worker.name = "gpu0"
+        stack.worker.s.name = "gpu0"
         await stack.start_engine()
         await answered(pump, rec, 3, timeout=30)  # reclaiming them would take 60 s
         assert sorted(r.job_id for r in rec.results) == sorted(j.job_id for j in held)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import FIXTURES
 from engine.edit import EDIT_RECIPES, TINY_CLIP, ClipScorer, edit
 from engine.registry import FAMILIES
-from engine.scheduler import OptimisationPool
+from engine.pool import OptimisationPool
 from fingerprints import fingerprint, steps_from_reference
 
 PATH = FIXTURES / "edit_parity.safetensors"

@@ -23,7 +23,7 @@ async def setup(client, tmp_path):
     cfg = tmp_path / "config.toml"
     cfg.write_text(f'[engine]\ndevice = "cpu"\nmodel = "tiny"\n\n[weights]\ndir = "{tmp_path / "w"}"\n\n'
                    f'[redis]\nurl = "{REDIS_URL}"\nprefix = "{prefix}"\n\n'
-                   "[queue]\nbatch_size = 4\nmax_deliveries = 3\nreclaim_idle_s = 1.0\nheartbeat_ttl_s = 3\n")
+                   "[queue]\nmax_deliveries = 3\nreclaim_idle_s = 1.0\nheartbeat_ttl_s = 3\n")
     queue = JobQueue(client, Keys(prefix))
     await queue.ensure_groups(adapters=("web",))
     yield cfg, queue

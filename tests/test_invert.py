@@ -10,7 +10,7 @@ import torch
 
 from engine.images import to_uint8
 from engine.invert import CPU_STEPS, DEFAULT_RECIPE, RECIPES, invert, learning_rate
-from engine.latents import Latent, LatentError, load_latent, save_latent
+from engine.latent_files import Latent, LatentError, load_latent, save_latent
 
 
 @pytest.fixture(scope="module")

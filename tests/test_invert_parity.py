@@ -12,7 +12,7 @@ from conftest import FIXTURES
 from engine.invert import invert
 from engine.perceptual import load_vgg16
 from engine.registry import build_builtin, registry_entries
-from engine.scheduler import OptimisationPool
+from engine.pool import OptimisationPool
 from fingerprints import fingerprint, steps_from_reference, with_noise_strengths
 
 PATH = FIXTURES / "invert_parity.safetensors"

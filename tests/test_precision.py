@@ -15,7 +15,7 @@ from engine.device import (PaddedSynthesis, compile_synthesis, configure_backend
                            rows_that_fit, use_compile)
 from engine.edit import TINY_CLIP, ClipScorer, edit
 from engine.invert import invert
-from engine.scheduler import OptimisationPool, auto_max_active
+from engine.pool import OptimisationPool, auto_max_active
 
 GiB = 2**30
 
@@ -69,7 +69,7 @@ def test_a_pool_padded_to_a_compiled_size_ends_where_the_unpadded_one_does(G, vg
     """Three inversions padded to a batch of 4 (as a compiled generator runs them) against the same three unpadded:
     within 1e-3 of the distance each latent moved. The padding row is a detached copy that no loss sees, so all it
     can change is the rounding of sums over another batch size (~1e-7, amplified by Adam over 6 steps; see
-    tests/test_scheduler.py); a padding row leaking into a real row's gradient would be of the order of the move."""
+    tests/test_pool.py); a padding row leaking into a real row's gradient would be of the order of the move."""
     _, images = faces
     seen: list[int] = []
 

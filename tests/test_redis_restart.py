@@ -14,7 +14,8 @@ from bot.core import BotCore, Command
 from conftest import FIXTURES
 from engine.perceptual import load_vgg16
 from engine.registry import build_builtin, registry_entries
-from engine.worker import Worker, WorkerSettings
+from engine.loop import Engine
+from engine.services import EngineSettings
 from storage.connect import connect
 from storage.keys import Keys
 from storage.latents import LatentStore
@@ -57,8 +58,8 @@ async def test_jobs_survive_a_redis_restart(tmp_path):
 
         server.terminate()  # Redis goes away (SIGTERM: it finishes its append-only file) ...
         server.wait(10)
-        worker = Worker(build_builtin(registry_entries()["tiny"]), queue, LatentStore(client, keys),
-                        vgg=load_vgg16(width=0.125), settings=WorkerSettings(name="e", invert_steps=5))
+        worker = Engine(build_builtin(registry_entries()["tiny"]), queue, LatentStore(client, keys),
+                        vgg=load_vgg16(width=0.125), settings=EngineSettings(name="e", invert_steps=5))
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop))  # ... the engine starts while it is down ...
         await asyncio.sleep(1.0)

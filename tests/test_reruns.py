@@ -49,18 +49,6 @@ async def test_refine_stronger_redo_through_reactions(stack):
     await _reruns(stack)
 
 
-async def test_refine_stronger_redo_on_the_static_engine(client):
-    """The same conversation on the older engine (`scheduler = "static"`, kept to compare with)."""
-    from conftest import Stack
-
-    stack = Stack(client, scheduler="static")
-    await stack.start_engine()
-    try:
-        await _reruns(stack)
-    finally:
-        await stack.close()
-
-
 async def _reruns(stack) -> None:
     rec = Recorder()
     pump = EventPump(stack.core, rec)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from bot.cli import main
 from conftest import FIXTURES, close_to_reference, stylegan1_port_state
 from engine.checkpoints import CheckpointError, load_generator, sniff_format
-from engine.latents import load_latent
+from engine.latent_files import load_latent
 
 FACES = FIXTURES / "faces"
 PARITY = FIXTURES / "stylegan1_parity.safetensors"
@@ -152,7 +152,7 @@ async def test_the_bot_runs_on_a_stylegan1_engine_and_says_when_the_engine_chang
         assert morph.ok and morph.payload[:6] == b"GIF89a"
         assert edited.ok and edited.text == "edited: a smiling face"
 
-        stack.worker.G = build_builtin(registry_entries()["tiny"])  # the engine restarted on another family
+        stack.worker.s.G = build_builtin(registry_entries()["tiny"])  # the engine restarted on another family
         reply = await core.handle(say("/edit angry"))
         assert reply.job_id, reply.text
         [(_, refused, _)] = await answer(pump, rec, 1)

@@ -140,7 +140,7 @@ def test_a_stylegan1_tf_model_keeps_its_noise_maps_through_convert(fx, tmp_path,
 
 
 def test_a_latent_of_one_tf_model_is_refused_by_another(fx, tmp_path, config_file, capsys):
-    from engine.latents import Latent, LatentError
+    from engine.latent_files import Latent, LatentError
 
     for case in ("f", "orig"):
         assert cli(config_file, "weights", "import", str(write_case(fx, case, tmp_path / f"{case}.pkl")),

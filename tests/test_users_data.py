@@ -60,6 +60,18 @@ async def wait_for(predicate, timeout: float = 120):
         await asyncio.sleep(0.05)
 
 
+async def render_and_store(stack: Stack, job: Job) -> None:
+    """Run a claimed one-pass job (a morph) to its end through its handler, as the engine's loop does."""
+    from engine.handlers import HANDLERS
+
+    handler, services = HANDLERS[job.op], stack.worker.s
+    work = await handler.prepare(job, services)
+    outcome = None
+    while outcome is None:
+        outcome = await asyncio.to_thread(work.render)
+    await handler.store(job, services, work, outcome)
+
+
 async def give_face(stack: Stack, user: str) -> None:
     await stack.store.set_face(f"web:{user}", StoredLatent(np.zeros((8, 64), np.float32), "tiny"))
 
@@ -120,7 +132,7 @@ async def test_a_morph_is_not_kept_when_the_other_person_unshares_before_it_is_s
         assert queued.job_id
         [job], _ = await stack.queue.claim("engine", 1, block_ms=100)  # the engine has it in hand...
         assert (await stack.core.handle(say("/unshare", user="p"))).text == "others can no longer /morph with your face"
-        await stack.worker._morph(job)  # ...and renders it all the same: the store step checks consent again
+        await render_and_store(stack, job)  # ...and renders it all the same: the store step checks consent again
         [(_, event)] = await stack.queue.read_events("web", "w", block_ms=100)
         assert event["type"] == "failed" and event["error"].startswith("@p no longer allows morphs with their face")
         assert await stack.store.result("web:q", job.job_id) is None
@@ -282,7 +294,7 @@ async def test_a_morph_partner_who_says_forget_leaves_no_trace_in_the_askers_dat
         await stack.core.handle(say("/share", user="p"))
         await stack.core.handle(say("/morph @p @me 4", user="q"))
         [job], _ = await stack.queue.claim("engine", 1, block_ms=100)
-        await stack.worker._morph(job)  # stored: P still shared at that moment
+        await render_and_store(stack, job)  # stored: P still shared at that moment
         await stack.core.handle(say("/unshare", user="p"))
         rec = Recorder()
         await pump_all(stack, rec)

@@ -1,4 +1,4 @@
-"""The engine worker against a real Redis with the tiny model: photos in, reconstructions out, bad photos answered."""
+"""The engine against a real Redis with the tiny model: photos in, reconstructions out, bad photos answered."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import io
 from conftest import FIXTURES
 from engine.perceptual import load_vgg16
 from engine.registry import build_builtin, registry_entries
-from engine.worker import Worker, WorkerSettings
+from engine.loop import Engine
+from engine.services import EngineSettings, Services
 from storage.keys import Keys
 from storage.latents import LatentStore
 from storage.queue import Job, JobQueue
@@ -31,7 +32,7 @@ async def parts(client):
         await client.delete(key)
 
 
-async def _run_until_answered(worker: Worker, queue: JobQueue, n: int, timeout: float = 60,
+async def _run_until_answered(worker: Engine, queue: JobQueue, n: int, timeout: float = 60,
                               progress: list | None = None) -> list[dict]:
     stop = asyncio.Event()
     sub = await queue.listen_progress("web")
@@ -52,16 +53,11 @@ async def _run_until_answered(worker: Worker, queue: JobQueue, n: int, timeout: 
     return answers
 
 
-SCHEDULERS = pytest.mark.parametrize("scheduler", ["continuous", "static"])  # static: kept to compare with
-
-
-@SCHEDULERS
-async def test_invert_jobs_get_an_image_and_bad_photos_a_reason(parts, scheduler):
+async def test_invert_jobs_get_an_image_and_bad_photos_a_reason(parts):
     queue, store = parts
     G = build_builtin(registry_entries()["tiny"])
-    worker = Worker(G, queue, store, vgg=load_vgg16(width=0.125),
-                    settings=WorkerSettings(name="e1", invert_steps=10, progress_every=5, preview_every=4,
-                                            scheduler=scheduler))
+    worker = Engine(G, queue, store, vgg=load_vgg16(width=0.125),
+                    settings=EngineSettings(name="e1", invert_steps=10, progress_every=5, preview_every=4))
     obama = (FIXTURES / "faces" / "obama.jpg").read_bytes()
     buf = io.BytesIO()
     Image.new("RGB", (200, 200), (80, 80, 80)).save(buf, "PNG")
@@ -92,15 +88,14 @@ async def test_invert_jobs_get_an_image_and_bad_photos_a_reason(parts, scheduler
     assert await queue.photo(jobs["good"]) is None  # input photos are kept only until the job finishes
 
 
-@SCHEDULERS
-async def test_morph_edit_and_stronger_jobs(parts, scheduler):
+async def test_morph_edit_and_stronger_jobs(parts):
     from engine.edit import TINY_CLIP, ClipScorer
     from storage.latents import StoredLatent
 
     queue, store = parts
     G = build_builtin(registry_entries()["tiny"])
-    worker = Worker(G, queue, store, vgg=load_vgg16(width=0.125), clip_factory=lambda: ClipScorer(TINY_CLIP, None),
-                    settings=WorkerSettings(name="e2", edit_steps=5, scheduler=scheduler))
+    worker = Engine(G, queue, store, vgg=load_vgg16(width=0.125), clip_factory=lambda: ClipScorer(TINY_CLIP, None),
+                    settings=EngineSettings(name="e2", edit_steps=5))
     rng = np.random.default_rng(0)
     for user in ("alice", "bob"):
         await store.set_face(user, StoredLatent(rng.standard_normal((8, 64)).astype(np.float32), "tiny"))
@@ -134,7 +129,7 @@ async def test_a_latent_with_nan_is_never_stored_nor_rendered(parts, client):
 
     queue, store = parts
     G = build_builtin(registry_entries()["tiny"])
-    worker = Worker(G, queue, store, vgg=load_vgg16(width=0.125), settings=WorkerSettings(name="e3"))
+    worker = Engine(G, queue, store, vgg=load_vgg16(width=0.125), settings=EngineSettings(name="e3"))
     good = np.zeros((8, 64), np.float32)
     await store.set_face("bob", StoredLatent(good, "tiny"))
     bad = good.copy()
@@ -162,8 +157,8 @@ async def test_continuous_engine_fails_a_bad_photo_alone_and_answers_stronger_wh
 
     queue, store = parts
     G = build_builtin(registry_entries()["tiny"])
-    worker = Worker(G, queue, store, vgg=load_vgg16(width=0.125),
-                    settings=WorkerSettings(name="e4", invert_steps=100, progress_every=50, preview_every=100))
+    worker = Engine(G, queue, store, vgg=load_vgg16(width=0.125),
+                    settings=EngineSettings(name="e4", invert_steps=100, progress_every=50, preview_every=100))
     obama = (FIXTURES / "faces" / "obama.jpg").read_bytes()
     thin = io.BytesIO()
     Image.new("RGB", (1, 4000)).save(thin, "PNG")
@@ -205,7 +200,7 @@ async def test_continuous_engine_fails_a_bad_photo_alone_and_answers_stronger_wh
 async def test_a_stronger_is_answered_while_a_tick_is_still_running(parts, monkeypatch):
     """A tick of a big model on a CPU takes seconds: a stronger claimed during one is rendered beside it, not after
     it. The first tick is held (a gate before the real tick) until the stronger has been answered."""
-    from engine.scheduler import OptimisationPool
+    from engine.pool import OptimisationPool
     from storage.latents import StoredLatent
 
     queue, store = parts
@@ -217,8 +212,8 @@ async def test_a_stronger_is_answered_while_a_tick_is_still_running(parts, monke
         return real_tick(pool)
 
     monkeypatch.setattr(OptimisationPool, "tick", held_tick)
-    worker = Worker(build_builtin(registry_entries()["tiny"]), queue, store, vgg=load_vgg16(width=0.125),
-                    settings=WorkerSettings(name="e5", invert_steps=5))
+    worker = Engine(build_builtin(registry_entries()["tiny"]), queue, store, vgg=load_vgg16(width=0.125),
+                    settings=EngineSettings(name="e5", invert_steps=5))
     w0 = np.random.default_rng(2).standard_normal((8, 64)).astype(np.float32)
     await store.set_result("dora", "edit1", StoredLatent(w0 + 0.1, "tiny", meta={"op": "edit", "prompt": "angry"},
                                                          w0=w0))
@@ -257,8 +252,8 @@ async def test_stopping_finishes_what_ends_within_drain_s_and_leaves_the_rest_cl
     G = build_builtin(registry_entries()["tiny"])
     obama = (FIXTURES / "faces" / "obama.jpg").read_bytes()
     for drain_s, finished in ((0.0, False), (120.0, True)):
-        worker = Worker(G, queue, store, vgg=load_vgg16(width=0.125),
-                        settings=WorkerSettings(name=f"drain{drain_s}", invert_steps=200, drain_s=drain_s))
+        worker = Engine(G, queue, store, vgg=load_vgg16(width=0.125),
+                        settings=EngineSettings(name=f"drain{drain_s}", invert_steps=200, drain_s=drain_s))
         job = Job(op="invert", user_id="erin", adapter="web")
         await queue.enqueue(job, photo=obama)
         stop = asyncio.Event()
@@ -283,21 +278,21 @@ async def test_a_photo_being_aligned_does_not_hold_back_the_inversions_in_flight
     held back until the first face is answered; an engine that waited for the alignment would never answer it)."""
     import threading
 
-    import engine.worker as wk
+    import engine.handlers.invert as wk
 
     queue, store = parts
     obama = (FIXTURES / "faces" / "obama.jpg").read_bytes()
     slow_photo = obama + b"\0"  # the same face; this copy's alignment waits for the gate
-    gate, real = threading.Event(), wk._align_photo
+    gate, real = threading.Event(), wk.align_photo
 
     def align(photo, resolution):
         if photo == slow_photo:
             assert gate.wait(30), "the first face was never answered while this photo was being aligned"
         return real(photo, resolution)
 
-    monkeypatch.setattr(wk, "_align_photo", align)
-    worker = Worker(build_builtin(registry_entries()["tiny"]), queue, store, vgg=load_vgg16(width=0.125),
-                    settings=WorkerSettings(name="e1", invert_steps=60, progress_every=5))
+    monkeypatch.setattr(wk, "align_photo", align)
+    worker = Engine(build_builtin(registry_entries()["tiny"]), queue, store, vgg=load_vgg16(width=0.125),
+                    settings=EngineSettings(name="e1", invert_steps=60, progress_every=5))
     first, second = Job(op="invert", user_id="alice", adapter="web"), Job(op="invert", user_id="bob", adapter="web")
     await queue.enqueue(first, photo=obama)
     stop = asyncio.Event()
@@ -331,7 +326,7 @@ def test_without_overrides_an_engine_runs_the_default_recipes_cpu_preset(G):
 
     from engine.invert import CPU_STEPS
 
-    worker = Worker(G, SimpleNamespace(takeover_every_s=10.0), None, vgg=None)
-    assert worker._invert_steps() == CPU_STEPS == 750
-    assert (worker._refine_steps("invert"), worker._refine_steps("invert", restart=True)) == (375, 750)
-    assert worker._refine_steps("edit") == 150
+    services = Services(G, SimpleNamespace(), None, vgg=None)
+    assert services.invert_steps() == CPU_STEPS == 750
+    assert (services.refine_steps("invert"), services.refine_steps("invert", restart=True)) == (375, 750)
+    assert services.refine_steps("edit") == 150

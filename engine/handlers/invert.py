@@ -1,0 +1,76 @@
+"""/invert: a photo's face aligned (beside the ticks: dlib takes a good part of a second on a CPU), then its W+
+latent found by the default recipe as a row of the pool; stored as the user's face, with the aligned crop kept for
+refines."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from engine.align import align, likeness
+from engine.errors import StylebotError
+from engine.handlers.base import Rows
+from engine.images import jpeg_bytes, png_bytes
+from engine.pool import Finished
+from engine.services import Services
+from storage.latents import StoredLatent
+from storage.queue import Job, Write
+
+
+class Invert:
+    async def prepare(self, job: Job, s: Services) -> Rows:
+        face = await asyncio.to_thread(align_photo, await s.queue.photo(job), s.G.img_resolution)
+        steps = s.invert_steps()
+        return Rows(lambda pool: pool.add_inversion(job, face.image, steps=steps),
+                    {"target": face.image, "steps": steps, "warnings": face.warnings, "refined": 0})
+
+    async def store(self, job: Job, s: Services, work: Rows, done: Finished) -> None:
+        ctx = work.context
+        await store_face(s, job, ctx["target"], done.ws, done.image, done.psnr, ctx["steps"], ctx["warnings"],
+                         ctx["refined"])
+
+
+async def store_face(s: Services, job: Job, target: np.ndarray, ws: torch.Tensor, image: np.ndarray, psnr: float,
+                     steps: int, warnings: list[str], refined: int = 0) -> None:
+    """An inversion's result: the user's face, a rerunnable result with its aligned crop, the reply."""
+    if await s.diverged(job, ws):
+        return
+    distance = await asyncio.to_thread(likeness, target, image)
+    meta = {"op": "invert", "psnr": round(psnr, 2), "steps": steps, "refined": refined, "warnings": warnings,
+            "likeness": None if distance is None else round(distance, 3), "redo": {"op": "invert", "params": {}}}
+    latent = StoredLatent(ws.numpy(), s.G.model_id, meta=meta)
+    writes = [s.store.face_write(job.user_id, latent), s.store.result_write(job.user_id, job.job_id, latent),
+              Write(s.queue.keys.target(job.user_id, job.job_id), aligned_crop_bytes(target), s.store.result_ttl_s)]
+    text = f"your face as the {s.G.model_id} model draws it"
+    if refined:
+        text += f", refined {refined}x"
+    text += f"\nhow close to your photo: {psnr:.1f} dB PSNR (higher is closer)"
+    if distance is not None:  # dlib finds no face in a reconstruction that is not one (random models, 32 px)
+        verdict = "the same person" if distance < 0.6 else "not quite you yet"
+        text += f"; dlib's face check: {verdict} (distance {distance:.2f}, under 0.6 is a match)"
+    text += "".join(f"\nnote: {w}" for w in warnings)
+    await s.finish(job, {"text": text, "kind": "image", "result_id": job.job_id, "result_kind": "face"},
+                   payload=png_bytes(image), writes=writes)
+
+
+def align_photo(photo: bytes | None, resolution: int):
+    """The largest face of a job's photo, aligned at `resolution` (`engine.align.align`), or a refusal."""
+    if not photo:
+        raise StylebotError("the photo for this job has expired; send it again")
+    try:
+        img = Image.open(io.BytesIO(photo))
+        img.load()
+    except (UnidentifiedImageError, OSError):
+        raise StylebotError("that file is not an image I can read; send a JPEG or PNG photo") from None
+    return align(img, resolution)
+
+
+def aligned_crop_bytes(image: np.ndarray) -> bytes:
+    """The aligned crop kept for refines, as JPEG quality 95: a quarter of a PNG's bytes at 1024 px (221 against
+    911 KiB, benchmarks/users.py), which is most of what a user costs in Redis; its error (about 40 dB PSNR) is far
+    below what an inversion reaches (20-30 dB), so a refine's target is unchanged for practical purposes."""
+    return jpeg_bytes(image, quality=95)

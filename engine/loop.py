@@ -1,0 +1,398 @@
+"""The engine (`stylebot engine`): continuous batching over the job queue. One step of the loop:
+
+    claim    take new jobs while there is room (every 0.1 s during a tick too), in the order they were sent
+    forget   jobs whose users said /forget leave, unanswered, nothing of theirs stored
+    admit    each claimed job is prepared by its handler beside the ticks (a photo aligned, a latent read); prepared
+             optimisations join the pool between two ticks while it has room; a stronger / weaker renders at once
+    tick     one optimisation step of every row of the pool, in a thread (`OptimisationPool.tick`)
+    retire   rows that finished are stored, acknowledged and posted beside the next ticks
+    render   a part of the oldest long one-pass job (a morph's frames) between two ticks
+    ... and on stop, drain: rows that end within `drain_s` finish, every other job is left for another engine.
+
+This module decides only *when*; *what* each kind of job does is its handler's (`engine.handlers`, found by the
+job's op). Whatever fails for one job (its photo, its latent, a loss that blows up) fails that job alone with its
+reason. A job is acknowledged only after its result is stored, and `JobQueue.finish` stores it at most once, so a job
+reclaimed after a crash is posted once; every job this engine holds stays claimed (touched) until then. Several
+engines (one per GPU, any machines) share one queue through its consumer group with no other coordination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections import deque
+
+import redis.exceptions as redis
+
+from engine.device import compile_synthesis, pool_sizes
+from engine.errors import StylebotError
+from engine.handlers import HANDLERS, OnePass, Rows, Work
+from engine.images import jpeg_bytes
+from engine.pool import Finished, OptimisationPool
+from engine.services import SOMETHING_WENT_WRONG, EngineSettings, Services
+from storage.latents import LatentStore
+from storage.queue import Job, JobQueue
+
+log = logging.getLogger("stylebot.engine")
+
+
+class Engine:
+    """One engine process's loop (see the module's docstring)."""
+
+    def __init__(self, G, queue: JobQueue, store: LatentStore, *, vgg, clip_factory=None,
+                 settings: EngineSettings = EngineSettings()):
+        self.s = Services(G, queue, store, vgg=vgg, clip_factory=clip_factory, settings=settings)
+        self.pool = OptimisationPool(G, vgg=vgg, preview_every=settings.preview_every, precision=settings.precision)
+        self.backlog: deque[Job] = deque()   # claimed, to be prepared
+        self.preparing: dict[str, tuple[Job, asyncio.Task]] = {}  # job id -> its handler's prepare, beside the ticks
+        self.joining: list[tuple[Job, Rows]] = []  # prepared optimisations waiting for room, oldest job first
+        self.rows: dict[str, tuple[Job, Rows]] = {}  # job id -> the work of its row in the pool
+        self.passes: dict[str, tuple[Job, OnePass]] = {}  # long one-pass renders: a part between two ticks
+        self.storing: set[asyncio.Task] = set()  # results being stored while the ticks go on
+        self.forgotten: set[str] = set()     # job ids whose users said /forget: dropped before the next tick
+        self.tick_s: float | None = None     # moving average of a tick's duration: the ETA's step time
+        self.last_claim = 0.0
+        # look for engines whose heartbeat expired (their jobs are taken at once) a few times per heartbeat TTL
+        queue.takeover_every_s = min(queue.takeover_every_s, settings.heartbeat_ttl_s / 6)
+
+    @property
+    def name(self) -> str:
+        return self.s.name
+
+    @property
+    def claimed(self) -> dict[str, Job]:
+        return self.s.claimed
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until `stop` is set: claim, prepare, tick, store; then drain."""
+        s = self.s
+        if not await self._wait_for_redis(stop):
+            return
+        holder = await s.queue.engine_holder(s.name)
+        if holder and holder != s.holder and not _process_gone(holder):
+            raise StylebotError(f"an engine called {s.name} is running ({holder}); start this one with another "
+                                "--name")
+        # the first claim takes up the jobs still pending under this name: a process of the same name that died
+        # (restarted by its supervisor) is resumed at once, not after its heartbeat expires
+        log.info("engine %s serving %s", s.name, s.G.model_id)
+        if s.settings.compile:  # before the first heartbeat: the engine is online once no job would pay for compiling
+            self.pool.synthesis = await asyncio.to_thread(compile_synthesis, s.G, pool_sizes(s.settings.max_active),
+                                                          s.settings.precision)
+        keeper = asyncio.create_task(self._keep_claimed())
+        try:
+            while not stop.is_set():
+                try:
+                    await self._step()
+                except (redis.ConnectionError, redis.TimeoutError) as e:  # Redis restarting: jobs stay claimed
+                    log.warning("Redis is not answering (%s); retrying", e)
+                    await asyncio.sleep(1)
+                except redis.ResponseError:  # Redis refused a command (out of memory, a damaged key): the engine
+                    log.exception("Redis refused a command; going on")  # stays up, the jobs stay claimed
+                    await asyncio.sleep(1)
+            await self._drain()
+        finally:
+            await asyncio.gather(*self.storing, return_exceptions=True)
+            keeper.cancel()
+        try:
+            await s.queue.leave(s.name)
+        except redis.RedisError as e:  # stopping while Redis is away: the heartbeat expires on its own
+            log.warning("could not say goodbye to Redis (%s)", e)
+
+    async def _step(self) -> None:
+        await self._claim()
+        await self._cancel_forgotten()
+        await self._admit()
+        await self._join()
+        if len(self.pool):
+            await self._tick_beside()
+        elif self.preparing:  # nothing to tick: wait for a preparation (or new jobs, shortly)
+            await asyncio.wait([t for _, t in self.preparing.values()], timeout=0.05)
+        if self.passes:
+            await self._render_part()
+
+    # -- claim and admit -----------------------------------------------------------------------------------------
+
+    async def _claim(self) -> None:
+        """Take new jobs while there is room (at most every 0.1 s while busy)."""
+        s, max_active = self.s, self.s.settings.max_active
+        waiting = len(self.backlog) + len(self.preparing) + len(self.joining)
+        room = max_active - len(self.pool) - waiting
+        if room <= 0:  # full: still take one at a time (up to max_active waiting), so that a stronger / weaker
+            room = 1 if waiting < max_active else 0  # behind queued inversions is not stuck there
+        busy = bool(len(self.pool) or self.passes or self.preparing or self.joining)
+        if busy and time.monotonic() - self.last_claim < 0.1:
+            return
+        self.last_claim = time.monotonic()  # room 0: only the jobs of engines found dead (`JobQueue.claim`)
+        jobs, exhausted = await s.queue.claim(s.name, room, block_ms=None if busy or not room else 500)
+        for job in exhausted:
+            await s.fail(job, given_up(job))
+        for job in jobs:
+            s.claimed[job.job_id] = job
+            self.backlog.append(job)
+
+    async def _admit(self) -> None:
+        """Start preparing every claimed job (beside the ticks); take in the preparations that ended: an optimisation
+        waits to join the pool, a render at once starts, a long render waits for its parts between ticks."""
+        while self.backlog:
+            job = self.backlog.popleft()
+            self.preparing[job.job_id] = (job, asyncio.create_task(self._prepare(job)))
+        for job_id, (job, task) in list(self.preparing.items()):
+            if not task.done():
+                continue
+            del self.preparing[job_id]
+            if task.exception() is not None:  # Redis away: prepared again once it answers
+                log.warning("job %s could not be prepared (%s); trying again", job_id, task.exception())
+                self.backlog.append(job)
+                continue
+            work = task.result()
+            if work is None or job_id not in self.s.claimed:  # answered with a refusal, or let go meanwhile
+                continue
+            if isinstance(work, Rows):  # a job taken over from a dead engine (older) gets the next free row
+                at = next((i for i, (j, _) in enumerate(self.joining) if j.created > job.created), len(self.joining))
+                self.joining.insert(at, (job, work))
+            elif work.at_once:
+                self._beside(self._render_at_once(job, work))
+            else:
+                self.passes[job_id] = (job, work)
+
+    async def _prepare(self, job: Job) -> Work | None:
+        """The job's handler's preparation; what fails there fails that job alone (Redis away: raised, to retry)."""
+        handler = HANDLERS.get(job.op)
+        try:
+            if handler is None:
+                await self.s.fail(job, f"unknown operation {job.op!r}")
+                return None
+            return await handler.prepare(job, self.s)
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
+        except StylebotError as e:
+            await self.s.fail(job, str(e))
+        except Exception:  # noqa: BLE001 - this job's problem, not the engine's
+            log.exception("%s job %s could not start", job.op, job.job_id)
+            await self.s.fail(job, SOMETHING_WENT_WRONG)
+        return None
+
+    async def _join(self) -> None:
+        """Prepared optimisations into the pool while it has room (only between ticks)."""
+        while self.joining and len(self.pool) < self.s.settings.max_active:
+            job, work = self.joining.pop(0)
+            try:
+                work.join(self.pool)
+            except StylebotError as e:  # e.g. a CLIP that cannot run the edit recipe
+                await self.s.fail(job, str(e))
+                continue
+            except Exception:  # noqa: BLE001
+                log.exception("%s job %s could not join the pool", job.op, job.job_id)
+                await self.s.fail(job, SOMETHING_WENT_WRONG)
+                continue
+            self.rows[job.job_id] = (job, work)
+            await self.s.queue.progress(job, 0, self.pool.rows[-1].total)  # "started": no longer "waiting"
+
+    async def _cancel_forgotten(self) -> None:
+        """Jobs whose users said /forget leave wherever they are, unanswered (nothing of theirs is stored)."""
+        gone, self.forgotten = self.forgotten, set()
+        for job_id in gone:
+            job = self.s.claimed.pop(job_id, None)
+            if job is None:
+                continue
+            self.pool.drop(job)
+            self.rows.pop(job_id, None)
+            self.passes.pop(job_id, None)
+            if job in self.backlog:
+                self.backlog.remove(job)
+            if job_id in self.preparing:
+                self.preparing.pop(job_id)[1].cancel()
+            self.joining = [(j, w) for j, w in self.joining if j is not job]
+            await self.s.queue.drop(job)
+            log.info("job %s: its user said /forget; stopped", job_id)
+
+    # -- tick and retire -----------------------------------------------------------------------------------------
+
+    async def _tick_beside(self) -> None:
+        """A tick, while new jobs are claimed and prepared beside it (every 0.1 s): a stronger / weaker claimed
+        meanwhile is rendered at once in its own thread, not after the tick (a tick of a big model on a CPU takes
+        seconds). The pool itself changes only between ticks."""
+        tick = asyncio.create_task(self._tick())
+        try:
+            while not tick.done():
+                await asyncio.wait([tick], timeout=0.1)
+                if not tick.done():
+                    await self._claim()
+                    await self._admit()
+        except BaseException:  # Redis away while claiming: nothing touches the pool before its tick is over
+            await asyncio.wait([tick])
+            raise
+        await tick
+
+    async def _tick(self) -> None:
+        """One step of every row (in a thread); the rows that finished go to be stored (first: Redis failing while
+        progress is sent must not lose them), then progress and previews."""
+        s, settings = self.s, self.s.settings
+        started = time.monotonic()
+        try:
+            report = await asyncio.to_thread(self.pool.tick)
+        except Exception:  # noqa: BLE001 - the shared step broke (a bug, out of memory): the jobs go back
+            log.exception("a tick of %d rows failed; their jobs are left for a retry", len(self.pool))
+            for row in list(self.pool.rows):
+                self._leave(row.key)  # no longer touched: reclaimed after reclaim_idle_s
+                await s.queue.strike(row.key)  # raised here: counted against it (one of them is the cause)
+            return
+        took = time.monotonic() - started
+        self.tick_s = took if self.tick_s is None else 0.8 * self.tick_s + 0.2 * took
+        for done in report.finished:  # stored beside the next ticks: the likeness check, PNGs, Redis writes
+            job, work = self.rows.pop(done.key.job_id)
+            self._beside(self._store(job, work, done))
+        for job, step, total, _ in report.progress:
+            if step % settings.progress_every == 0 and step < total:
+                await s.queue.progress(job, step, total, eta_s=self.tick_s * (total - step))
+        for job, step, total, image in report.previews:
+            await s.queue.progress(job, step, total, preview=jpeg_bytes(image, quality=80, size=settings.preview_size),
+                                   eta_s=self.tick_s * (total - step))
+
+    async def _render_at_once(self, job: Job, work: OnePass) -> None:
+        try:
+            outcome = None
+            while outcome is None:
+                outcome = await asyncio.to_thread(work.render)
+        except Exception:  # noqa: BLE001 - this job's problem, not the engine's
+            log.exception("%s job %s failed", job.op, job.job_id)
+            await self.s.fail(job, SOMETHING_WENT_WRONG)
+            return
+        await self._store(job, work, outcome)
+
+    async def _render_part(self) -> None:
+        """The next part of the oldest long render; stored beside the next ticks once whole."""
+        job, work = next(iter(self.passes.values()))
+        try:
+            outcome = await asyncio.to_thread(work.render)
+        except Exception:  # noqa: BLE001 - this job's problem, not the engine's
+            del self.passes[job.job_id]
+            log.exception("%s job %s failed", job.op, job.job_id)
+            await self.s.fail(job, SOMETHING_WENT_WRONG)
+            return
+        if outcome is not None:
+            del self.passes[job.job_id]
+            self._beside(self._store(job, work, outcome))
+
+    async def _store(self, job: Job, work: Work, outcome) -> None:
+        """A finished job's result stored, acknowledged and posted by its handler (or its failure). If Redis breaks
+        meanwhile, the job is let go unacknowledged, so that it is run again rather than lost."""
+        s = self.s
+        if job.job_id not in s.claimed:  # its user said /forget meanwhile
+            return
+        try:
+            if isinstance(outcome, Finished):
+                if outcome.error:
+                    await s.fail(job, outcome.error)
+                    return
+                await s.queue.progress(job, outcome.steps, outcome.steps)  # the last step, just before the result
+            await HANDLERS[job.op].store(job, s, work, outcome)
+        except (redis.ConnectionError, redis.TimeoutError):
+            log.exception("storing the result of %s failed; it is left for a retry", job.job_id)
+            s.let_go(job)
+        except Exception:  # noqa: BLE001 - this job's problem, not the engine's
+            log.exception("storing the result of %s job %s failed", job.op, job.job_id)
+            try:
+                await s.fail(job, SOMETHING_WENT_WRONG)
+            except redis.RedisError:
+                s.let_go(job)
+
+    def _beside(self, coro) -> None:
+        """Run `coro` as a task beside the loop, awaited before the engine stops."""
+        task = asyncio.create_task(coro)
+        self.storing.add(task)
+        task.add_done_callback(self.storing.discard)
+
+    # -- around the loop -----------------------------------------------------------------------------------------
+
+    async def _keep_claimed(self) -> None:
+        """Heartbeat, and keep every job this engine holds claimed (waiting or running), so none is taken over;
+        note the jobs whose users said /forget."""
+        s = self.s
+        while True:
+            try:
+                await s.queue.beat(s.name, s.G.model_id, s.settings.heartbeat_ttl_s, s.holder)
+                held = list(s.claimed.values())
+                await s.queue.touch(s.name, held)
+                self.forgotten.update(j.job_id for j, ok in zip(held, await s.queue.wanted(held)) if not ok)
+            except redis.RedisError as e:
+                log.warning("heartbeat failed (%s)", e)
+            await asyncio.sleep(min(s.settings.heartbeat_ttl_s, s.queue.reclaim_idle_ms / 1000) / 3)
+
+    async def _wait_for_redis(self, stop: asyncio.Event) -> bool:
+        """Create the queue's groups, waiting for Redis as long as it takes (backoff 1 s doubling to 30 s, a log
+        line per try); False when told to stop first."""
+        delay = 1.0
+        while not stop.is_set():
+            attempt = asyncio.create_task(self.s.queue.ensure_groups())
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait([attempt, stopped], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if not attempt.done():  # told to stop while the client was still retrying
+                attempt.cancel()
+                return False
+            try:
+                attempt.result()
+                return True
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                log.warning("Redis is not answering (%s); trying again in %.0f s", e, delay)
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+                delay = min(30.0, delay * 2)
+        return False
+
+    async def _drain(self) -> None:
+        """Stopping: rows that end within `drain_s` (at the measured tick rate) are finished; every other job is left
+        unacknowledged for another engine (reclaimed after `reclaim_idle_s`)."""
+        s, drain_s = self.s, self.s.settings.drain_s
+        deadline, step_s = time.monotonic() + drain_s, self.tick_s or 0.0
+        for _, task in self.preparing.values():
+            task.cancel()
+        for job in [*self.backlog, *(j for j, _ in self.preparing.values()), *(j for j, _ in self.joining),
+                    *(j for j, _ in self.passes.values())]:
+            s.let_go(job)
+        self.backlog.clear()
+        self.preparing.clear()
+        self.joining.clear()
+        self.passes.clear()
+        for row in list(self.pool.rows):
+            if step_s * (row.total - row.step) > drain_s:
+                self._leave(row.key)
+        if len(self.pool):
+            log.info("finishing %d job(s) before stopping", len(self.pool))
+        while len(self.pool) and time.monotonic() < deadline:
+            await self._tick()
+        for row in list(self.pool.rows):
+            self._leave(row.key)
+
+    def _leave(self, job: Job) -> None:
+        """A row out of the pool, its job let go unanswered."""
+        self.pool.drop(job)
+        self.rows.pop(job.job_id, None)
+        self.s.let_go(job)
+
+
+def given_up(job: Job) -> str:
+    """The answer to a job handed out more than `max_deliveries` times: its own fault only if it raised."""
+    if job.strikes:
+        return "this job failed on the engine several times; try another photo or prompt"
+    return "the engine restarted while working on this; please send it again"
+
+
+def _process_gone(holder: str) -> bool:
+    """Whether the process "host:pid" no longer runs; a process on another host cannot be checked: not gone."""
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it runs, as another user
+        return False
+    return False
