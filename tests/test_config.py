@@ -36,6 +36,8 @@ def test_every_dataclass_option_is_in_config_toml():
     ("[engin]\n", "unknown section(s) ['engin']"),
     ("[weights]\ndownload_timeout = 'soon'\n", "download_timeout must be float"),
     ("[engine\n", "config.toml"),
+    ('[engine]\nscheduler = "static"\n', "[engine] scheduler was removed: the engine always batches continuously now"),
+    ("[queue]\nbatch_size = 8\n", "[queue] batch_size was removed: it sized the static scheduler's batches"),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, body, message):
     p = tmp_path / "config.toml"
