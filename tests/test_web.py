@@ -1,9 +1,13 @@
 """The local web chat in a real browser (Debian's chromium, driven by Playwright) against a real Redis and a real
-tiny engine: upload a face, see it come back, edit it, click "stronger", morph with a second tab's face."""
+tiny engine: upload a face, see it come back, edit it, click "stronger", morph with a second tab's face.
+
+With STYLEBOT_SCREENSHOT=path.png set, the first test also saves the page as it shows the first face (a phone-sized
+window): that is how docs/images/web-chat.png is made."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 
 import pytest
@@ -114,6 +118,8 @@ async def test_upload_edit_stronger_and_morph_in_a_browser(web):
     await alice.wait_for_function(LAST_IN_VIEW, timeout=5_000)
     ARTIFACTS.mkdir(exist_ok=True)
     await alice.screenshot(path=str(ARTIFACTS / "web-chat-face.png"))
+    if screenshot := os.environ.get("STYLEBOT_SCREENSHOT"):
+        await alice.screenshot(path=screenshot)
 
     await send(alice, "/edit smiling")
     await expect(results).to_have_count(2, timeout=60_000)
