@@ -6,11 +6,11 @@ import argparse
 import sys
 
 from bot.config import load_config
-from engine.errors import StylebotError, set_prog
+from storage.errors import StylebotError, set_prog
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine import cli as engine_cli
+    from bot import model_commands, serve
 
     parser = argparse.ArgumentParser(
         prog="stylebot",
@@ -18,10 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="config file (default: $STYLEBOT_CONFIG, else ./config.toml, else defaults)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from bot import serve
-
     serve.add_commands(sub)
-    engine_cli.add_commands(sub)
+    model_commands.add_commands(sub)
     return parser
 
 

@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.errors import StylebotError
+from storage.errors import StylebotError
 
 ENV_CONFIG = "STYLEBOT_CONFIG"
 ENV_REDIS_URL = "STYLEBOT_REDIS_URL"    # overrides [redis] url (containers name their Redis by service)

@@ -27,8 +27,8 @@ from urllib.parse import urlparse
 
 from bot.config import ENV_REDIS_URL, Config
 from bot.logs import setup_logging
-from engine.cli import positive_int
-from engine.errors import StylebotError
+from bot.model_commands import positive_int
+from storage.errors import StylebotError
 from storage.keys import Keys
 from storage.queue import MIN_REDIS, JobQueue, redis_release
 

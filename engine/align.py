@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-from engine.errors import StylebotError
+from storage.errors import StylebotError
 
 DETECT_MAX_SIDE = 1600          # photos are scaled down to this for detection; landmarks use the full image
 MIN_EYE_DISTANCE = 20.0         # px between eye centres below which a face is refused

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from engine import safe_pickle
-from engine.errors import StylebotError
+from storage.errors import StylebotError
 from engine.ops import fir_filter
 from engine import stylegan1
 from engine.stylegan2 import ARCHITECTURES, Generator, StyleGAN2Config

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.device import autocast_for
-from engine.errors import StylebotError
+from storage.errors import StylebotError
 from engine.images import to_uint8
 from engine.optim import Preview, Progress, adam_step, lr_schedule, report
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import StylebotError, command
+from storage.errors import StylebotError, command
 
 
 FAMILY_NAMES = {"stylegan2": "StyleGAN2", "stylegan1": "StyleGAN1"}

@@ -28,7 +28,7 @@ from collections import deque
 import redis.exceptions as redis
 
 from engine.device import compile_synthesis, pool_sizes
-from engine.errors import StylebotError
+from storage.errors import StylebotError
 from engine.handlers import HANDLERS, OnePass, Rows, Work
 from engine.images import jpeg_bytes
 from engine.pool import Finished, OptimisationPool

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import StylebotError
+from storage.errors import StylebotError
 from engine.perceptual import RELU, VGG16Features
 
 LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")  # lpips.pretrained_networks.vgg16's five slices

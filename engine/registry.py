@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from engine.errors import StylebotError, command
+from storage.errors import StylebotError, command
 from engine.checkpoints import FAMILIES, CheckpointError, estimate_w_avg, load_generator, sniff_format
 from engine.stylegan2 import Generator
 

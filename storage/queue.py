@@ -27,7 +27,7 @@ from typing import Any
 import redis.asyncio as redis
 from redis.exceptions import ResponseError
 
-from engine.errors import StylebotError
+from storage.errors import StylebotError
 from storage.keys import ADAPTER_GROUP, ENGINE_GROUP, Keys, as_str
 from storage.migrate import migrate
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import engine.errors
+import storage.errors
 from bot.cli import main
 from bot.config import LimitsConfig
 from bot.photos import check_photo
 from conftest import FIXTURES
 from engine.align import AlignError, align
-from engine.errors import prog_for
+from storage.errors import prog_for
 from engine.latent_files import Latent, LatentError, save_latent
 
 OBAMA = FIXTURES / "faces" / "obama.jpg"
@@ -276,7 +276,7 @@ def test_a_model_without_a_download_link_gets_the_same_hint_from_both_commands(t
 
 
 def test_hints_name_stylebot_as_it_was_started(tmp_path, cli, monkeypatch):
-    monkeypatch.setattr(engine.errors, "_prog", "stylebot")  # restored afterwards for the tests that follow
+    monkeypatch.setattr(storage.errors, "_prog", "stylebot")  # restored afterwards for the tests that follow
     monkeypatch.setenv("PATH", str(tmp_path))  # no `stylebot` on PATH: the venv is not active
     monkeypatch.setattr(sys, "argv", [".venv/bin/stylebot"])
     rc, err = cli("generate", "--model", "ffhq-256", "--out", tmp_path / "x.png")

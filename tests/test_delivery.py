@@ -230,7 +230,7 @@ async def test_an_engine_restarted_under_its_name_takes_up_its_dead_predecessors
 
     import pytest
 
-    from engine.errors import StylebotError
+    from storage.errors import StylebotError
 
     stack = Stack(client)
     rec = Recorder()

@@ -18,7 +18,7 @@ import pytest
 from bot import serve
 from bot.config import ENV_REDIS_URL, load_config
 from bot.serve import free_port, redis_answers
-from engine.errors import StylebotError
+from storage.errors import StylebotError
 from conftest import FIXTURES, ROOT
 
 

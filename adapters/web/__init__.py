@@ -33,7 +33,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError, RedisError
 from adapters.base import EventPump, Result
 from bot.core import ACTIONS, BUSY, BotCore, Command, human_size
 from storage.keys import as_str
-from engine.errors import command as cli_command
+from storage.errors import command as cli_command
 
 log = logging.getLogger("stylebot.web")
 

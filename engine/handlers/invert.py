@@ -12,7 +12,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from engine.align import align, likeness
-from engine.errors import StylebotError
+from storage.errors import StylebotError
 from engine.handlers.base import Rows
 from engine.images import jpeg_bytes, png_bytes
 from engine.pool import Finished

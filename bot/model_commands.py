@@ -1,4 +1,7 @@
-"""Engine subcommands of `stylebot`: generate, weights. Heavy imports (torch) happen inside the handlers."""
+"""The `stylebot` subcommands that load a model: generate, invert, morph, edit, engine, weights, latent. They live
+in `bot/`, the product's shell, and import the engine (and torch) only inside their handlers: building the parser,
+as every front end's process does, loads neither. The engine itself never reads config.toml: these commands turn it
+into the engine's settings."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from bot.config import Config, LimitsConfig
-from engine.errors import StylebotError, command
+from storage.errors import StylebotError, command
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

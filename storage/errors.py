@@ -1,5 +1,6 @@
 """The base of every error whose message is meant for a person: one line, shown without a traceback; and `command`,
-which names a stylebot command the way this user can run it."""
+which names a stylebot command the way this user can run it. Every process raises these, so they live in the layer
+every other one stands on (`storage` imports no other package of ours)."""
 
 from __future__ import annotations
 
