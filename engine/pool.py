@@ -35,7 +35,7 @@ log = logging.getLogger("stylebot.engine")
 class Row:
     """One optimisation in the pool."""
 
-    key: Any                            # the caller's handle (the worker's job)
+    key: Any                            # the caller's handle (the engine's job)
     kind: str                           # "invert" | "edit"
     total: int                          # steps to run
     step: int = 0                       # steps done

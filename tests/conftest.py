@@ -192,7 +192,7 @@ class Stack:
         chat = chat or ChatConfig(progress_interval_s=0.0)
         self.core = BotCore(self.queue, self.store, limits or LimitsConfig(), chat=chat)
         G = build_builtin(registry_entries()[model])
-        self.worker = Engine(G, self.queue, self.store, vgg=load_vgg16(width=0.125),
+        self.engine = Engine(G, self.queue, self.store, vgg=load_vgg16(width=0.125),
                              clip_factory=lambda: ClipScorer(TINY_CLIP, None),
                              settings=EngineSettings(name="test-engine", invert_steps=invert_steps,
                                                      edit_steps=edit_steps, progress_every=5, preview_every=10,
@@ -204,11 +204,11 @@ class Stack:
         import asyncio
 
         self._stop = asyncio.Event()
-        self._task = asyncio.create_task(self.worker.run(self._stop))
+        self._task = asyncio.create_task(self.engine.run(self._stop))
         # online before the test speaks: a command sent while the engine is still starting is answered "waiting for
         # the engine, which is offline", which is right, but not what a test of a running engine expects
         async def online():
-            while self.worker.name not in await self.queue.engines_online():
+            while self.engine.name not in await self.queue.engines_online():
                 if self._task.done():
                     self._task.result()  # the engine failed to start: its error, not a timeout
                 await asyncio.sleep(0.02)

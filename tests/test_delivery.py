@@ -57,11 +57,11 @@ async def test_an_engine_started_before_redis_waits_for_it(client, unused_tcp_po
 
     stack = Stack(client)
     absent = connect(f"redis://127.0.0.1:{unused_tcp_port}/0", pool_timeout_s=1)
-    worker = stack.worker
-    worker.s.queue = JobQueue(absent, Keys("nowhere:"))
-    worker.s.store = LatentStore(absent, Keys("nowhere:"))
+    engine = stack.engine
+    engine.s.queue = JobQueue(absent, Keys("nowhere:"))
+    engine.s.store = LatentStore(absent, Keys("nowhere:"))
     stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
+    task = asyncio.create_task(engine.run(stop))
     await asyncio.sleep(3)
     assert not task.done()  # still waiting, not crashed
     stop.set()
@@ -208,7 +208,7 @@ async def test_an_engine_keeps_the_jobs_waiting_for_a_row_claimed(client):
         while not any(e["step"] > 0 for e in await stack.queue.read_progress(sub, 0.1)):
             pass  # the inversion runs
         await sub.aclose()
-        while len(stack.worker.claimed) < 2:  # the edit is claimed too, and waits for the inversion's row
+        while len(stack.engine.claimed) < 2:  # the edit is claimed too, and waits for the inversion's row
             await asyncio.sleep(0.05)
         other = type(stack.queue)(client, stack.keys, reclaim_idle_ms=1000)
         other.takeover_every_s = 3600
@@ -216,7 +216,7 @@ async def test_an_engine_keeps_the_jobs_waiting_for_a_row_claimed(client):
             await asyncio.sleep(0.75)
             taken, _ = await other.claim("other-engine", 8, block_ms=10)
             assert taken == [], [j.op for j in taken]
-        assert len(stack.worker.rows) == 1 and len(stack.worker.joining) == 1  # still waiting: the test held
+        assert len(stack.engine.rows) == 1 and len(stack.engine.joining) == 1  # still waiting: the test held
     finally:
         await stack.close()
 
@@ -245,7 +245,7 @@ async def test_an_engine_restarted_under_its_name_takes_up_its_dead_predecessors
         held, _ = await predecessor.claim("gpu0", 10, block_ms=100)  # it took them, then died
         await predecessor.beat("gpu0", "tiny", 600, holder=f"{socket.gethostname()}:{dead.pid}")
         assert len(held) == 3
-        stack.worker.s.name = "gpu0"
+        stack.engine.s.name = "gpu0"
         await stack.start_engine()
         await answered(pump, rec, 3, timeout=30)  # reclaiming them would take 60 s
         assert sorted(r.job_id for r in rec.results) == sorted(j.job_id for j in held)
@@ -256,7 +256,7 @@ async def test_an_engine_restarted_under_its_name_takes_up_its_dead_predecessors
         try:
             await stack.queue.beat("gpu0", "tiny", 600, holder=f"{socket.gethostname()}:{alive.pid}")
             with pytest.raises(StylebotError, match=r"an engine called gpu0 is running \(.*\); start this one with"):
-                await stack.worker.run(asyncio.Event())
+                await stack.engine.run(asyncio.Event())
         finally:
             alive.kill()
     finally:

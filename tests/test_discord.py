@@ -112,7 +112,7 @@ async def test_invert_edit_a_reaction_and_a_button(discord_api, stack):
 
     # 👌 on the face: refine it; progress edits the channel message that said "refining: " (a refine long enough
     # for progress to come before the result: progress that arrives with its result is not shown)
-    stack.worker.s.settings = dataclasses.replace(stack.worker.s.settings, invert_steps=200)
+    stack.engine.s.settings = dataclasses.replace(stack.engine.s.settings, invert_steps=200)
     seen = len(fake.calls)
     await fake.react(alice, fake.messages[face.response["id"]], "👌")
     queued = await fake.wait_for(channel_post(fake, "refining: "), after=seen)

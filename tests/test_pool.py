@@ -106,7 +106,7 @@ async def test_a_long_morph_renders_between_ticks_and_makes_the_same_gif(client)
     await queue.ensure_groups(adapters=("web",))
     G = build_builtin(registry_entries()["tiny"])
     settings = EngineSettings(name="m1", invert_steps=2, morph_chunk=4)
-    worker = Engine(G, queue, store, vgg=load_vgg16(width=0.125), settings=settings)
+    engine = Engine(G, queue, store, vgg=load_vgg16(width=0.125), settings=settings)
     rng = np.random.default_rng(0)
     faces = {user: rng.standard_normal((8, 64)).astype(np.float32) for user in ("alice", "bob")}
     for user, ws in faces.items():
@@ -117,7 +117,7 @@ async def test_a_long_morph_renders_between_ticks_and_makes_the_same_gif(client)
     await queue.enqueue(invert_job, photo=(FIXTURES / "faces" / "obama.jpg").read_bytes())
 
     stop, answers = asyncio.Event(), []
-    task = asyncio.create_task(worker.run(stop))
+    task = asyncio.create_task(engine.run(stop))
     try:
         for _ in range(300):
             for entry_id, event in await queue.read_events("web", "web-test", block_ms=200):

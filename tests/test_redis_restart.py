@@ -58,10 +58,10 @@ async def test_jobs_survive_a_redis_restart(tmp_path):
 
         server.terminate()  # Redis goes away (SIGTERM: it finishes its append-only file) ...
         server.wait(10)
-        worker = Engine(build_builtin(registry_entries()["tiny"]), queue, LatentStore(client, keys),
+        engine = Engine(build_builtin(registry_entries()["tiny"]), queue, LatentStore(client, keys),
                         vgg=load_vgg16(width=0.125), settings=EngineSettings(name="e", invert_steps=5))
         stop = asyncio.Event()
-        task = asyncio.create_task(worker.run(stop))  # ... the engine starts while it is down ...
+        task = asyncio.create_task(engine.run(stop))  # ... the engine starts while it is down ...
         await asyncio.sleep(1.0)
         server = _start_redis(port, tmp_path)  # ... and it comes back
 

@@ -152,7 +152,7 @@ async def test_the_bot_runs_on_a_stylegan1_engine_and_says_when_the_engine_chang
         assert morph.ok and morph.payload[:6] == b"GIF89a"
         assert edited.ok and edited.text == "edited: a smiling face"
 
-        stack.worker.s.G = build_builtin(registry_entries()["tiny"])  # the engine restarted on another family
+        stack.engine.s.G = build_builtin(registry_entries()["tiny"])  # the engine restarted on another family
         reply = await core.handle(say("/edit angry"))
         assert reply.job_id, reply.text
         [(_, refused, _)] = await answer(pump, rec, 1)

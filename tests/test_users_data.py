@@ -64,7 +64,7 @@ async def render_and_store(stack: Stack, job: Job) -> None:
     """Run a claimed one-pass job (a morph) to its end through its handler, as the engine's loop does."""
     from engine.handlers import HANDLERS
 
-    handler, services = HANDLERS[job.op], stack.worker.s
+    handler, services = HANDLERS[job.op], stack.engine.s
     work = await handler.prepare(job, services)
     outcome = None
     while outcome is None:
@@ -103,7 +103,7 @@ async def test_forget_while_jobs_run_and_wait_leaves_no_trace_and_answers_nothin
         assert reply.text.startswith("done: deleted everything") and reply.forgotten
 
         async def engine_let_go() -> bool:
-            return not stack.worker.claimed and await stack.queue.pending_count() == 0
+            return not stack.engine.claimed and await stack.queue.pending_count() == 0
         await wait_for(engine_let_go)
         for _ in range(3):
             await pump.step(block_ms=100)

@@ -32,11 +32,11 @@ async def parts(client):
         await client.delete(key)
 
 
-async def _run_until_answered(worker: Engine, queue: JobQueue, n: int, timeout: float = 60,
+async def _run_until_answered(engine: Engine, queue: JobQueue, n: int, timeout: float = 60,
                               progress: list | None = None) -> list[dict]:
     stop = asyncio.Event()
     sub = await queue.listen_progress("web")
-    task = asyncio.create_task(worker.run(stop))
+    task = asyncio.create_task(engine.run(stop))
     answers: list[dict] = []
     deadline = asyncio.get_running_loop().time() + timeout
     while len(answers) < n and asyncio.get_running_loop().time() < deadline:
@@ -56,7 +56,7 @@ async def _run_until_answered(worker: Engine, queue: JobQueue, n: int, timeout: 
 async def test_invert_jobs_get_an_image_and_bad_photos_a_reason(parts):
     queue, store = parts
     G = build_builtin(registry_entries()["tiny"])
-    worker = Engine(G, queue, store, vgg=load_vgg16(width=0.125),
+    engine = Engine(G, queue, store, vgg=load_vgg16(width=0.125),
                     settings=EngineSettings(name="e1", invert_steps=10, progress_every=5, preview_every=4))
     obama = (FIXTURES / "faces" / "obama.jpg").read_bytes()
     buf = io.BytesIO()
@@ -71,7 +71,7 @@ async def test_invert_jobs_get_an_image_and_bad_photos_a_reason(parts):
     await queue.enqueue(jobs["notimage"], photo=b"%PDF-1.4 not a photo")
 
     progress: list[dict] = []
-    answers = {a["job_id"]: a for a in await _run_until_answered(worker, queue, 3, progress=progress)}
+    answers = {a["job_id"]: a for a in await _run_until_answered(engine, queue, 3, progress=progress)}
     good = answers[jobs["good"].job_id]
     steps = [(p["step"], p["total"]) for p in progress if "preview" not in p]
     assert (5, 10) in steps and (10, 10) in steps
@@ -94,7 +94,7 @@ async def test_morph_edit_and_stronger_jobs(parts):
 
     queue, store = parts
     G = build_builtin(registry_entries()["tiny"])
-    worker = Engine(G, queue, store, vgg=load_vgg16(width=0.125), clip_factory=lambda: ClipScorer(TINY_CLIP, None),
+    engine = Engine(G, queue, store, vgg=load_vgg16(width=0.125), clip_factory=lambda: ClipScorer(TINY_CLIP, None),
                     settings=EngineSettings(name="e2", edit_steps=5))
     rng = np.random.default_rng(0)
     for user in ("alice", "bob"):
@@ -106,7 +106,7 @@ async def test_morph_edit_and_stronger_jobs(parts):
     nobody = Job(op="edit", user_id="carol", adapter="web", params={"prompt": "angry"})
     for job in (morph_job, stale, edit_job, nobody):
         await queue.enqueue(job)
-    answers = {a["job_id"]: a for a in await _run_until_answered(worker, queue, 4)}
+    answers = {a["job_id"]: a for a in await _run_until_answered(engine, queue, 4)}
     gif = Image.open(io.BytesIO(answers[morph_job.job_id]["payload"]))
     assert gif.format == "GIF" and gif.n_frames == 6
     assert "made with model ffhq-1024" in answers[stale.job_id]["error"]
@@ -115,7 +115,7 @@ async def test_morph_edit_and_stronger_jobs(parts):
 
     stronger = Job(op="restyle", user_id="alice", adapter="web", params={"result_id": edit_job.job_id, "factor": 1.5})
     await queue.enqueue(stronger)
-    answer = (await _run_until_answered(worker, queue, 1))[0]
+    answer = (await _run_until_answered(engine, queue, 1))[0]
     assert answer["type"] == "done" and "x1.50" in answer["text"]
     edited, strong = await store.result("alice", edit_job.job_id), await store.result("alice", stronger.job_id)
     assert np.allclose(strong.ws - strong.w0, 1.5 * (edited.ws - edited.w0), atol=1e-5)
@@ -129,7 +129,7 @@ async def test_a_latent_with_nan_is_never_stored_nor_rendered(parts, client):
 
     queue, store = parts
     G = build_builtin(registry_entries()["tiny"])
-    worker = Engine(G, queue, store, vgg=load_vgg16(width=0.125), settings=EngineSettings(name="e3"))
+    engine = Engine(G, queue, store, vgg=load_vgg16(width=0.125), settings=EngineSettings(name="e3"))
     good = np.zeros((8, 64), np.float32)
     await store.set_face("bob", StoredLatent(good, "tiny"))
     bad = good.copy()
@@ -142,7 +142,7 @@ async def test_a_latent_with_nan_is_never_stored_nor_rendered(parts, client):
     morph = Job(op="morph", user_id="bob", adapter="web", params={"a": "bob", "b": "alice", "frames": 4,
                                                                  "names": {"alice": "@alice"}})
     await queue.enqueue(morph)
-    [answer] = await _run_until_answered(worker, queue, 1)
+    [answer] = await _run_until_answered(engine, queue, 1)
     assert answer["type"] == "failed"
     assert answer["error"] == ("the stored face of @alice is damaged (it holds invalid numbers): "
                                "send the photo again with /invert")
@@ -157,7 +157,7 @@ async def test_continuous_engine_fails_a_bad_photo_alone_and_answers_stronger_wh
 
     queue, store = parts
     G = build_builtin(registry_entries()["tiny"])
-    worker = Engine(G, queue, store, vgg=load_vgg16(width=0.125),
+    engine = Engine(G, queue, store, vgg=load_vgg16(width=0.125),
                     settings=EngineSettings(name="e4", invert_steps=100, progress_every=50, preview_every=100))
     obama = (FIXTURES / "faces" / "obama.jpg").read_bytes()
     thin = io.BytesIO()
@@ -172,7 +172,7 @@ async def test_continuous_engine_fails_a_bad_photo_alone_and_answers_stronger_wh
 
     stop = asyncio.Event()
     sub = await queue.listen_progress("web")
-    task = asyncio.create_task(worker.run(stop))
+    task = asyncio.create_task(engine.run(stop))
     order: list[str] = []
     answers: dict[str, dict] = {}
     stronger = Job(op="restyle", user_id="dora", adapter="web", params={"result_id": "edit1", "factor": 1.5})
@@ -194,7 +194,7 @@ async def test_continuous_engine_fails_a_bad_photo_alone_and_answers_stronger_wh
     assert all(answers[j.job_id]["type"] == "done" and answers[j.job_id]["result_kind"] == "face" for j in good)
     assert answers[stronger.job_id]["type"] == "done" and "x1.50" in answers[stronger.job_id]["text"]
     assert order.index(stronger.job_id) < min(order.index(j.job_id) for j in good)
-    assert worker.claimed == {}  # every job this engine took was answered
+    assert engine.claimed == {}  # every job this engine took was answered
 
 
 async def test_a_stronger_is_answered_while_a_tick_is_still_running(parts, monkeypatch):
@@ -212,7 +212,7 @@ async def test_a_stronger_is_answered_while_a_tick_is_still_running(parts, monke
         return real_tick(pool)
 
     monkeypatch.setattr(OptimisationPool, "tick", held_tick)
-    worker = Engine(build_builtin(registry_entries()["tiny"]), queue, store, vgg=load_vgg16(width=0.125),
+    engine = Engine(build_builtin(registry_entries()["tiny"]), queue, store, vgg=load_vgg16(width=0.125),
                     settings=EngineSettings(name="e5", invert_steps=5))
     w0 = np.random.default_rng(2).standard_normal((8, 64)).astype(np.float32)
     await store.set_result("dora", "edit1", StoredLatent(w0 + 0.1, "tiny", meta={"op": "edit", "prompt": "angry"},
@@ -229,7 +229,7 @@ async def test_a_stronger_is_answered_while_a_tick_is_still_running(parts, monke
                 answers[event["job_id"]] = event
 
     stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
+    task = asyncio.create_task(engine.run(stop))
     try:
         assert await asyncio.to_thread(entered.wait, 60)  # the inversion's first tick has begun, and waits
         stronger = Job(op="restyle", user_id="dora", adapter="web", params={"result_id": "edit1", "factor": 1.5})
@@ -252,13 +252,13 @@ async def test_stopping_finishes_what_ends_within_drain_s_and_leaves_the_rest_cl
     G = build_builtin(registry_entries()["tiny"])
     obama = (FIXTURES / "faces" / "obama.jpg").read_bytes()
     for drain_s, finished in ((0.0, False), (120.0, True)):
-        worker = Engine(G, queue, store, vgg=load_vgg16(width=0.125),
+        engine = Engine(G, queue, store, vgg=load_vgg16(width=0.125),
                         settings=EngineSettings(name=f"drain{drain_s}", invert_steps=200, drain_s=drain_s))
         job = Job(op="invert", user_id="erin", adapter="web")
         await queue.enqueue(job, photo=obama)
         stop = asyncio.Event()
         sub = await queue.listen_progress("web")
-        task = asyncio.create_task(worker.run(stop))
+        task = asyncio.create_task(engine.run(stop))
         running = False
         while not running:
             running = any(e["job_id"] == job.job_id and e["step"] > 0 for e in await queue.read_progress(sub, 0.1))
@@ -291,12 +291,12 @@ async def test_a_photo_being_aligned_does_not_hold_back_the_inversions_in_flight
         return real(photo, resolution)
 
     monkeypatch.setattr(wk, "align_photo", align)
-    worker = Engine(build_builtin(registry_entries()["tiny"]), queue, store, vgg=load_vgg16(width=0.125),
+    engine = Engine(build_builtin(registry_entries()["tiny"]), queue, store, vgg=load_vgg16(width=0.125),
                     settings=EngineSettings(name="e1", invert_steps=60, progress_every=5))
     first, second = Job(op="invert", user_id="alice", adapter="web"), Job(op="invert", user_id="bob", adapter="web")
     await queue.enqueue(first, photo=obama)
     stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
+    task = asyncio.create_task(engine.run(stop))
     sub = await queue.listen_progress("web")
     while not any(p.get("job_id") == first.job_id and p.get("step", 0) >= 5
                   for p in await queue.read_progress(sub, timeout_s=0.2)):
