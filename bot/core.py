@@ -89,20 +89,6 @@ class Reply:
     forgotten: bool = False             # /forget went through: adapters drop what they hold about the user too
 
 
-# A user's @name: taken when free or already theirs (the TTL refreshed), never taken from someone else; a new name
-# frees the old one. KEYS: name index, display name, the user's name key. ARGV: user id, "adapter:name", TTL.
-# Returns the name's owner.
-_CLAIM_NAME = """
-local owner = redis.call('GET', KEYS[1])
-if owner and owner ~= ARGV[1] then return owner end
-local old = redis.call('GET', KEYS[3])
-if old and old ~= KEYS[1] and redis.call('GET', old) == ARGV[1] then redis.call('DEL', old) end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-redis.call('SET', KEYS[3], KEYS[1], 'EX', ARGV[3])
-return ARGV[1]
-"""
-
 INVISIBLE = {"Cc", "Cf", "Co", "Cn", "Cs"}  # control, format (zero-width), private-use, unassigned, surrogates
 
 
@@ -116,7 +102,6 @@ class BotCore:
                  edit: EditConfig = EditConfig(), chat: ChatConfig = ChatConfig()):
         self.queue, self.store, self.limits, self.edit, self.chat = queue, store, limits, edit, chat
         self.keys: Keys = queue.keys
-        self._claim_name = queue.r.register_script(_CLAIM_NAME)
         # photos are decoded in threads, off the event loop; two at most, so that big ones do not pile up in memory
         self._photo_checks = asyncio.Semaphore(2)
 
@@ -155,10 +140,7 @@ class BotCore:
         silently from its holder, for example after its former owner sent /forget and someone else took it)."""
         if not user_name:
             return None
-        owner = await self._claim_name(keys=[self.keys.name_index(adapter, user_name), self.keys.display_name(user_id),
-                                             self.keys.name_key(user_id)],
-                                       args=[user_id, f"{adapter}:{user_name}", self.store.latent_ttl_s])
-        if as_str(owner) != user_id:
+        if await self.store.claim_name(adapter, user_id, user_name) != user_id:
             return (f"note: the name @{user_name} belongs to someone else now, so others cannot /morph with you by "
                     "that name" + ("; choose another nickname" if adapter == "web" else ""))
         return None

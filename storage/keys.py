@@ -136,7 +136,7 @@ class Keys:
         return f"{self.user(user_id)}namekey"
 
     def fixed(self, user_id: str) -> list[str]:
-        """The user's keys with fixed names (what /forget deletes besides those in `index`); the name key first."""
+        """The user's keys with fixed names (what /forget deletes besides those in `index`)."""
         return [self.name_key(user_id), self.latent(user_id), self.shared(user_id), self.display_name(user_id),
                 self.user_jobs(user_id), self.epoch(user_id), self.index(user_id), self.outbox(user_id)]
 

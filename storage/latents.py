@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis.asyncio as redis
 
+from storage import lua
 from storage.keys import Keys, as_str
 from storage.queue import Write
 
@@ -61,6 +62,7 @@ class LatentStore:
                  result_ttl_s: int = 7 * 86_400):
         self.r, self.keys = client, keys
         self.latent_ttl_s, self.result_ttl_s = latent_ttl_s, result_ttl_s
+        self._claim_name = lua.CLAIM_NAME.register(client)
 
     def face_write(self, user_id: str, latent: StoredLatent) -> Write:
         """The user's face, as one of a job's guarded writes (`JobQueue.finish`)."""
@@ -112,3 +114,12 @@ class LatentStore:
 
     async def is_shared(self, user_id: str) -> bool:
         return bool(await self.r.exists(self.keys.shared(user_id)))
+
+    async def claim_name(self, adapter: str, user_id: str, name: str) -> str:
+        """Make @name on `adapter` name this user, unless it names someone else (never taken from its holder); a new
+        name frees the user's old one. Returns the name's owner (`user_id` when it is theirs now)."""
+        k = self.keys
+        owner = await self._claim_name(name=k.name_index(adapter, name), display_name=k.display_name(user_id),
+                                       name_key=k.name_key(user_id), user_id=user_id, shown_as=f"{adapter}:{name}",
+                                       ttl=self.latent_ttl_s)
+        return as_str(owner)

@@ -28,6 +28,7 @@ import redis.asyncio as redis
 from redis.exceptions import ResponseError
 
 from engine.errors import StylebotError
+from storage import lua
 from storage.keys import ADAPTER_GROUP, ENGINE_GROUP, Keys, as_str
 from storage.migrate import migrate
 
@@ -104,176 +105,8 @@ class Admission:
 # Stream entries carry only ids: a job's body (user, params, prompt, epochs) lives in `Keys.job_data` and a result's
 # (its event and image) in `Keys.result_data`, keys with a TTL listed in the index of every user they name, so that
 # /forget deletes them. (An entry deleted from a stream stays in Redis's memory, and in its snapshots, until its
-# whole node goes: entries must hold nothing personal.)
+# whole node goes: entries must hold nothing personal.) The scripts are `storage.lua`'s.
 
-# Admission in one step: the queue bound and the user's own limit are checked, the other people of a morph still
-# share and have a face, a rerun's result is still from the user's current epoch, and only then is the job queued
-# (its body, photo and origin with it). KEYS: jobs stream, user's jobs hash, user's epoch, photo, origin, user's
-# index, job body, then (shared, latent, epoch, index) of each other person. ARGV: max queue, max per user, new
-# epoch token, TTL, job JSON, job id, photo ('' = none), origin JSON, expiry score, index TTL, user id, expected
-# epoch ('' = any), results stream of the user's adapter, then the other people's ids.
-_ADMIT = """
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return {'busy'} end
-if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[2]) then return {'limit'} end
-if ARGV[12] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[12] then return {'gone'} end
-local body = {'job', ARGV[5], 'user', ARGV[11], 'reply', ARGV[13]}
-local indexes = {KEYS[6]}
-for i = 14, #ARGV do
-  local k = 8 + (i - 14) * 4
-  if redis.call('EXISTS', KEYS[k]) == 0 then return {'unshared', ARGV[i]} end
-  if redis.call('EXISTS', KEYS[k + 1]) == 0 then return {'noface', ARGV[i]} end
-  redis.call('SET', KEYS[k + 2], ARGV[3], 'NX', 'EX', ARGV[10])
-  table.insert(body, 'epoch:' .. ARGV[i])
-  table.insert(body, redis.call('GET', KEYS[k + 2]))
-  table.insert(indexes, KEYS[k + 3])
-end
-redis.call('SET', KEYS[3], ARGV[3], 'NX')
-redis.call('EXPIRE', KEYS[3], ARGV[10])
-table.insert(body, 'epoch:' .. ARGV[11])
-table.insert(body, redis.call('GET', KEYS[3]))
-local id = redis.call('XADD', KEYS[1], '*', 'id', ARGV[6])
-table.insert(body, 'entry')
-table.insert(body, id)
-redis.call('HSET', KEYS[7], unpack(body))
-redis.call('EXPIRE', KEYS[7], ARGV[4])
-redis.call('HSET', KEYS[2], ARGV[6], id)
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-if ARGV[7] ~= '' then redis.call('SET', KEYS[4], ARGV[7], 'EX', ARGV[4]) end
-redis.call('SET', KEYS[5], ARGV[8], 'EX', ARGV[4])
-redis.call('ZADD', KEYS[6], ARGV[9], KEYS[5])
-for _, index in ipairs(indexes) do
-  redis.call('ZADD', index, ARGV[9], KEYS[7])
-  if redis.call('TTL', index) < tonumber(ARGV[10]) then redis.call('EXPIRE', index, ARGV[10]) end
-end
-return {'ok', redis.call('XLEN', KEYS[1])}
-"""
-
-# Store a job's result once, guarded by its users' epochs, and acknowledge the job: one atomic script, so that a job
-# run twice after a crash is stored and posted once, a job whose user said /forget meanwhile stores nothing, and a
-# morph whose other person stopped sharing (or said /forget) is answered with `refusal` and stores nothing either.
-# Every write and the result's body are listed in the user's index and, for a morph, the other person's too (their
-# face is in it), and the result's entry in both outboxes: whichever of them says /forget, it goes.
-# KEYS: done, results stream, jobs stream, photo, user's jobs hash, user's index, user's outbox, job body, result
-# body, the user's epoch (when guarded), then (epoch, shared, index, outbox) of each other person, then the writes.
-# ARGV: TTL, event JSON, engines group, job entry id, job id, payload, refusal event JSON, oldest result entry id to
-# keep, now, guarded (0/1), #others, #writes, index TTL, post ('1', or '0' = drop), then the user's epoch token
-# (when guarded), the others' tokens, then per write: TTL, #fields (0 = a string value follows), fields.
-_FINISH = """
-local function ack()
-  redis.call('XACK', KEYS[3], ARGV[3], ARGV[4])
-  redis.call('XDEL', KEYS[3], ARGV[4])
-  redis.call('DEL', KEYS[4], KEYS[8])
-  redis.call('HDEL', KEYS[5], ARGV[5])
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then ack() return 0 end
-local guarded, n_others, n_writes = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
-local k, a = 10, 15
-if guarded == 1 then
-  if (redis.call('GET', KEYS[k]) or '') ~= ARGV[a] then ack() return -1 end
-  k, a = k + 1, a + 1
-end
-if ARGV[14] == '0' then ack() return -1 end
-local event, payload, writes = ARGV[2], ARGV[6], true
-local indexes, outboxes = {KEYS[6]}, {KEYS[7]}
-for i = 1, n_others do
-  if (redis.call('GET', KEYS[k]) or '') ~= ARGV[a] or redis.call('EXISTS', KEYS[k + 1]) == 0 then
-    event, payload, writes = ARGV[7], '', false
-  end
-  table.insert(indexes, KEYS[k + 2])
-  table.insert(outboxes, KEYS[k + 3])
-  k, a = k + 4, a + 1
-end
-local now, ttl = tonumber(ARGV[9]), tonumber(ARGV[1])
-local stored = {}
-for i = 1, n_writes do
-  local wttl, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  a = a + 2
-  if writes then
-    redis.call('DEL', KEYS[k])
-    if n == 0 then
-      redis.call('SET', KEYS[k], ARGV[a], 'EX', wttl)
-    else
-      redis.call('HSET', KEYS[k], unpack(ARGV, a, a + 2 * n - 1))
-      redis.call('EXPIRE', KEYS[k], wttl)
-    end
-    table.insert(stored, {KEYS[k], now + wttl})
-  end
-  a = a + math.max(1, 2 * n)
-  k = k + 1
-end
-table.insert(stored, {KEYS[9], now + ttl})
-redis.call('DEL', KEYS[9])
-redis.call('HSET', KEYS[9], 'event', event)
-if payload ~= '' then redis.call('HSET', KEYS[9], 'payload', payload) end
-redis.call('EXPIRE', KEYS[9], ttl)
-for _, index in ipairs(indexes) do
-  for _, w in ipairs(stored) do redis.call('ZADD', index, w[2], w[1]) end
-  redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
-  if redis.call('TTL', index) < tonumber(ARGV[13]) then redis.call('EXPIRE', index, ARGV[13]) end
-end
-redis.call('SET', KEYS[1], '1', 'EX', ttl)
-local id = redis.call('XADD', KEYS[2], '*', 'ref', ARGV[5])
-redis.call('XTRIM', KEYS[2], 'MINID', '~', ARGV[8])
-for _, outbox in ipairs(outboxes) do
-  redis.call('SADD', outbox, id)
-  if redis.call('TTL', outbox) < ttl then redis.call('EXPIRE', outbox, ttl) end
-end
-ack()
-return 1
-"""
-
-# /forget in one step: the user's queued and running jobs leave the jobs stream (no engine answers them), their
-# photos go, their unposted results leave the adapter's stream, every key in their index and every fixed one goes,
-# and their @name is freed if it is still theirs. A morph someone else queued with this user's face is taken off the
-# queue too and its asker answered (the job's body names them). KEYS: jobs stream, results stream, user's jobs hash,
-# user's index, user's outbox, the user's name key, then the user's fixed keys. ARGV: engines group, adapters
-# group, key prefix, user id, results TTL, the answer to the asker of such a morph.
-_FORGET = """
-local p, uid, n = ARGV[3], ARGV[4], 0
-local jobs = redis.call('HGETALL', KEYS[3])
-for i = 1, #jobs, 2 do
-  redis.call('XACK', KEYS[1], ARGV[1], jobs[i + 1])
-  n = n + redis.call('XDEL', KEYS[1], jobs[i + 1])
-  n = n + redis.call('DEL', p .. 'photo:' .. jobs[i])
-end
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[5])) do
-  redis.call('XACK', KEYS[2], ARGV[2], id)
-  n = n + redis.call('XDEL', KEYS[2], id)
-end
-for _, key in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
-  if string.sub(key, 1, #p + 8) == p .. 'jobdata:' then
-    local asker, entry, reply = unpack(redis.call('HMGET', key, 'user', 'entry', 'reply'))
-    if asker and asker ~= uid and redis.call('XDEL', KEYS[1], entry) == 1 then  -- a morph still queued
-      redis.call('XACK', KEYS[1], ARGV[1], entry)
-      local job_id = string.sub(key, #p + 9)
-      redis.call('HDEL', p .. 'user:' .. asker .. ':jobs', job_id)
-      local data = p .. 'resultdata:' .. job_id
-      redis.call('HSET', data, 'event', cjson.encode({job_id = job_id, user_id = asker, type = 'failed',
-                                                     error = ARGV[6]}))
-      redis.call('EXPIRE', data, ARGV[5])
-      local id = redis.call('XADD', reply, '*', 'ref', job_id)
-      redis.call('SADD', p .. 'user:' .. asker .. ':outbox', id)
-      redis.call('SET', p .. 'done:' .. job_id, '1', 'EX', ARGV[5])
-    end
-  end
-  n = n + redis.call('DEL', key)
-end
-local name = redis.call('GET', KEYS[6])
-if name and redis.call('GET', name) == uid then n = n + redis.call('DEL', name) end
-for i = 6, #KEYS do n = n + redis.call('DEL', KEYS[i]) end
-return n
-"""
-
-# A platform message now shows a result: remember it (for reactions) while the user's epoch is the result's.
-# KEYS: message key, user's epoch, user's index. ARGV: value, TTL, epoch token ('' = a result from before epochs),
-# expiry score, index TTL.
-_REMEMBER = """
-if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[3] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[4], KEYS[1])
-if redis.call('TTL', KEYS[3]) < tonumber(ARGV[5]) then redis.call('EXPIRE', KEYS[3], ARGV[5]) end
-return 1
-"""
 
 def _stream_lost(e: ResponseError) -> bool:
     """A stream or its group is gone (Redis came back without its data): NOGROUP, or UNBLOCKED for a reader that
@@ -293,10 +126,10 @@ class JobQueue:
         self.reclaim_idle_ms = reclaim_idle_ms
         self.result_ttl_s = result_ttl_s
         self.index_ttl_s = max(index_ttl_s, result_ttl_s)  # the index outlives every key it lists
-        self._admit = self.r.register_script(_ADMIT)
-        self._finish = self.r.register_script(_FINISH)
-        self._forget = self.r.register_script(_FORGET)
-        self._remember = self.r.register_script(_REMEMBER)
+        self._admit = lua.ADMIT.register(client)
+        self._finish = lua.FINISH.register(client)
+        self._forget = lua.FORGET.register(client)
+        self._remember = lua.REMEMBER.register(client)
         self._skipped: set[str] = set()  # malformed result entries already logged
         self.takeover_every_s = 5.0      # how often `claim` looks for engines whose heartbeat expired
         self._looked_for_dead = float("-inf")
@@ -323,14 +156,15 @@ class JobQueue:
         shares and has a face, and (for a rerun) `epoch` is still the user's: all checked and done in one atomic
         step. Refusals: "busy", "limit", "gone" (the user said /forget since), "unshared", "noface"."""
         k, uid = self.keys, job.user_id
-        keys = [k.jobs, k.user_jobs(uid), k.epoch(uid), k.photo(job.job_id), k.origin(uid, job.job_id), k.index(uid),
-                k.job_data(job.job_id)]
-        for other in others:
-            keys += [k.shared(other), k.latent(other), k.epoch(other), k.index(other)]
-        reply = await self._admit(keys=keys, args=[
-            max_queue, max_per_user, secrets.token_hex(8), self.result_ttl_s, job.to_fields()["job"], job.job_id,
-            photo or b"", json.dumps(origin or {}), time.time() + self.result_ttl_s, self.index_ttl_s, uid, epoch,
-            k.results(job.adapter), *others])
+        per_other = [key for other in others for key in (k.shared(other), k.latent(other), k.epoch(other),
+                                                          k.index(other))]
+        reply = await self._admit(
+            jobs=k.jobs, user_jobs=k.user_jobs(uid), epoch=k.epoch(uid), photo_key=k.photo(job.job_id),
+            origin_key=k.origin(uid, job.job_id), index=k.index(uid), job_data=k.job_data(job.job_id),
+            max_queue=max_queue, max_per_user=max_per_user, new_epoch=secrets.token_hex(8), ttl=self.result_ttl_s,
+            job=job.to_fields()["job"], job_id=job.job_id, photo=photo or b"", origin=json.dumps(origin or {}),
+            expiry=time.time() + self.result_ttl_s, index_ttl=self.index_ttl_s, user_id=uid, expected_epoch=epoch,
+            reply=k.results(job.adapter), more_keys=per_other, more_args=others)
         status = as_str(reply[0])
         if status == "ok":
             return Admission("ok", position=int(reply[1]))
@@ -527,12 +361,7 @@ class JobQueue:
         base = {"job_id": job.job_id, "user_id": uid, "engine": engine, "epoch": mine or ""}
         if others:
             base["others"] = list(others)
-        keys = [k.done(job.job_id), k.results(job.adapter), k.jobs, k.photo(job.job_id), k.user_jobs(uid),
-                k.index(uid), k.outbox(uid), k.job_data(job.job_id), k.result_data(job.job_id)]
-        keys += [k.epoch(uid)] if mine is not None else []
-        for u in others:
-            keys += [k.epoch(u), k.shared(u), k.index(u), k.outbox(u)]
-        keys += [w.key for w in writes]
+        per_other = [key for u in others for key in (k.epoch(u), k.shared(u), k.index(u), k.outbox(u))]
         specs: list = []
         for w in writes:
             if isinstance(w.value, dict):
@@ -540,12 +369,17 @@ class JobQueue:
             else:
                 specs += [w.ttl_s, 0, w.value]
         now = time.time()
-        oldest = f"{int((now - self.result_ttl_s) * 1000)}-0"
-        return int(await self._finish(keys=keys, args=[
-            self.result_ttl_s, json.dumps({**base, "type": status, **event}), ENGINE_GROUP, job.message_id,
-            job.job_id, payload, json.dumps({**base, "type": "failed", "error": refusal}), oldest, now,
-            int(mine is not None), len(others), len(writes), self.index_ttl_s, "1" if post else "0",
-            *([mine] if mine is not None else []), *others.values(), *specs]))
+        return int(await self._finish(
+            done=k.done(job.job_id), results=k.results(job.adapter), jobs=k.jobs, photo=k.photo(job.job_id),
+            user_jobs=k.user_jobs(uid), index=k.index(uid), outbox=k.outbox(uid), job_data=k.job_data(job.job_id),
+            result_data=k.result_data(job.job_id), epoch=k.epoch(uid),
+            ttl=self.result_ttl_s, event=json.dumps({**base, "type": status, **event}), group=ENGINE_GROUP,
+            entry=job.message_id, job_id=job.job_id, payload=payload,
+            refusal=json.dumps({**base, "type": "failed", "error": refusal}),
+            oldest=f"{int((now - self.result_ttl_s) * 1000)}-0", now=now, guarded=int(mine is not None),
+            epoch_token=mine or "", n_others=len(others), n_writes=len(writes), index_ttl=self.index_ttl_s,
+            post="1" if post else "0", more_keys=per_other + [w.key for w in writes],
+            more_args=[*others.values(), *specs]))
 
     async def progress(self, job: Job, step: int, total: int, preview: bytes | None = None,
                        eta_s: float | None = None) -> None:
@@ -645,18 +479,23 @@ class JobQueue:
         """A platform message shows a result: reactions on it rerun it (unless the user said /forget since). The
         link keeps the result's epoch, so that a reaction racing a /forget cannot queue anything (`admit`)."""
         key = self.keys.message(adapter, ref)
-        return bool(await self._remember(keys=[key, self.keys.epoch(user_id), self.keys.index(user_id)],
-                                         args=[f"{user_id} {result_id} {epoch}".rstrip(), self.result_ttl_s, epoch,
-                                               time.time() + self.result_ttl_s, self.index_ttl_s]))
+        return bool(await self._remember(
+            message=key, epoch=self.keys.epoch(user_id), index=self.keys.index(user_id),
+            link=f"{user_id} {result_id} {epoch}".rstrip(), ttl=self.result_ttl_s, epoch_token=epoch,
+            expiry=time.time() + self.result_ttl_s, index_ttl=self.index_ttl_s))
 
     # -- users -----------------------------------------------------------------------------------------------
 
     async def forget(self, user_id: str, adapter: str) -> int:
         """Delete everything kept about a user, their queued and running jobs and unposted results included;
         returns how many keys and entries went. Nothing is scanned: the user's keys are listed in their index."""
-        k = self.keys
+        k, any_id = self.keys, lua.ANY_ID
+        stopped = {"type": "failed", "error": "the other person is no longer available for morphs, so this one was "
+                                              "stopped"}  # the script adds the job and its asker
         return int(await self._forget(
-            keys=[k.jobs, k.results(adapter), k.user_jobs(user_id), k.index(user_id), k.outbox(user_id),
-                  *k.fixed(user_id)],
-            args=[ENGINE_GROUP, ADAPTER_GROUP, k.prefix, user_id, self.result_ttl_s,
-                  "the other person is no longer available for morphs, so this one was stopped"]))
+            jobs=k.jobs, results=k.results(adapter), user_jobs=k.user_jobs(user_id), index=k.index(user_id),
+            outbox=k.outbox(user_id), name_key=k.name_key(user_id), more_keys=k.fixed(user_id),
+            engines_group=ENGINE_GROUP, adapters_group=ADAPTER_GROUP, user_id=user_id, ttl=self.result_ttl_s,
+            stopped=json.dumps(stopped), photo_template=k.photo(any_id), job_data_template=k.job_data(any_id),
+            user_jobs_template=k.user_jobs(any_id), result_data_template=k.result_data(any_id),
+            outbox_template=k.outbox(any_id), done_template=k.done(any_id)))

@@ -3,7 +3,7 @@
 A visitor is identified by a random cookie and a nickname they choose, so two browser tabs (two people) can
 /share and /morph each other. Commands go to the bot core exactly as the chat platforms' do; answers come back
 through the same `EventPump` and reach the browser as server-sent events. The chat log, the results' images,
-GIFs and aligned crops live in Redis under the user's keys (`History`), with the results' TTL, deleted by /forget: a
+GIFs and aligned crops live in Redis under the user's keys (`WebHistory`), with the results' TTL, deleted by /forget: a
 visitor who comes back after restarts of the web chat finds the conversation, and a result is acknowledged only once
 it is stored there. Progress (and previews) are shown live and not kept.
 
@@ -32,8 +32,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError, RedisError
 
 from adapters.base import EventPump, Result
 from bot.core import ACTIONS, BUSY, BotCore, Command, human_size
-from storage.keys import as_str
 from engine.errors import command as cli_command
+from storage.keys import as_str
+from storage.web_history import WebHistory
 
 log = logging.getLogger("stylebot.web")
 
@@ -48,99 +49,7 @@ BUILTIN_MODELS = frozenset(name for name, entry in tomllib.loads(
 HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
                                       "script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
-
-
 LOG_SIZE = 200  # messages kept per visitor (in Redis and in memory); the images of older ones go with them
-
-# Store a visitor's messages and the images they show, in one step: a message whose id is in the log already replaces
-# it (a status message that now says "done", a result posted again after a crash before its acknowledgement), a new
-# one is appended when `add` says so; the log keeps the newest `cap` messages, and the images of those that leave it go
-# too. Every key gets the TTL and is listed in the user's index (scored by its expiry) so that /forget deletes it.
-# With `guard`, nothing is written unless the guard key (the job's origin, which /forget deletes) still exists.
-# KEYS: log, user's index, guard key, then one key per image. ARGV: TTL, now, index TTL, cap, guarded (0/1), image key
-# prefix, #messages, then per message: id, add (1) or replace only (0), JSON; then the bytes of each image.
-_WRITE = """
-if ARGV[5] == '1' and redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
-local ttl, now, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[7])
-local at = {}
-for i, item in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
-  local id = string.match(item, '^{"id": "([^"]*)"')
-  if id then at[id] = i - 1 end
-end
-local a = 8
-for i = 1, n do
-  local id, add, json = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  if at[id] then
-    redis.call('LSET', KEYS[1], at[id], json)
-  elseif add == '1' then
-    at[id] = redis.call('RPUSH', KEYS[1], json) - 1
-  end
-  a = a + 3
-end
-for i = 4, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[a], 'EX', ttl)
-  redis.call('ZADD', KEYS[2], now + ttl, KEYS[i])
-  a = a + 1
-end
-local over = redis.call('LLEN', KEYS[1]) - tonumber(ARGV[4])
-if over > 0 then
-  for _, item in ipairs(redis.call('LRANGE', KEYS[1], 0, over - 1)) do
-    for id in string.gmatch(item, '"/media/(%x+)"') do
-      redis.call('DEL', ARGV[6] .. id)
-      redis.call('ZREM', KEYS[2], ARGV[6] .. id)
-    end
-  end
-  redis.call('LTRIM', KEYS[1], over, -1)
-end
-if redis.call('EXPIRE', KEYS[1], ttl) == 1 then redis.call('ZADD', KEYS[2], now + ttl, KEYS[1]) end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if redis.call('TTL', KEYS[2]) < tonumber(ARGV[3]) then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
-return 1
-"""
-
-
-class History:
-    """Each visitor's chat log (`Keys.web_log`, JSON messages) and the images it shows (`Keys.web_media`) in Redis,
-    under the user's keys: they live `[chat] result_ttl_s` (the log from its last message) and /forget deletes them."""
-
-    def __init__(self, core: BotCore, size: int = LOG_SIZE):
-        self.r, self.keys, self.size = core.queue.r, core.keys, size
-        self.ttl_s = core.chat.result_ttl_s
-        self.index_ttl_s = max(core.queue.index_ttl_s, self.ttl_s)  # the index outlives every key it lists
-        self._write = self.r.register_script(_WRITE)
-
-    async def load(self, user_id: str) -> list[dict]:
-        """The visitor's messages, oldest first (unreadable ones skipped)."""
-        out = []
-        for raw in await self.r.lrange(self.keys.web_log(user_id), 0, -1):
-            try:
-                msg = json.loads(raw)
-                msg["id"]
-            except (ValueError, TypeError, KeyError):
-                continue
-            out.append(msg)
-        return out
-
-    async def write(self, user_id: str, add: list[dict] = (), replace: list[dict] = (), *,
-                    media: dict[str, bytes] | None = None, guard: str | None = None) -> bool:
-        """Store messages (`add`: appended unless their id is there already, then replaced; `replace`: only
-        replaced) and images (media id -> bytes), all or nothing; False when `guard` is given and gone (nothing
-        written). Raises when Redis does."""
-        media = media or {}
-        specs: list = []
-        for flag, messages in (("1", add), ("0", replace)):
-            for m in messages:
-                specs += [m["id"], flag, json.dumps({"id": m["id"], **m})]  # the id first: the script finds it there
-        log_key = self.keys.web_log(user_id)
-        return bool(await self._write(
-            keys=[log_key, self.keys.index(user_id), guard or log_key,
-                  *(self.keys.web_media(user_id, i) for i in media)],
-            args=[self.ttl_s, time.time(), self.index_ttl_s, self.size, int(guard is not None),
-                  self.keys.web_media(user_id, ""), len(specs) // 3, *specs, *media.values()]))
-
-    async def media(self, user_id: str, media_id: str) -> bytes | None:
-        """An image the visitor was shown, or None (expired, forgotten, or someone else's)."""
-        return await self.r.get(self.keys.web_media(user_id, media_id))
 
 
 def media_type(data: bytes) -> str:
@@ -200,7 +109,7 @@ class WebChat:
 
     def __init__(self, core: BotCore):
         self.core = core
-        self.history = History(core)
+        self.history = WebHistory(core.queue, ttl_s=core.chat.result_ttl_s, size=LOG_SIZE)
         self.visitors: dict[str, Visitor] = {}
         self.app = web.Application(client_max_size=core.limits.max_photo_bytes + 2**20,
                                    middlewares=[_security_headers])
@@ -424,8 +333,7 @@ class WebChat:
                 media[derived_id(result.job_id, "aligned", 32)] = crop
                 extra["aligned"] = f"/media/{derived_id(result.job_id, 'aligned', 32)}"
             msg = v.new("bot", result.text, message_id, actions=list(result.actions), model=result.model, **extra)
-        if not await self.history.write(v.user_id, [msg], changed, media=media,
-                                        guard=self.core.keys.origin(result.user_id, result.job_id)):
+        if not await self.history.write(v.user_id, [msg], changed, media=media, answering=result.job_id):
             return None  # the user said /forget since the pump read where the answer goes: nobody to answer
         for m in (*changed, msg):
             v.show(m)
