@@ -17,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutErr
 
 from bot.config import ChatConfig, EditConfig, LimitsConfig
 from bot.photos import check_photo, human_size  # noqa: F401 - human_size is imported from here by the adapters
-from storage.keys import Keys, as_str
+from storage.keys import Keys
 from storage.latents import LatentStore
 from storage.queue import JobQueue
 from storage.records import Job, Origin, ResultEvent
@@ -207,15 +207,11 @@ class BotCore:
 
     async def origin(self, user_id: str, job_id: str) -> Origin | None:
         """Where a job's answer goes, as the adapter gave it (plus the job's fields and, once posted, `status`)."""
-        raw = await self.queue.r.get(self.keys.origin(user_id, job_id))
-        return Origin.from_json(raw) if raw else None
+        return await self.queue.origin(user_id, job_id)
 
     async def set_status_message(self, user_id: str, job_id: str, ref: str) -> None:
         """Remember the message that acknowledged a job: progress edits it."""
-        origin = await self.origin(user_id, job_id)
-        if origin is not None:  # XX: an origin deleted meanwhile (/forget) is not brought back
-            origin.status = ref
-            await self.queue.r.set(self.keys.origin(user_id, job_id), origin.to_json(), keepttl=True, xx=True)
+        await self.queue.set_status(user_id, job_id, ref)
 
     async def remember_result(self, adapter: str, message_ref: str, user_id: str, result_id: str,
                               epoch: str = "") -> None:
@@ -229,22 +225,17 @@ class BotCore:
         for uid in event.others:
             if not await self.store.is_shared(uid):
                 if event.result_id:
-                    await self.queue.r.delete(self.keys.morph_result(event.result_id))
+                    await self.store.drop_morph_result(event.result_id)
                 return "the other person no longer allows morphs with their face, so the morph was not kept"
         return None
 
     async def aligned_crop(self, user_id: str, result_id: str | None) -> bytes | None:
         """The aligned face crop behind a face result (kept with it for refines; JPEG, PNG before), or None."""
-        return await self.queue.r.get(self.keys.target(user_id, result_id)) if result_id else None
+        return await self.store.aligned_crop(user_id, result_id) if result_id else None
 
     async def result_at(self, adapter: str, message_ref: str) -> tuple[str, str, str] | None:
         """(owner user id, result id, the result's epoch or "") of the result a message shows, or None."""
-        raw = await self.queue.r.get(self.keys.message(adapter, message_ref))
-        if not raw:
-            return None
-        parts = as_str(raw).split(" ")
-        epoch = parts.pop() if len(parts) >= 3 and re.fullmatch(r"[0-9a-f]{16}", parts[-1]) else ""
-        return " ".join(parts[:-1]), parts[-1], epoch
+        return await self.queue.shown_at(adapter, message_ref)
 
     # -- commands --------------------------------------------------------------------------------------------
 
@@ -328,13 +319,12 @@ class BotCore:
 
     async def user_called(self, adapter: str, name: str) -> str | None:
         """The user id known as `name` on an adapter, or None."""
-        uid = await self.queue.r.get(self.keys.name_index(adapter, name))
-        return as_str(uid) if uid else None
+        return await self.store.user_called(adapter, name)
 
     async def _notice(self) -> str:
         """A notice for everyone (set by `stylebot run` when it restarted the engine), as a line to append."""
-        notice = await self.queue.r.get(self.keys.notice)
-        return f"\nnote: {as_str(notice)}" if notice else ""
+        notice = await self.queue.notice()
+        return f"\nnote: {notice}" if notice else ""
 
     async def _enqueue(self, cmd: Command, op: str, params: dict, photo: bytes | None = None,
                        epoch: str = "") -> Reply:

@@ -263,7 +263,7 @@ class Worker:
                 "likeness": None if distance is None else round(distance, 3), "redo": {"op": "invert", "params": {}}}
         latent = StoredLatent(ws.numpy(), self.G.model_id, meta=meta)
         writes = [self.store.face_write(job.user_id, latent), self.store.result_write(job.user_id, job.job_id, latent),
-                  Write(self.queue.keys.target(job.user_id, job.job_id), _crop(target), self.store.result_ttl_s)]
+                  self.store.crop_write(job.user_id, job.job_id, _crop(target))]
         text = f"your face as the {self.G.model_id} model draws it"
         if refined:
             text += f", refined {refined}x"
@@ -381,7 +381,7 @@ class Worker:
         if lat.meta.get("op") != "invert":
             await self._fail(job, "only faces and edits can be refined")
             return None
-        crop = await self.queue.r.get(self.queue.keys.target(job.user_id, result_id))
+        crop = await self.store.aligned_crop(job.user_id, result_id)
         if crop is None:
             await self._fail(job, "the face behind that result has expired; send the photo again with /invert")
             return None

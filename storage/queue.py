@@ -20,6 +20,7 @@ its snapshots, until its whole node goes: entries must hold nothing personal.) T
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -304,6 +305,15 @@ class JobQueue:
         models = await self.r.hmget(self.keys.engine_models, names) if names else []
         return {n: as_str(m or b"") for n, m in zip(names, models)}
 
+    async def post_notice(self, text: str, ttl_s: int) -> None:
+        """A short notice for every user, shown under the bot's answers for `ttl_s` seconds."""
+        await self.r.set(self.keys.notice, text, ex=ttl_s)
+
+    async def notice(self) -> str | None:
+        """The notice for every user (`post_notice`), while it lasts."""
+        text = await self.r.get(self.keys.notice)
+        return as_str(text) if text else None
+
     # -- results ---------------------------------------------------------------------------------------------
 
     async def finish(self, job: Job, event: ResultEvent, *, writes: tuple[Write, ...] | list[Write] = (),
@@ -428,6 +438,18 @@ class JobQueue:
                 log.warning("skipping an unreadable progress event")
         return out
 
+    async def origin(self, user_id: str, job_id: str) -> Origin | None:
+        """Where a job's answer goes (kept by `admit`), or None once it has expired or the user said /forget."""
+        raw = await self.r.get(self.keys.origin(user_id, job_id))
+        return Origin.from_json(raw) if raw else None
+
+    async def set_status(self, user_id: str, job_id: str, ref: str) -> None:
+        """The platform message `ref` acknowledged the job: its origin says so, and progress edits that message."""
+        origin = await self.origin(user_id, job_id)
+        if origin is not None:  # XX: an origin deleted meanwhile (/forget) is not brought back
+            origin.status = ref
+            await self.r.set(self.keys.origin(user_id, job_id), origin.to_json(), keepttl=True, xx=True)
+
     async def remember(self, adapter: str, ref: str, user_id: str, result_id: str, epoch: str = "") -> bool:
         """A platform message shows a result: reactions on it rerun it (unless the user said /forget since). The
         link keeps the result's epoch, so that a reaction racing a /forget cannot queue anything (`admit`)."""
@@ -436,6 +458,16 @@ class JobQueue:
             message=key, epoch=self.keys.epoch(user_id), index=self.keys.index(user_id),
             link=f"{user_id} {result_id} {epoch}".rstrip(), ttl=self.result_ttl_s, epoch_token=epoch,
             expiry=time.time() + self.result_ttl_s, index_ttl=self.index_ttl_s))
+
+    async def shown_at(self, adapter: str, ref: str) -> tuple[str, str, str] | None:
+        """(owner user id, result id, the result's epoch token or "") of the result a platform message shows
+        (`remember`), or None."""
+        raw = await self.r.get(self.keys.message(adapter, ref))
+        if not raw:
+            return None
+        parts = as_str(raw).split(" ")
+        epoch = parts.pop() if len(parts) >= 3 and re.fullmatch(r"[0-9a-f]{16}", parts[-1]) else ""
+        return " ".join(parts[:-1]), parts[-1], epoch
 
     # -- users -----------------------------------------------------------------------------------------------
 

@@ -33,7 +33,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError, RedisError
 from adapters.base import EventPump, Result
 from bot.core import ACTIONS, BUSY, BotCore, Command, human_size
 from engine.errors import command as cli_command
-from storage.keys import as_str
 from storage.records import Origin
 from storage.web_history import WebHistory
 
@@ -143,10 +142,9 @@ class WebChat:
                     v.log.extendleft(reversed(await self.history.load(user_id)))
                     v.loaded = True
         if not v.named:
-            known = await self.core.queue.r.get(self.core.keys.display_name(user_id))
+            known = await self.core.store.name_of("web", user_id)
             if not v.named:  # not chosen meanwhile
-                adapter, _, name = as_str(known or "").partition(":")
-                v.nickname, v.named = (name if adapter == "web" else ""), True
+                v.nickname, v.named = known, True
         return v
 
     @staticmethod
