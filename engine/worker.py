@@ -36,6 +36,7 @@ from engine.invert import DEFAULT_RECIPE, RECIPES, invert
 from engine.latents import FAMILY_NAMES
 from engine.device import compile_synthesis, pool_sizes
 from engine.morph import MorphRender, encode_gif, morph
+from engine.registry import registry_entries
 from storage.latents import LatentStore, StoredLatent
 from storage.queue import JobQueue, Write
 from storage.records import Job, ResultEvent
@@ -85,13 +86,16 @@ class Worker:
         self.settings = settings
         self.holder = f"{socket.gethostname()}:{os.getpid()}"  # this process, as its heartbeat says
         self.name = settings.name or self.holder
+        entry = registry_entries().get(G.model_id)
+        self.random_weights = bool(entry and entry.builtin)  # a built-in model: its faces look like nothing
         self.loop: asyncio.AbstractEventLoop | None = None
         self.claimed: dict[str, Job] = {}   # every job this engine holds and has not answered yet
         # look for engines whose heartbeat expired (their jobs are taken at once) a few times per heartbeat TTL
         queue.takeover_every_s = min(queue.takeover_every_s, settings.heartbeat_ttl_s / 6)
 
     async def heartbeat(self) -> None:
-        await self.queue.beat(self.name, self.G.model_id, self.settings.heartbeat_ttl_s, self.holder)
+        await self.queue.beat(self.name, self.G.model_id, self.settings.heartbeat_ttl_s, self.holder,
+                              random_weights=self.random_weights)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop` is set: claim, run, store, acknowledge (see the module's docstring for the two schedulers)."""

@@ -67,6 +67,11 @@ class Keys:
         return f"{self.prefix}engines:holder"
 
     @property
+    def engine_random(self) -> str:
+        """Hash: engine name -> 1 when the model it serves has random weights (a built-in one), else 0."""
+        return f"{self.prefix}engines:random"
+
+    @property
     def notice(self) -> str:
         """String: a short notice for every user (e.g. "the engine restarted at 14:03"), with a TTL."""
         return f"{self.prefix}notice"

@@ -276,27 +276,29 @@ class JobQueue:
     async def photo(self, job: Job) -> bytes | None:
         return await self.r.get(self.keys.photo(job.job_id))
 
-    async def beat(self, engine: str, model: str, ttl_s: float, holder: str = "") -> None:
+    async def beat(self, engine: str, model: str, ttl_s: float, holder: str = "", random_weights: bool = False) -> None:
         """An engine's heartbeat: it is online for `ttl_s` more seconds (engines silent for 10 TTLs are pruned);
-        `holder` ("host:pid") says which process beats under that name."""
+        `holder` ("host:pid") says which process beats under that name; `random_weights`: its model is a built-in
+        one with random weights (its faces look like nothing)."""
         now = time.time()
         gone = [as_str(n) for n in await self.r.zrangebyscore(self.keys.engines, "-inf", now - 10 * ttl_s)]
         async with self.r.pipeline(transaction=True) as p:
             p.zadd(self.keys.engines, {engine: now + ttl_s})
             p.hset(self.keys.engine_models, engine, model)
             p.hset(self.keys.engine_holders, engine, holder)
+            p.hset(self.keys.engine_random, engine, int(random_weights))
             if gone:
                 p.zrem(self.keys.engines, *gone)
-                p.hdel(self.keys.engine_models, *gone)
-                p.hdel(self.keys.engine_holders, *gone)
+                for info in (self.keys.engine_models, self.keys.engine_holders, self.keys.engine_random):
+                    p.hdel(info, *gone)
             await p.execute()
 
     async def leave(self, engine: str) -> None:
         """An engine that stops says so at once (no waiting for its heartbeat to expire)."""
         async with self.r.pipeline(transaction=True) as p:
             p.zrem(self.keys.engines, engine)
-            p.hdel(self.keys.engine_models, engine)
-            p.hdel(self.keys.engine_holders, engine)
+            for info in (self.keys.engine_models, self.keys.engine_holders, self.keys.engine_random):
+                p.hdel(info, engine)
             await p.execute()
 
     async def engines_online(self) -> dict[str, str]:
@@ -304,6 +306,10 @@ class JobQueue:
         names = [as_str(n) for n in await self.r.zrangebyscore(self.keys.engines, time.time(), "+inf")]
         models = await self.r.hmget(self.keys.engine_models, names) if names else []
         return {n: as_str(m or b"") for n, m in zip(names, models)}
+
+    async def random_weights(self, engine: str) -> bool:
+        """Whether the model an engine serves has random weights (a built-in one), as its heartbeat says."""
+        return as_str(await self.r.hget(self.keys.engine_random, engine) or b"0") == "1"
 
     async def post_notice(self, text: str, ttl_s: int) -> None:
         """A short notice for every user, shown under the bot's answers for `ttl_s` seconds."""

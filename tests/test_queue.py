@@ -132,3 +132,12 @@ async def test_a_result_stored_by_the_previous_version_is_still_posted(queue):
     [(_, event)] = await queue.read_events("web", "web-1", block_ms=100)
     assert (event.media, event.shows, event.text, event.payload) == ("image", "edit", "edited", b"png")
 
+
+async def test_the_heartbeat_says_whether_the_model_has_random_weights(queue):
+    """The web chat warns that a built-in model's faces look like nothing: the engine's heartbeat tells it."""
+    await queue.beat("e1", "tiny", 30, random_weights=True)
+    await queue.beat("e2", "ffhq-1024", 30)
+    assert await queue.engines_online() == {"e1": "tiny", "e2": "ffhq-1024"}
+    assert await queue.random_weights("e1") and not await queue.random_weights("e2")
+    await queue.leave("e1")
+    assert not await queue.random_weights("e1")

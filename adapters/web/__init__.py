@@ -21,7 +21,6 @@ import logging
 import re
 import secrets
 import time
-import tomllib
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -42,10 +41,6 @@ STATIC = Path(__file__).parent / "static"
 COOKIE = "stylebot_session"
 NICKNAME = re.compile(r"[A-Za-z0-9_]{2,24}")
 DOWNLOAD_HINT = "weights download ffhq-256"
-# Built-in random models (tiny, stylegan1-tiny): the page says their faces look like nothing. Read from the
-# registry file itself, without importing the engine (and torch) into a front end.
-BUILTIN_MODELS = frozenset(name for name, entry in tomllib.loads(
-    (Path(__file__).resolve().parents[2] / "engine" / "models.toml").read_text()).items() if entry.get("builtin"))
 HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
                                       "script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
@@ -164,12 +159,14 @@ class WebChat:
         return resp
 
     async def info(self, request: web.Request) -> web.Response:
-        """Which model the engine runs, whether it is online, who you are."""
+        """Which model the engine runs (and whether it has random weights: its faces look like nothing), whether it
+        is online, who you are."""
         v, new = await self.visitor(request)
-        models = list((await self.core.queue.engines_online()).values())
-        model = models[0] if models else None
-        return self._json({"nickname": v.nickname, "engines": len(models), "model": model,
-                           "tiny": model in BUILTIN_MODELS, "download": cli_command(DOWNLOAD_HINT),
+        engines = await self.core.queue.engines_online()
+        engine, model = next(iter(engines.items()), (None, None))
+        tiny = engine is not None and await self.core.queue.random_weights(engine)
+        return self._json({"nickname": v.nickname, "engines": len(engines), "model": model,
+                           "tiny": tiny, "download": cli_command(DOWNLOAD_HINT),
                            "max_photo_bytes": self.core.limits.max_photo_bytes,
                            "actions": {a: getattr(self.core.chat, f"{a}_emoji").split()[0] for a in ACTIONS}}, new)
 
