@@ -18,7 +18,7 @@ import json
 ANY_ID = "{id}"  # the id in a key template: `keys.photo(ANY_ID)`
 
 _TEMPLATES = f"local any_id = {json.dumps(ANY_ID)}" + """
-local function key_for(template, id)  -- the key that a template names for `id`
+local function key_for(template, id)  -- the key that a template names for `id` (its first id, when it has two)
   local at = string.find(template, any_id, 1, true)
   return string.sub(template, 1, at - 1) .. id .. string.sub(template, at + #any_id)
 end
@@ -401,3 +401,57 @@ if redis.call('TTL', index) < tonumber(index_ttl) then redis.call('EXPIRE', inde
 return 1
 """)
 
+# benchmarks/users.py's filler: users 'web:user<first>' to 'web:user<last>' with everything the product keeps for an
+# active user (a face, an inversion with its aligned crop, an edit, the origins of those two jobs, the messages that
+# show them, a name, an epoch, consent to share), under the names `Keys` gives them, written by the server itself (a
+# few hundred thousand keys a second). Templates of two ids take the user's first.
+FILL_USERS = Script(
+    keys={},
+    args={
+        "first": "the first user's number",
+        "last": "the last user's number",
+        "w0": "an edit's start latent (bytes)",
+        "crop": "an aligned crop (bytes)",
+        "ttl": "TTL of the keys with one (s)",
+        "expiry": "their score in an index",
+        "origin": "a job's origin (JSON, `ANY_ID` for its job id)",
+        "latent_template": "`Keys.latent`",
+        "result_template": "`Keys.result_latent`",
+        "target_template": "`Keys.target`",
+        "origin_template": "`Keys.origin`",
+        "message_template": "`Keys.message` of the web chat",
+        "index_template": "`Keys.index`",
+        "display_name_template": "`Keys.display_name`",
+        "name_index_template": "`Keys.name_index` of the web chat",
+        "epoch_template": "`Keys.epoch`",
+        "shared_template": "`Keys.shared`",
+    },
+    more_args="a face latent's hash, field after value (`storage.latents`)",
+    templates=True,
+    body="""
+local lat = {unpack(ARGV, first_more_arg, #ARGV)}
+for i = tonumber(first), tonumber(last) do
+  local name, inv, edit = 'user' .. i, 'inv' .. i, 'edit' .. i
+  local uid = 'web:' .. name
+  local index = key_for(index_template, uid)
+  local result_inv = key_for(key_for(result_template, uid), inv)
+  local result_edit = key_for(key_for(result_template, uid), edit)
+  local target = key_for(key_for(target_template, uid), inv)
+  redis.call('HSET', key_for(latent_template, uid), unpack(lat))
+  redis.call('HSET', result_inv, unpack(lat))
+  redis.call('SET', target, crop, 'EX', ttl)
+  redis.call('HSET', result_edit, 'w0', w0, unpack(lat))
+  for _, job in ipairs({inv, edit}) do
+    local origin_key, message = key_for(key_for(origin_template, uid), job), key_for(message_template, 'm' .. job)
+    redis.call('SET', origin_key, key_for(origin, job), 'EX', ttl)
+    redis.call('SET', message, uid .. ' ' .. job, 'EX', ttl)
+    redis.call('ZADD', index, expiry, origin_key, expiry, message)
+  end
+  redis.call('ZADD', index, expiry, result_inv, expiry, result_edit, expiry, target)
+  redis.call('SET', key_for(display_name_template, uid), uid, 'EX', ttl)
+  redis.call('SET', key_for(name_index_template, name), uid, 'EX', ttl)
+  redis.call('SET', key_for(epoch_template, uid), '0123456789abcdef', 'EX', ttl)
+  redis.call('SET', key_for(shared_template, uid), '1', 'EX', ttl)
+end
+return 1
+""")
