@@ -20,13 +20,13 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from bot.core import ACTIONS, BotCore, result_actions
+from storage.records import Origin, ProgressEvent, ResultEvent
 
 log = logging.getLogger("stylebot.adapters")
-
 
 
 @dataclass
@@ -37,26 +37,36 @@ class Result:
     user_id: str
     ok: bool                            # False: `text` is the reason it failed
     text: str                           # caption, or the one-line reason
-    kind: str = ""                      # "image" (PNG) | "animation" (GIF) | "" (text only)
+    media: str = ""                     # what `payload` is: "image" (PNG) | "animation" (GIF) | "" (text only)
     payload: bytes = b""
     result_id: str | None = None        # set when reactions on the posted message can rerun it
     engine: str = ""                    # the engine process that made it (for logs, not for users)
     model: str = ""                     # the generator that made it, e.g. "ffhq-1024"
     actions: tuple[str, ...] = ()       # the reruns that apply (buttons to show), see `bot.core.RESULT_ACTIONS`
-    kind_of: str = ""                   # what the result shows: "face" | "edit" | "morph" ("" when unknown)
+    shows: str = ""                     # what the result shows: "face" | "edit" | "morph" ("" when unknown)
+
+    @classmethod
+    def of(cls, event: ResultEvent) -> "Result":
+        """The engine's answer as the platform posts it: a failure's reason, or a result with its reruns."""
+        if event.type != "done":
+            return cls(event.job_id, event.user_id, False, event.error or "failed", engine=event.engine,
+                       model=event.model)
+        return cls(event.job_id, event.user_id, True, event.text, media=event.media, payload=event.payload,
+                   result_id=event.result_id or None, engine=event.engine, model=event.model, shows=event.shows,
+                   actions=result_actions(event.shows) if event.result_id else ())
 
     @property
     def filename(self) -> str:
-        return f"stylebot-{self.job_id[:8]}." + ("gif" if self.kind == "animation" else "png")
+        return f"stylebot-{self.job_id[:8]}." + ("gif" if self.media == "animation" else "png")
 
 
 class Platform(Protocol):
     name: str                           # "telegram" | "discord" | "web": the results stream it reads
 
-    async def show_progress(self, origin: dict, text: str, preview: bytes | None) -> None:
-        """Show how far a job is (edit the status message `origin.get("status")`, if any). May drop updates."""
+    async def show_progress(self, origin: Origin, text: str, preview: bytes | None) -> None:
+        """Show how far a job is (edit the status message `origin.status`, if any). May drop updates."""
 
-    async def show_result(self, origin: dict, result: Result) -> str | None:
+    async def show_result(self, origin: Origin, result: Result) -> str | None:
         """Post a result (or its failure) where `origin` says; return the posted message's ref for reactions."""
 
 
@@ -123,11 +133,11 @@ class EventPump:
             events = await queue.read_events(self.platform.name, self.consumer, block_ms=wait_ms)
             if events or time.monotonic() >= deadline:
                 break
-        await self._show_progress_read(answering={e["job_id"] for _, e in events})
+        await self._show_progress_read(answering={e.job_id for _, e in events})
         done = 0
         for entry_id, event in events:
             if await self._post_result(event):
-                await queue.ack_event(self.platform.name, entry_id, event.get("user_id"), event["job_id"])
+                await queue.ack_event(self.platform.name, entry_id, event.user_id, event.job_id)
                 done += 1
         if events and not done:
             await asyncio.sleep(0.5)  # only results the platform refused: do not spin on them
@@ -137,62 +147,56 @@ class EventPump:
         """Show the newest progress of each job among the events that have arrived: none of a job already
         answered, and of a job about to be answered (`answering`) only its last step (the engine publishes it just
         before storing the result), so that its status message ends complete, not at an older step."""
-        latest: dict[str, dict] = {}
+        latest: dict[str, ProgressEvent] = {}
         for event in await self.core.queue.read_progress(self._progress):
-            job_id = event["job_id"]
-            if job_id in self._finished or (job_id in answering and event["step"] < event["total"]):
+            job_id = event.job_id
+            if job_id in self._finished or (job_id in answering and event.step < event.total):
                 continue
-            if event.get("preview"):  # every new preview is shown (the face taking shape), in order
-                self._previews[job_id] = event["preview"]
+            if event.preview:  # every new preview is shown (the face taking shape), in order
+                self._previews[job_id] = event.preview
                 while len(self._previews) > 1000:  # jobs that never answer (their user said /forget) do not pile up
                     self._previews.pop(next(iter(self._previews)))
-                event["new_preview"] = True
-                await self._show_progress(event)
+                await self._show_progress(event, new_preview=True)
                 latest.pop(job_id, None)
             else:
                 latest[job_id] = event
         for event in latest.values():
             await self._show_progress(event)
 
-    async def _show_progress(self, event: dict) -> None:
-        job_id, now = event["job_id"], time.monotonic()
+    async def _show_progress(self, event: ProgressEvent, new_preview: bool = False) -> None:
+        job_id, now = event.job_id, time.monotonic()
         preview = self._previews.get(job_id)
-        final = event["step"] >= event["total"]
-        urgent = final or event["step"] == 0 or event.get("new_preview")
+        final = event.step >= event.total
+        urgent = final or event.step == 0 or new_preview
         if not urgent and now - self._last_progress.get(job_id, 0.0) < self.core.chat.progress_interval_s:
             return
-        origin = await self.core.origin(event["user_id"], job_id)
+        origin = await self.core.origin(event.user_id, job_id)
         if origin is None:
             return
         self._last_progress[job_id] = now
         try:
-            doing = origin.get("doing") or origin.get("op", "working")
-            await self.platform.show_progress(origin, progress_text(doing, event["step"], event["total"],
-                                                                    event.get("eta_s")), preview)
+            doing = origin.doing or origin.op or "working"
+            await self.platform.show_progress(origin, progress_text(doing, event.step, event.total, event.eta_s),
+                                              preview)
         except Exception:  # noqa: BLE001 - progress is best effort
             log.warning("%s: could not show progress of %s", self.platform.name, job_id, exc_info=True)
 
-    async def _post_result(self, event: dict) -> bool:
+    async def _post_result(self, event: ResultEvent) -> bool:
         """True when the event is dealt with (posted, or given up on)."""
-        job_id = event["job_id"]
+        job_id = event.job_id
         self._last_progress.pop(job_id, None)
         self._previews.pop(job_id, None)
         self._finished[job_id] = None
         while len(self._finished) > 1000:
             self._finished.popitem(last=False)
-        origin = await self.core.origin(event["user_id"], job_id)
+        origin = await self.core.origin(event.user_id, job_id)
         if origin is None:  # the user said /forget, or the origin expired: nobody to answer
             return True
-        if event["type"] == "done" and event.get("others"):  # a morph: the other person may have withdrawn since
+        if event.type == "done" and event.others:  # a morph: the other person may have withdrawn since
             withdrawn = await self.core.withdrawn(event)
             if withdrawn:
-                event = {**event, "type": "failed", "error": withdrawn}
-        ok = event["type"] == "done"
-        result = Result(job_id, event["user_id"], ok, event.get("text", "") if ok else event.get("error", "failed"),
-                        kind=event.get("kind", "") if ok else "", payload=event.get("payload", b"") if ok else b"",
-                        result_id=event.get("result_id") if ok else None, engine=event.get("engine", ""),
-                        model=event.get("model", ""), kind_of=event.get("result_kind", "") if ok else "",
-                        actions=result_actions(event.get("result_kind")) if ok and event.get("result_id") else ())
+                event = replace(event, type="failed", error=withdrawn)
+        result = Result.of(event)
         try:
             ref = await self.platform.show_result(origin, result)
         except Exception:  # noqa: BLE001 - a platform error: retry a few times, then give up loudly
@@ -205,6 +209,5 @@ class EventPump:
             return True
         self._attempts.pop(job_id, None)
         if ref is not None and result.result_id:
-            await self.core.remember_result(self.platform.name, ref, result.user_id, result.result_id,
-                                            event.get("epoch", ""))
+            await self.core.remember_result(self.platform.name, ref, result.user_id, result.result_id, event.epoch)
         return True

@@ -33,7 +33,8 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from storage.connect import connect  # noqa: E402
 from storage.keys import ENGINE_GROUP, Keys  # noqa: E402
-from storage.queue import Job, JobQueue  # noqa: E402
+from storage.queue import JobQueue  # noqa: E402
+from storage.records import Job, ResultEvent  # noqa: E402
 
 FACE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "faces" / "obama.jpg"
 TTL = 3
@@ -64,7 +65,7 @@ async def main() -> None:
     keys = Keys(f"bench-{uuid.uuid4().hex[:6]}:")
     queue = JobQueue(client, keys)
     await queue.ensure_groups(adapters=("web",))
-    answered: dict[str, tuple[float, dict]] = {}
+    answered: dict[str, tuple[float, ResultEvent]] = {}
     counts: collections.Counter = collections.Counter()
 
     async def pump(until, timeout: float = 300) -> None:
@@ -72,8 +73,8 @@ async def main() -> None:
         while not until() and time.monotonic() < deadline:
             for entry_id, event in await queue.read_events("web", "bench", count=200, block_ms=100):
                 await queue.ack_event("web", entry_id)
-                counts[event["job_id"]] += 1
-                answered.setdefault(event["job_id"], (time.monotonic(), event))
+                counts[event.job_id] += 1
+                answered.setdefault(event.job_id, (time.monotonic(), event))
 
     with tempfile.TemporaryDirectory() as folder:
         cfg = Path(folder) / "config.toml"

@@ -123,10 +123,9 @@ class Bench:
         while True:
             for entry_id, event in await self.queue.read_events(ADAPTER, "bench", count=200, block_ms=200):
                 await self.queue.ack_event(ADAPTER, entry_id)
-                if event["type"] != "progress":
-                    self.answered[event["job_id"]] = time.perf_counter()
-                    if event["type"] != "done":
-                        self.failed.append(event.get("error", "?"))
+                self.answered[event.job_id] = time.perf_counter()
+                if event.type != "done":
+                    self.failed.append(event.error or "?")
 
     async def send(self, kind: str, user: int) -> str:
         """One command of `kind` from user number `user`; returns its job id."""

@@ -38,7 +38,8 @@ from bot.core import BUSY, BotCore, Command  # noqa: E402
 from storage.connect import connect  # noqa: E402
 from storage.keys import Keys  # noqa: E402
 from storage.latents import LatentStore, StoredLatent  # noqa: E402
-from storage.queue import UNLIMITED, Job, JobQueue  # noqa: E402
+from storage.queue import UNLIMITED, JobQueue  # noqa: E402
+from storage.records import Job, ResultEvent  # noqa: E402
 
 PHOTO = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "faces" / "obama.jpg"
 
@@ -130,7 +131,7 @@ async def main() -> None:
         while done < args.jobs:
             jobs, _ = await queue.claim("bench", 8, block_ms=100)
             for job in jobs:
-                await queue.finish(job, {"text": "ok"})
+                await queue.finish(job, ResultEvent.done(job, "ok"))
             done += len(jobs)
         run = time.perf_counter() - t0
         print(f"no-op jobs, one after another: enqueue {args.jobs / enq:.0f}/s, claim+finish {args.jobs / run:.0f}/s")

@@ -39,41 +39,12 @@ from bot.serve import embedded_redis_server, free_port, redis_answers  # noqa: E
 from storage.connect import connect  # noqa: E402
 from storage.keys import Keys  # noqa: E402
 from storage.latents import LatentStore, StoredLatent, _pack  # noqa: E402
+from storage.lua import ANY_ID, FILL_USERS  # noqa: E402
 from storage.queue import JobQueue  # noqa: E402
+from storage.records import Origin  # noqa: E402
 
 FACE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "faces" / "obama.jpg"
 NUM_WS = {1024: 18, 512: 16, 256: 14}
-
-# One user's keys, written by the server itself (a few hundred thousand keys a second). KEYS: none (key names are
-# built here from the prefix, as the product names them). ARGV: prefix, first user, last user, latent hash fields
-# (ws bytes), crop bytes, TTL.
-_FILL = """
-local p, ttl = ARGV[1], tonumber(ARGV[6])
-for i = tonumber(ARGV[2]), tonumber(ARGV[3]) do
-  local uid = 'web:user' .. i
-  local u = p .. 'user:' .. uid .. ':'
-  local lat = {'ws', ARGV[4], 'shape', '[18, 512]', 'model_id', 'ffhq-1024', 'created', '1764000000.0',
-               'meta', '{"op": "invert", "psnr": 21.3, "steps": 375}'}
-  redis.call('HSET', u .. 'latent', unpack(lat))
-  redis.call('HSET', u .. 'result:inv' .. i, unpack(lat))
-  redis.call('SET', u .. 'target:inv' .. i, ARGV[5], 'EX', ttl)
-  redis.call('HSET', u .. 'result:edit' .. i, 'w0', ARGV[4], unpack(lat))
-  for _, job in ipairs({'inv' .. i, 'edit' .. i}) do
-    redis.call('SET', u .. 'origin:' .. job, '{"chat": "c1", "op": "edit", "job_id": "' .. job .. '", "doing": "x"}',
-               'EX', ttl)
-    redis.call('SET', p .. 'message:web:m' .. job, uid .. ' ' .. job, 'EX', ttl)
-    redis.call('ZADD', u .. 'keys', 1764000000 + ttl, u .. 'origin:' .. job, 1764000000 + ttl,
-               p .. 'message:web:m' .. job)
-  end
-  redis.call('ZADD', u .. 'keys', 1764000000 + ttl, u .. 'result:inv' .. i, 1764000000 + ttl,
-             u .. 'result:edit' .. i, 1764000000 + ttl, u .. 'target:inv' .. i)
-  redis.call('SET', u .. 'name', 'web:user' .. i, 'EX', ttl)
-  redis.call('SET', p .. 'name:web:user' .. i, uid, 'EX', ttl)
-  redis.call('SET', u .. 'epoch', '0123456789abcdef', 'EX', ttl)
-  redis.call('SET', u .. 'shared', '1', 'EX', ttl)
-end
-return 1
-"""
 
 
 def start_server(folder: str) -> tuple[str, subprocess.Popen]:
@@ -98,10 +69,22 @@ def crop_bytes(px: int) -> bytes:
     return buf.getvalue()
 
 
-async def fill(client, keys: Keys, first: int, last: int, ws: bytes, crop: bytes, batch: int = 2000) -> None:
-    script = client.register_script(_FILL)
+async def fill(client, keys: Keys, first: int, last: int, ws: np.ndarray, crop: bytes, batch: int = 2000) -> None:
+    """Users `first` to `last - 1` with everything the product keeps for an active user (`storage.lua.FILL_USERS`),
+    their latents `ws`."""
+    script = FILL_USERS.register(client)
+    face = _pack(StoredLatent(ws, "ffhq-1024", created=1764000000.0, meta={"op": "invert", "psnr": 21.3, "steps": 375}))
+    ttl = 604800
     for start in range(first, last, batch):
-        await script(keys=[], args=[keys.prefix, start, min(start + batch, last) - 1, ws, crop, 604800])
+        await script(
+            first=start, last=min(start + batch, last) - 1, w0=face["ws"], crop=crop, ttl=ttl, expiry=1764000000 + ttl,
+            origin=Origin(op="edit", job_id=ANY_ID, doing="x", user="c1").to_json(),
+            latent_template=keys.latent(ANY_ID), result_template=keys.result_latent(ANY_ID, ANY_ID),
+            target_template=keys.target(ANY_ID, ANY_ID), origin_template=keys.origin(ANY_ID, ANY_ID),
+            message_template=keys.message("web", ANY_ID), index_template=keys.index(ANY_ID),
+            display_name_template=keys.display_name(ANY_ID), name_index_template=keys.name_index("web", ANY_ID),
+            epoch_template=keys.epoch(ANY_ID), shared_template=keys.shared(ANY_ID),
+            more_args=[x for field in face.items() for x in field])
 
 
 async def timings(core: BotCore, samples: int) -> dict[str, tuple[float, float]]:
@@ -110,7 +93,7 @@ async def timings(core: BotCore, samples: int) -> dict[str, tuple[float, float]]
     for text in ("/status", "/edit smile"):
         times = []
         for i in range(samples):
-            cmd = Command("web", "web:bench", "bench", text, origin={"chat": "c"})
+            cmd = Command("web", "web:bench", "bench", text, origin=Origin(user="c"))
             t0 = time.perf_counter()
             reply = await core.handle(cmd)
             times.append((time.perf_counter() - t0) * 1000)
@@ -142,14 +125,14 @@ async def main() -> None:
 
             # 1. memory per user, full size
             n_ws = NUM_WS[args.model_px]
-            ws = np.random.default_rng(0).standard_normal((n_ws, 512)).astype("<f4").tobytes()
+            ws = np.random.default_rng(0).standard_normal((n_ws, 512)).astype(np.float32)
             crop = crop_bytes(args.model_px)
             before = (await client.info("memory"))["used_memory"]
             t0 = time.perf_counter()
             await fill(client, keys, 0, args.full_users, ws, crop)
             per_user = ((await client.info("memory"))["used_memory"] - before) / args.full_users
             print(f"memory: {args.full_users} users at {args.model_px} px filled in {time.perf_counter() - t0:.1f} s; "
-                  f"{per_user / 1024:.1f} KiB per user (latent {len(ws) / 1024:.0f} KiB, aligned crop JPEG "
+                  f"{per_user / 1024:.1f} KiB per user (latent {ws.nbytes / 1024:.0f} KiB, aligned crop JPEG "
                   f"{len(crop) / 1024:.0f} KiB)")
             for n in (10_000, 100_000, 1_000_000):
                 print(f"  {n:>9,} users: {per_user * n / 2**30:7.2f} GiB"
@@ -164,8 +147,7 @@ async def main() -> None:
             await client.delete(keys.jobs, keys.user_jobs("web:bench"))
             await queue.ensure_groups(adapters=("web",))
             t0 = time.perf_counter()
-            small = _pack(StoredLatent(np.zeros((1, 4), np.float32), "ffhq-1024"))["ws"]
-            await fill(client, keys, 0, args.users, small, b"png")
+            await fill(client, keys, 0, args.users, np.zeros((1, 4), np.float32), b"png")
             n_keys = await client.dbsize()
             print(f"latency: filled {args.users:,} users ({n_keys:,} keys) in {time.perf_counter() - t0:.1f} s; "
                   f"used_memory {(await client.info('memory'))['used_memory'] / 2**30:.2f} GiB with small values")

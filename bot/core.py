@@ -7,20 +7,20 @@ No torch here: the core checks input, limits and consent, enqueues jobs and answ
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from PIL import Image
 from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 
 from bot.config import ChatConfig, EditConfig, LimitsConfig
 from bot.photos import check_photo, human_size  # noqa: F401 - human_size is imported from here by the adapters
-from storage.keys import Keys, as_str
+from storage.keys import Keys
 from storage.latents import LatentStore
-from storage.queue import Job, JobQueue
+from storage.queue import JobQueue
+from storage.records import Job, Origin, ResultEvent
 
 log = logging.getLogger("stylebot.bot")
 BUSY = "I'm busy right now: try again in a few minutes"
@@ -36,7 +36,7 @@ class Command:
     text: str                           # the message, e.g. "/edit really angry face"
     photo: bytes | None = None
     mentions: dict[str, str] = field(default_factory=dict)  # @name -> user id, when the platform resolved it
-    origin: dict = field(default_factory=dict)  # where the answer goes (chat id, message to reply to): JSON-able
+    origin: Origin = field(default_factory=Origin)  # where the answer goes: the adapter's fields of it
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Reaction:
     user_id: str
     result_id: str                      # the job id behind the result message
     action: str                         # "stronger" | "weaker" | "refine" | "redo"
-    origin: dict = field(default_factory=dict)
+    origin: Origin = field(default_factory=Origin)
     epoch: str = ""                     # the result's epoch, from the message link ("" = not known)
 
 
@@ -57,8 +57,8 @@ ACTIONS = {
 }
 
 
-# Which reruns apply to which kind of result (the engine names the kind: "face", "edit" or "morph"); adapters show
-# only these buttons, and the core refuses the others with a reason.
+# Which reruns apply to a result, by what it shows (the engine says: "face", "edit" or "morph"); adapters show only
+# these buttons, and the core refuses the others with a reason.
 RESULT_ACTIONS = {
     "face": ("refine", "redo"),
     "edit": ("stronger", "weaker", "refine", "redo"),
@@ -66,9 +66,9 @@ RESULT_ACTIONS = {
 }
 
 
-def result_actions(kind: str | None) -> tuple[str, ...]:
-    """The reruns that apply to a result of this kind (all of them when the kind is unknown: older results)."""
-    return RESULT_ACTIONS.get(kind or "", tuple(ACTIONS))
+def result_actions(shows: str) -> tuple[str, ...]:
+    """The reruns that apply to a result that shows this (all of them when it is unknown: older results)."""
+    return RESULT_ACTIONS.get(shows, tuple(ACTIONS))
 
 
 def job_words(op: str, params: dict) -> str:
@@ -89,20 +89,6 @@ class Reply:
     forgotten: bool = False             # /forget went through: adapters drop what they hold about the user too
 
 
-# A user's @name: taken when free or already theirs (the TTL refreshed), never taken from someone else; a new name
-# frees the old one. KEYS: name index, display name, the user's name key. ARGV: user id, "adapter:name", TTL.
-# Returns the name's owner.
-_CLAIM_NAME = """
-local owner = redis.call('GET', KEYS[1])
-if owner and owner ~= ARGV[1] then return owner end
-local old = redis.call('GET', KEYS[3])
-if old and old ~= KEYS[1] and redis.call('GET', old) == ARGV[1] then redis.call('DEL', old) end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-redis.call('SET', KEYS[3], KEYS[1], 'EX', ARGV[3])
-return ARGV[1]
-"""
-
 INVISIBLE = {"Cc", "Cf", "Co", "Cn", "Cs"}  # control, format (zero-width), private-use, unassigned, surrogates
 
 
@@ -116,7 +102,6 @@ class BotCore:
                  edit: EditConfig = EditConfig(), chat: ChatConfig = ChatConfig()):
         self.queue, self.store, self.limits, self.edit, self.chat = queue, store, limits, edit, chat
         self.keys: Keys = queue.keys
-        self._claim_name = queue.r.register_script(_CLAIM_NAME)
         # photos are decoded in threads, off the event loop; two at most, so that big ones do not pile up in memory
         self._photo_checks = asyncio.Semaphore(2)
 
@@ -155,10 +140,7 @@ class BotCore:
         silently from its holder, for example after its former owner sent /forget and someone else took it)."""
         if not user_name:
             return None
-        owner = await self._claim_name(keys=[self.keys.name_index(adapter, user_name), self.keys.display_name(user_id),
-                                             self.keys.name_key(user_id)],
-                                       args=[user_id, f"{adapter}:{user_name}", self.store.latent_ttl_s])
-        if as_str(owner) != user_id:
+        if await self.store.claim_name(adapter, user_id, user_name) != user_id:
             return (f"note: the name @{user_name} belongs to someone else now, so others cannot /morph with you by "
                     "that name" + ("; choose another nickname" if adapter == "web" else ""))
         return None
@@ -203,7 +185,7 @@ class BotCore:
         return await self._enqueue(cmd, redo["op"], dict(redo["params"]), epoch=reaction.epoch)
 
     async def react_emoji(self, adapter: str, user_id: str, message_ref: str, emoji: str,
-                          origin: dict | None = None) -> Reply | None:
+                          origin: Origin | None = None) -> Reply | None:
         """A reaction on a platform message: None when the emoji means nothing to us (stay quiet), else a reply."""
         action = self.chat.action(emoji)
         if action is None:
@@ -211,7 +193,7 @@ class BotCore:
         return await self.react_message(adapter, user_id, message_ref, action, origin)
 
     async def react_message(self, adapter: str, user_id: str, message_ref: str, action: str,
-                            origin: dict | None = None) -> Reply:
+                            origin: Origin | None = None) -> Reply:
         """A rerun asked for on a platform message (a reaction or a button under it)."""
         found = await self.result_at(adapter, message_ref)
         if found is None:
@@ -219,21 +201,17 @@ class BotCore:
         owner, result_id, epoch = found
         if owner != user_id:
             return Reply("only the person who asked for a result can rerun it")
-        return await self.react(Reaction(adapter, user_id, result_id, action, origin or {}, epoch))
+        return await self.react(Reaction(adapter, user_id, result_id, action, origin or Origin(), epoch))
 
     # -- where answers go: origins of jobs, messages that show results ---------------------------------------
 
-    async def origin(self, user_id: str, job_id: str) -> dict | None:
-        """Where a job's answer goes, as the adapter gave it (plus "op" and, once posted, "status")."""
-        raw = await self.queue.r.get(self.keys.origin(user_id, job_id))
-        return json.loads(raw) if raw else None
+    async def origin(self, user_id: str, job_id: str) -> Origin | None:
+        """Where a job's answer goes, as the adapter gave it (plus the job's fields and, once posted, `status`)."""
+        return await self.queue.origin(user_id, job_id)
 
     async def set_status_message(self, user_id: str, job_id: str, ref: str) -> None:
         """Remember the message that acknowledged a job: progress edits it."""
-        origin = await self.origin(user_id, job_id)
-        if origin is not None:  # XX: an origin deleted meanwhile (/forget) is not brought back
-            origin["status"] = ref
-            await self.queue.r.set(self.keys.origin(user_id, job_id), json.dumps(origin), keepttl=True, xx=True)
+        await self.queue.set_status(user_id, job_id, ref)
 
     async def remember_result(self, adapter: str, message_ref: str, user_id: str, result_id: str,
                               epoch: str = "") -> None:
@@ -241,28 +219,23 @@ class BotCore:
         that a /forget sent meanwhile is not undone)."""
         await self.queue.remember(adapter, message_ref, user_id, result_id, epoch)
 
-    async def withdrawn(self, event: dict) -> str | None:
+    async def withdrawn(self, event: ResultEvent) -> str | None:
         """For a morph about to be posted: the reason not to, when another person in it no longer shares (the
         engine checked when it stored it; this checks again at the last moment), its stored latents deleted."""
-        for uid in event.get("others", ()):
+        for uid in event.others:
             if not await self.store.is_shared(uid):
-                if event.get("result_id"):
-                    await self.queue.r.delete(self.keys.morph_result(event["result_id"]))
+                if event.result_id:
+                    await self.store.drop_morph_result(event.result_id)
                 return "the other person no longer allows morphs with their face, so the morph was not kept"
         return None
 
     async def aligned_crop(self, user_id: str, result_id: str | None) -> bytes | None:
         """The aligned face crop behind a face result (kept with it for refines; JPEG, PNG before), or None."""
-        return await self.queue.r.get(self.keys.target(user_id, result_id)) if result_id else None
+        return await self.store.aligned_crop(user_id, result_id) if result_id else None
 
     async def result_at(self, adapter: str, message_ref: str) -> tuple[str, str, str] | None:
         """(owner user id, result id, the result's epoch or "") of the result a message shows, or None."""
-        raw = await self.queue.r.get(self.keys.message(adapter, message_ref))
-        if not raw:
-            return None
-        parts = as_str(raw).split(" ")
-        epoch = parts.pop() if len(parts) >= 3 and re.fullmatch(r"[0-9a-f]{16}", parts[-1]) else ""
-        return " ".join(parts[:-1]), parts[-1], epoch
+        return await self.queue.shown_at(adapter, message_ref)
 
     # -- commands --------------------------------------------------------------------------------------------
 
@@ -346,20 +319,19 @@ class BotCore:
 
     async def user_called(self, adapter: str, name: str) -> str | None:
         """The user id known as `name` on an adapter, or None."""
-        uid = await self.queue.r.get(self.keys.name_index(adapter, name))
-        return as_str(uid) if uid else None
+        return await self.store.user_called(adapter, name)
 
     async def _notice(self) -> str:
         """A notice for everyone (set by `stylebot run` when it restarted the engine), as a line to append."""
-        notice = await self.queue.r.get(self.keys.notice)
-        return f"\nnote: {as_str(notice)}" if notice else ""
+        notice = await self.queue.notice()
+        return f"\nnote: {notice}" if notice else ""
 
     async def _enqueue(self, cmd: Command, op: str, params: dict, photo: bytes | None = None,
                        epoch: str = "") -> Reply:
         """Queue a job in one atomic step with the checks of limits and consent (`JobQueue.admit`); `epoch`: a
         rerun's result's, refused if the user said /forget since."""
         job = Job(op=op, user_id=cmd.user_id, adapter=cmd.adapter, params=params)
-        origin = {**cmd.origin, "op": op, "job_id": job.job_id, "doing": job_words(op, params)}
+        origin = replace(cmd.origin, op=op, job_id=job.job_id, doing=job_words(op, params))
         others = tuple(u for u in (params["a"], params["b"]) if u != cmd.user_id) if op == "morph" else ()
         admitted = await self.queue.admit(job, photo=photo, origin=origin, max_queue=self.limits.max_queue,
                                           max_per_user=self.limits.max_jobs_per_user, others=others, epoch=epoch)

@@ -335,7 +335,7 @@ class EngineSupervisor:
             delay = min(delay * 2, self.max_delay_s)
             notice = (f"the engine restarted at {time.strftime('%H:%M')} after it stopped unexpectedly "
                       f"(exit {code}); jobs in flight are picked up again")
-            await self._tell_redis(lambda r: r.set(self.keys.notice, notice, ex=self.NOTICE_TTL_S))
+            await self._tell_redis(lambda r: JobQueue(r, self.keys).post_notice(notice, self.NOTICE_TTL_S))
 
     async def _tell_redis(self, write) -> None:
         """Best effort: a Redis that does not answer now costs a notice, never the supervision."""

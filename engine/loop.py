@@ -34,7 +34,8 @@ from engine.images import jpeg_bytes
 from engine.pool import Finished, OptimisationPool
 from engine.services import SOMETHING_WENT_WRONG, EngineSettings, Services
 from storage.latents import LatentStore
-from storage.queue import Job, JobQueue
+from storage.queue import JobQueue
+from storage.records import Job
 
 log = logging.getLogger("stylebot.engine")
 
@@ -314,7 +315,8 @@ class Engine:
         s = self.s
         while True:
             try:
-                await s.queue.beat(s.name, s.G.model_id, s.settings.heartbeat_ttl_s, s.holder)
+                await s.queue.beat(s.name, s.G.model_id, s.settings.heartbeat_ttl_s, s.holder,
+                                   random_weights=s.random_weights)
                 held = list(s.claimed.values())
                 await s.queue.touch(s.name, held)
                 self.forgotten.update(j.job_id for j, ok in zip(held, await s.queue.wanted(held)) if not ok)

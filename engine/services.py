@@ -18,8 +18,10 @@ import torch
 from engine.edit import DEFAULT_EDIT_RECIPE, EDIT_RECIPES
 from engine.invert import DEFAULT_RECIPE, RECIPES
 from engine.latent_files import FAMILY_NAMES
+from engine.registry import registry_entries
 from storage.latents import LatentStore, StoredLatent
-from storage.queue import Job, JobQueue, Write
+from storage.queue import JobQueue, Write
+from storage.records import Job, ResultEvent
 
 log = logging.getLogger("stylebot.engine")
 
@@ -55,6 +57,8 @@ class Services:
         self.holder = f"{socket.gethostname()}:{os.getpid()}"  # this process, as its heartbeat says
         self.name = settings.name or self.holder
         self.claimed: dict[str, Job] = {}   # every job this engine holds and has not answered yet
+        entry = registry_entries().get(G.model_id)
+        self.random_weights = bool(entry and entry.builtin)  # a built-in model: its faces look like nothing
         self._clip_factory, self._clip, self._clip_lock = clip_factory, None, asyncio.Lock()
 
     async def clip(self):
@@ -66,14 +70,15 @@ class Services:
 
     # -- answers -------------------------------------------------------------------------------------------------
 
-    async def finish(self, job: Job, event: dict, payload: bytes = b"", writes: list[Write] = (),
+    async def finish(self, job: Job, text: str, *, media: str, shows: str, payload: bytes, writes: list[Write] = (),
                      refusal: str = "") -> None:
-        """Store `writes` and post a result, in one step guarded by the user's epoch (a user who said /forget
-        meanwhile gets nothing stored and no answer): `event["result_kind"]` says what it shows ("face", "edit" or
-        "morph"); `refusal` is the answer instead when the other person of a morph stopped sharing."""
-        stored = await self.queue.finish(job, {"model": self.G.model_id, **event}, payload=payload,
-                                         engine=self.name, writes=writes, refusal=refusal)
-        if stored < 0:
+        """Store `writes` and post the job's result (rerunnable), in one step guarded by the user's epoch (a user who
+        said /forget meanwhile gets nothing stored and no answer): `media` says what `payload` is ("image" or
+        "animation"), `shows` what it shows ("face", "edit" or "morph"); `refusal` is the answer instead when the
+        other person of a morph stopped sharing."""
+        event = ResultEvent.done(job, text, media=media, shows=shows, result_id=job.job_id, model=self.G.model_id,
+                                 engine=self.name, payload=payload)
+        if await self.queue.finish(job, event, writes=writes, refusal=refusal) < 0:
             log.info("job %s: its user said /forget while it ran; nothing stored", job.job_id)
         self.claimed.pop(job.job_id, None)
 

@@ -67,6 +67,11 @@ class Keys:
         return f"{self.prefix}engines:holder"
 
     @property
+    def engine_random(self) -> str:
+        """Hash: engine name -> 1 when the model it serves has random weights (a built-in one), else 0."""
+        return f"{self.prefix}engines:random"
+
+    @property
     def notice(self) -> str:
         """String: a short notice for every user (e.g. "the engine restarted at 14:03"), with a TTL."""
         return f"{self.prefix}notice"
@@ -136,7 +141,7 @@ class Keys:
         return f"{self.user(user_id)}namekey"
 
     def fixed(self, user_id: str) -> list[str]:
-        """The user's keys with fixed names (what /forget deletes besides those in `index`); the name key first."""
+        """The user's keys with fixed names (what /forget deletes besides those in `index`)."""
         return [self.name_key(user_id), self.latent(user_id), self.shared(user_id), self.display_name(user_id),
                 self.user_jobs(user_id), self.epoch(user_id), self.index(user_id), self.outbox(user_id)]
 

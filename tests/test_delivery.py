@@ -11,12 +11,13 @@ from bot.core import Command
 from conftest import FIXTURES, Stack
 from conftest import ResultRecorder as Recorder
 from storage.queue import Job, JobQueue
+from storage.records import Origin, ResultEvent
 
 OBAMA = (FIXTURES / "faces" / "obama.jpg").read_bytes()
 
 
 def say(text: str, user: str = "alice", photo: bytes | None = None) -> Command:
-    return Command("web", f"web:{user}", user, text, photo=photo, origin={"chat": user})
+    return Command("web", f"web:{user}", user, text, photo=photo, origin=Origin(user=user))
 
 
 async def answered(pump: EventPump, rec: Recorder, n: int, timeout: float = 120) -> None:
@@ -81,7 +82,7 @@ async def test_the_quota_place_is_released_in_the_step_that_stores_the_result(cl
         assert await client.hlen(stack.keys.user_jobs("web:alice")) == 1
         assert 0 < await client.ttl(stack.keys.user_jobs("web:alice"))  # and a safety TTL, whatever happens
         [claimed], _ = await stack.queue.claim("engine", 1, block_ms=100)
-        assert await stack.queue.finish(claimed, {"text": "edited"}) == 1
+        assert await stack.queue.finish(claimed, ResultEvent.done(claimed, "edited")) == 1
         assert await client.hlen(stack.keys.user_jobs("web:alice")) == 0  # nothing after finish() was needed
     finally:
         await stack.close()
@@ -174,7 +175,7 @@ async def test_a_front_end_down_while_a_thousand_jobs_finish_posts_every_result_
             for job in claimed:
                 for step in range(0, 21, 5):
                     await queue.progress(job, step, 20, preview=b"\xff\xd8 jpeg" if step == 10 else None)
-                await queue.finish(job, {"text": "edited", "kind": ""})
+                await queue.finish(job, ResultEvent.done(job, "edited"))
         rec = Recorder()
         pump = EventPump(stack.core, rec)  # the front end comes back
         for _ in range(100):
@@ -205,7 +206,7 @@ async def test_an_engine_keeps_the_jobs_waiting_for_a_row_claimed(client):
         await stack.queue.enqueue(Job(op="edit", user_id="web:bob", adapter="web", params={"prompt": "smile"}))
         sub = await stack.queue.listen_progress("web")
         await stack.start_engine()
-        while not any(e["step"] > 0 for e in await stack.queue.read_progress(sub, 0.1)):
+        while not any(e.step > 0 for e in await stack.queue.read_progress(sub, 0.1)):
             pass  # the inversion runs
         await sub.aclose()
         while len(stack.engine.claimed) < 2:  # the edit is claimed too, and waits for the inversion's row

@@ -20,6 +20,7 @@ from engine.services import EngineSettings, Services
 from storage.keys import Keys
 from storage.latents import LatentStore
 from storage.queue import Job, JobQueue
+from storage.records import ProgressEvent, ResultEvent
 
 
 @pytest_asyncio.fixture
@@ -33,11 +34,11 @@ async def parts(client):
 
 
 async def _run_until_answered(engine: Engine, queue: JobQueue, n: int, timeout: float = 60,
-                              progress: list | None = None) -> list[dict]:
+                              progress: list | None = None) -> list[ResultEvent]:
     stop = asyncio.Event()
     sub = await queue.listen_progress("web")
     task = asyncio.create_task(engine.run(stop))
-    answers: list[dict] = []
+    answers: list[ResultEvent] = []
     deadline = asyncio.get_running_loop().time() + timeout
     while len(answers) < n and asyncio.get_running_loop().time() < deadline:
         if progress is not None:
@@ -70,17 +71,17 @@ async def test_invert_jobs_get_an_image_and_bad_photos_a_reason(parts):
     await queue.enqueue(jobs["noface"], photo=buf.getvalue())
     await queue.enqueue(jobs["notimage"], photo=b"%PDF-1.4 not a photo")
 
-    progress: list[dict] = []
-    answers = {a["job_id"]: a for a in await _run_until_answered(engine, queue, 3, progress=progress)}
+    progress: list[ProgressEvent] = []
+    answers = {a.job_id: a for a in await _run_until_answered(engine, queue, 3, progress=progress)}
     good = answers[jobs["good"].job_id]
-    steps = [(p["step"], p["total"]) for p in progress if "preview" not in p]
+    steps = [(p.step, p.total) for p in progress if p.preview is None]
     assert (5, 10) in steps and (10, 10) in steps
-    previews = [p for p in progress if "preview" in p]
-    assert previews and Image.open(io.BytesIO(previews[0]["preview"])).size == (64, 64)
-    assert good["type"] == "done" and "PSNR" in good["text"]
-    assert Image.open(io.BytesIO(good["payload"])).size == (32, 32)
-    assert answers[jobs["noface"].job_id]["error"].startswith("no face found")
-    assert "not an image" in answers[jobs["notimage"].job_id]["error"]
+    previews = [p for p in progress if p.preview is not None]
+    assert previews and Image.open(io.BytesIO(previews[0].preview)).size == (64, 64)
+    assert good.type == "done" and "PSNR" in good.text
+    assert Image.open(io.BytesIO(good.payload)).size == (32, 32)
+    assert answers[jobs["noface"].job_id].error.startswith("no face found")
+    assert "not an image" in answers[jobs["notimage"].job_id].error
     face = await store.face("alice")
     assert face.model_id == "tiny" and face.ws.shape == (8, 64)
     assert await store.face("bob") is None
@@ -106,17 +107,17 @@ async def test_morph_edit_and_stronger_jobs(parts):
     nobody = Job(op="edit", user_id="carol", adapter="web", params={"prompt": "angry"})
     for job in (morph_job, stale, edit_job, nobody):
         await queue.enqueue(job)
-    answers = {a["job_id"]: a for a in await _run_until_answered(engine, queue, 4)}
-    gif = Image.open(io.BytesIO(answers[morph_job.job_id]["payload"]))
+    answers = {a.job_id: a for a in await _run_until_answered(engine, queue, 4)}
+    gif = Image.open(io.BytesIO(answers[morph_job.job_id].payload))
     assert gif.format == "GIF" and gif.n_frames == 6
-    assert "made with model ffhq-1024" in answers[stale.job_id]["error"]
-    assert answers[nobody.job_id]["error"] == "there is no face for you yet: send a photo with /invert first"
-    assert answers[edit_job.job_id]["result_id"] == edit_job.job_id
+    assert "made with model ffhq-1024" in answers[stale.job_id].error
+    assert answers[nobody.job_id].error == "there is no face for you yet: send a photo with /invert first"
+    assert answers[edit_job.job_id].result_id == edit_job.job_id
 
     stronger = Job(op="restyle", user_id="alice", adapter="web", params={"result_id": edit_job.job_id, "factor": 1.5})
     await queue.enqueue(stronger)
     answer = (await _run_until_answered(engine, queue, 1))[0]
-    assert answer["type"] == "done" and "x1.50" in answer["text"]
+    assert answer.type == "done" and "x1.50" in answer.text
     edited, strong = await store.result("alice", edit_job.job_id), await store.result("alice", stronger.job_id)
     assert np.allclose(strong.ws - strong.w0, 1.5 * (edited.ws - edited.w0), atol=1e-5)
 
@@ -143,9 +144,9 @@ async def test_a_latent_with_nan_is_never_stored_nor_rendered(parts, client):
                                                                  "names": {"alice": "@alice"}})
     await queue.enqueue(morph)
     [answer] = await _run_until_answered(engine, queue, 1)
-    assert answer["type"] == "failed"
-    assert answer["error"] == ("the stored face of @alice is damaged (it holds invalid numbers): "
-                               "send the photo again with /invert")
+    assert answer.type == "failed"
+    assert answer.error == ("the stored face of @alice is damaged (it holds invalid numbers): "
+                            "send the photo again with /invert")
     assert await store.result("bob", morph.job_id) is None
 
 
@@ -174,25 +175,25 @@ async def test_continuous_engine_fails_a_bad_photo_alone_and_answers_stronger_wh
     sub = await queue.listen_progress("web")
     task = asyncio.create_task(engine.run(stop))
     order: list[str] = []
-    answers: dict[str, dict] = {}
+    answers: dict[str, ResultEvent] = {}
     stronger = Job(op="restyle", user_id="dora", adapter="web", params={"result_id": "edit1", "factor": 1.5})
     sent_stronger = False
     deadline = asyncio.get_running_loop().time() + 120
     while len(answers) < 5 and asyncio.get_running_loop().time() < deadline:
-        if not sent_stronger and any(e["step"] > 0 for e in await queue.read_progress(sub)):
+        if not sent_stronger and any(e.step > 0 for e in await queue.read_progress(sub)):
             await queue.enqueue(stronger)  # the inversions are running now
             sent_stronger = True
         for entry_id, event in await queue.read_events("web", "web-test", block_ms=100):
             await queue.ack_event("web", entry_id)
-            answers[event["job_id"]] = event
-            order.append(event["job_id"])
+            answers[event.job_id] = event
+            order.append(event.job_id)
     await sub.aclose()
     stop.set()
     await asyncio.wait_for(task, 60)
-    assert answers[bad.job_id]["type"] == "failed" and "1x4000 pixels, too small" in answers[bad.job_id]["error"]
+    assert answers[bad.job_id].type == "failed" and "1x4000 pixels, too small" in answers[bad.job_id].error
     assert order[0] == bad.job_id  # refused at once, not after the others' work
-    assert all(answers[j.job_id]["type"] == "done" and answers[j.job_id]["result_kind"] == "face" for j in good)
-    assert answers[stronger.job_id]["type"] == "done" and "x1.50" in answers[stronger.job_id]["text"]
+    assert all(answers[j.job_id].type == "done" and answers[j.job_id].shows == "face" for j in good)
+    assert answers[stronger.job_id].type == "done" and "x1.50" in answers[stronger.job_id].text
     assert order.index(stronger.job_id) < min(order.index(j.job_id) for j in good)
     assert engine.claimed == {}  # every job this engine took was answered
 
@@ -219,14 +220,14 @@ async def test_a_stronger_is_answered_while_a_tick_is_still_running(parts, monke
                                                          w0=w0))
     face = Job(op="invert", user_id="ann", adapter="web")
     await queue.enqueue(face, photo=(FIXTURES / "faces" / "obama.jpg").read_bytes())
-    answers: dict[str, dict] = {}
+    answers: dict[str, ResultEvent] = {}
 
     async def read_until(job: Job, timeout: float) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
         while job.job_id not in answers and asyncio.get_running_loop().time() < deadline:
             for entry_id, event in await queue.read_events("web", "web-test", block_ms=100):
                 await queue.ack_event("web", entry_id)
-                answers[event["job_id"]] = event
+                answers[event.job_id] = event
 
     stop = asyncio.Event()
     task = asyncio.create_task(engine.run(stop))
@@ -235,14 +236,14 @@ async def test_a_stronger_is_answered_while_a_tick_is_still_running(parts, monke
         stronger = Job(op="restyle", user_id="dora", adapter="web", params={"result_id": "edit1", "factor": 1.5})
         await queue.enqueue(stronger)
         await read_until(stronger, 30)
-        assert answers.get(stronger.job_id, {}).get("type") == "done"  # answered with the first tick still held
+        assert stronger.job_id in answers and answers[stronger.job_id].type == "done"  # the first tick still held
         assert face.job_id not in answers
     finally:
         gate.set()
     await read_until(face, 60)
     stop.set()
     await asyncio.wait_for(task, 60)
-    assert answers[face.job_id]["type"] == "done"
+    assert answers[face.job_id].type == "done"
 
 
 async def test_stopping_finishes_what_ends_within_drain_s_and_leaves_the_rest_claimable(parts, client):
@@ -261,7 +262,7 @@ async def test_stopping_finishes_what_ends_within_drain_s_and_leaves_the_rest_cl
         task = asyncio.create_task(engine.run(stop))
         running = False
         while not running:
-            running = any(e["job_id"] == job.job_id and e["step"] > 0 for e in await queue.read_progress(sub, 0.1))
+            running = any(e.job_id == job.job_id and e.step > 0 for e in await queue.read_progress(sub, 0.1))
         await sub.aclose()
         stop.set()
         await asyncio.wait_for(task, 60)
@@ -298,11 +299,11 @@ async def test_a_photo_being_aligned_does_not_hold_back_the_inversions_in_flight
     stop = asyncio.Event()
     task = asyncio.create_task(engine.run(stop))
     sub = await queue.listen_progress("web")
-    while not any(p.get("job_id") == first.job_id and p.get("step", 0) >= 5
+    while not any(p.job_id == first.job_id and p.step >= 5
                   for p in await queue.read_progress(sub, timeout_s=0.2)):
         pass  # the first face is being found
     await queue.enqueue(second, photo=slow_photo)
-    answers: list[dict] = []
+    answers: list[ResultEvent] = []
     try:
         async with asyncio.timeout(60):
             while len(answers) < 2:
@@ -315,8 +316,8 @@ async def test_a_photo_being_aligned_does_not_hold_back_the_inversions_in_flight
         await sub.aclose()
         stop.set()
         await asyncio.wait_for(task, 30)
-    assert [a["job_id"] for a in answers] == [first.job_id, second.job_id]
-    assert all(a["type"] == "done" for a in answers), answers
+    assert [a.job_id for a in answers] == [first.job_id, second.job_id]
+    assert all(a.type == "done" for a in answers), answers
 
 
 def test_without_overrides_an_engine_runs_the_default_recipes_cpu_preset(G):

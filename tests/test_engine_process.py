@@ -15,6 +15,7 @@ import pytest_asyncio
 from conftest import FIXTURES, REDIS_URL
 from storage.keys import Keys
 from storage.queue import Job, JobQueue
+from storage.records import ResultEvent
 
 
 @pytest_asyncio.fixture
@@ -43,7 +44,7 @@ async def collect(queue: JobQueue, done: list, until, timeout: float) -> None:
     while not until() and time.monotonic() < deadline:
         for entry_id, event in await queue.read_events("web", "web-test", block_ms=200):
             await queue.ack_event("web", entry_id)
-            if event["type"] != "progress":
+            if event.type != "progress":
                 done.append(event)
 
 
@@ -54,7 +55,7 @@ async def test_sigkill_mid_batch_then_another_engine_every_job_answered_once(set
     for job in jobs:
         await queue.enqueue(job, photo=photo)
 
-    answers: list[dict] = []
+    answers: list[ResultEvent] = []
     first = start_engine(cfg, "engine-a")
     await collect(queue, answers, lambda: len(answers) >= 4, timeout=90)  # one batch done, the next in flight
     first.send_signal(signal.SIGKILL)
@@ -68,10 +69,10 @@ async def test_sigkill_mid_batch_then_another_engine_every_job_answered_once(set
     finally:
         second.terminate()
         second.wait(30)
-    counts = collections.Counter(a["job_id"] for a in answers)
+    counts = collections.Counter(a.job_id for a in answers)
     assert set(counts) == {j.job_id for j in jobs}
     assert max(counts.values()) == 1, f"posted twice: {[k for k, v in counts.items() if v > 1]}"
-    assert all(a["type"] == "done" for a in answers)
+    assert all(a.type == "done" for a in answers)
     assert await queue.pending_count() == 0
 
 
@@ -96,7 +97,7 @@ async def test_two_engines_share_one_queue(setup, client):
     for job in jobs:
         await queue.enqueue(job, photo=photo)
     engines = [start_engine(cfg, "engine-1", steps=70), start_engine(cfg, "engine-2", steps=70)]
-    answers: list[dict] = []
+    answers: list[ResultEvent] = []
     try:
         await collect(queue, answers, lambda: len(answers) >= 16, timeout=120)
     finally:
@@ -104,9 +105,9 @@ async def test_two_engines_share_one_queue(setup, client):
             e.terminate()
         for e in engines:
             assert e.wait(30) == 0
-    counts = collections.Counter(a["job_id"] for a in answers)
+    counts = collections.Counter(a.job_id for a in answers)
     assert set(counts) == {j.job_id for j in jobs} and max(counts.values()) == 1
-    assert {a["engine"] for a in answers} == {"engine-1", "engine-2"}  # both took part, with no coordination
+    assert {a.engine for a in answers} == {"engine-1", "engine-2"}  # both took part, with no coordination
 
 
 async def test_engines_killed_at_random_moments_every_job_answered_once_and_none_blamed(setup, client):
@@ -123,7 +124,7 @@ async def test_engines_killed_at_random_moments_every_job_answered_once_and_none
     for job in jobs:
         await queue.enqueue(job, photo=photo)
     rng = random.Random(7)
-    answers: list[dict] = []
+    answers: list[ResultEvent] = []
     engine = start_engine(cfg, "kill-0", steps=10)
     kills = []
     try:
@@ -140,7 +141,7 @@ async def test_engines_killed_at_random_moments_every_job_answered_once_and_none
     finally:
         engine.terminate()
         engine.wait(30)
-    counts = collections.Counter(a["job_id"] for a in answers)
+    counts = collections.Counter(a.job_id for a in answers)
     assert set(counts) == {j.job_id for j in jobs} and max(counts.values()) == 1
-    assert not [a for a in answers if "try another photo" in a.get("error", "")]  # nobody blamed for a kill
+    assert not [a for a in answers if "try another photo" in a.error]  # nobody blamed for a kill
     assert await queue.pending_count() == 0

@@ -130,7 +130,7 @@ async def test_a_long_morph_renders_between_ticks_and_makes_the_same_gif(client)
         await asyncio.wait_for(task, 30)
         async for key in client.scan_iter(match=f"{keys.prefix}*"):
             await client.delete(key)
-    assert [a["job_id"] for a in answers] == [invert_job.job_id, morph_job.job_id]
-    assert answers[0]["type"] == "done" and "PSNR" in answers[0]["text"]
+    assert [a.job_id for a in answers] == [invert_job.job_id, morph_job.job_id]
+    assert answers[0].type == "done" and "PSNR" in answers[0].text
     video = morph(G, torch.from_numpy(faces["alice"]), torch.from_numpy(faces["bob"]), frames=120)
-    assert answers[1]["payload"] == encode_gif(video, max_bytes=settings.max_upload_bytes)
+    assert answers[1].payload == encode_gif(video, max_bytes=settings.max_upload_bytes)

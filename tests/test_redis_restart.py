@@ -70,8 +70,8 @@ async def test_jobs_survive_a_redis_restart(tmp_path):
         while len(answered) < 3 and time.monotonic() < deadline:
             for entry_id, event in await queue.read_events("web", "web-1", block_ms=200):
                 await queue.ack_event("web", entry_id)
-                if event["type"] == "done":
-                    answered.add(event["job_id"])
+                if event.type == "done":
+                    answered.add(event.job_id)
         stop.set()
         await asyncio.wait_for(task, 30)
         assert answered == {a.job_id for a in acks}

@@ -9,6 +9,7 @@ import re
 from adapters.base import EventPump, Result
 from bot.core import Command
 from conftest import FIXTURES
+from storage.records import Origin
 
 OBAMA = (FIXTURES / "faces" / "obama.jpg").read_bytes()
 
@@ -19,19 +20,19 @@ class Recorder:
     name = "web"
 
     def __init__(self):
-        self.results: list[tuple[dict, Result, str]] = []
-        self.progress: list[tuple[dict, str]] = []
+        self.results: list[tuple[Origin, Result, str]] = []
+        self.progress: list[tuple[Origin, str]] = []
 
-    async def show_progress(self, origin: dict, text: str, preview: bytes | None) -> None:
+    async def show_progress(self, origin: Origin, text: str, preview: bytes | None) -> None:
         self.progress.append((origin, text))
 
-    async def show_result(self, origin: dict, result: Result) -> str | None:
+    async def show_result(self, origin: Origin, result: Result) -> str | None:
         ref = f"m{len(self.results) + 1}"
         self.results.append((origin, result, ref))
         return ref
 
 
-async def answer(pump: EventPump, rec: Recorder, n: int, timeout: float = 90) -> list[tuple[dict, Result, str]]:
+async def answer(pump: EventPump, rec: Recorder, n: int, timeout: float = 90) -> list[tuple[Origin, Result, str]]:
     """Pump events until `n` more results were posted."""
     want = len(rec.results) + n
     deadline = asyncio.get_running_loop().time() + timeout
@@ -42,7 +43,7 @@ async def answer(pump: EventPump, rec: Recorder, n: int, timeout: float = 90) ->
 
 
 def say(text: str, user: str = "alice", photo: bytes | None = None, chat: str = "c1") -> Command:
-    return Command("web", f"web:{user}", user, text, photo=photo, origin={"chat": chat})
+    return Command("web", f"web:{user}", user, text, photo=photo, origin=Origin(user=chat))
 
 
 async def test_refine_stronger_redo_through_reactions(stack):
@@ -59,14 +60,14 @@ async def _reruns(stack) -> None:
     ack = await core.handle(say("/invert", photo=OBAMA))
     assert ack.job_id and ack.text.startswith("finding your face: ")
     [(origin, face, face_ref)] = await answer(pump, rec, 1)
-    assert origin["chat"] == "c1" and face.ok and "how close to your photo: " in face.text
+    assert origin.user == "c1" and face.ok and "how close to your photo: " in face.text
     # dlib finds no face in a 32 px reconstruction from random weights: no likeness is claimed
     assert "dlib" not in face.text and "note: small face" in face.text
     assert rec.progress and re.match(r"finding your face: (started|step \d+ of 20)", rec.progress[-1][1])
     psnr0 = float(face.text.split("your photo: ")[1].split(" dB")[0])
 
     # refine: more steps from the stored latent, against the kept aligned face
-    reply = await core.react_emoji("web", "web:alice", face_ref, "👌", origin={"chat": "c1"})
+    reply = await core.react_emoji("web", "web:alice", face_ref, "👌", origin=Origin(user="c1"))
     assert reply.text.startswith("refining: ")
     [(_, refined, _)] = await answer(pump, rec, 1)
     assert refined.ok and "refined 1x" in refined.text
@@ -120,7 +121,7 @@ class PreviewRecorder(Recorder):
         super().__init__()
         self.previews: list[bytes] = []
 
-    async def show_progress(self, origin: dict, text: str, preview: bytes | None) -> None:
+    async def show_progress(self, origin: Origin, text: str, preview: bytes | None) -> None:
         await super().show_progress(origin, text, preview)
         if preview and preview not in self.previews:
             self.previews.append(preview)
@@ -143,7 +144,7 @@ async def test_previews_reach_the_chat_even_when_progress_edits_are_throttled(cl
         await stack.core.set_status_message("web:alice", ack.job_id, "status-1")
         [(_, face, _)] = await answer(pump, rec, 1)
         assert face.ok and face.actions == ("refine", "redo") and face.model == "tiny"
-        assert face.kind_of == "face"
+        assert face.shows == "face"
         crop = await stack.core.aligned_crop("web:alice", face.result_id)  # the crop the web shows beside it
         assert crop[:2] == b"\xff\xd8"  # JPEG quality 95: a quarter of a PNG's bytes in Redis
         texts = [text for _, text in rec.progress]

@@ -16,13 +16,14 @@ from conftest import FIXTURES, Stack
 from conftest import ResultRecorder as Recorder
 from storage.latents import StoredLatent
 from storage.queue import Job
+from storage.records import Origin
 
 OBAMA = (FIXTURES / "faces" / "obama.jpg").read_bytes()
 PROMPT = "really angry face"
 
 
 def say(text: str, user: str = "alice", photo: bytes | None = None) -> Command:
-    return Command("web", f"web:{user}", user, text, photo=photo, origin={"chat": user})
+    return Command("web", f"web:{user}", user, text, photo=photo, origin=Origin(user=user))
 
 
 async def everything(client, prefix: str) -> dict[bytes, list[bytes]]:
@@ -96,7 +97,7 @@ async def test_forget_while_jobs_run_and_wait_leaves_no_trace_and_answers_nothin
         assert running.job_id and all(w.job_id for w in waiting)
 
         async def started() -> bool:
-            return any(e["job_id"] == running.job_id and e["step"] > 0
+            return any(e.job_id == running.job_id and e.step > 0
                        for e in await stack.queue.read_progress(sub, 0.05))
         await wait_for(started)
         reply = await stack.core.handle(say("/forget"))
@@ -134,7 +135,7 @@ async def test_a_morph_is_not_kept_when_the_other_person_unshares_before_it_is_s
         assert (await stack.core.handle(say("/unshare", user="p"))).text == "others can no longer /morph with your face"
         await render_and_store(stack, job)  # ...and renders it all the same: the store step checks consent again
         [(_, event)] = await stack.queue.read_events("web", "w", block_ms=100)
-        assert event["type"] == "failed" and event["error"].startswith("@p no longer allows morphs with their face")
+        assert event.type == "failed" and event.error.startswith("@p no longer allows morphs with their face")
         assert await stack.store.result("web:q", job.job_id) is None
         assert await stack.queue.pending_count() == 0
     finally:

@@ -222,6 +222,7 @@ async def test_a_nickname_survives_a_restart_when_a_result_arrives_before_its_ow
     async with TestClient(TestServer(after.app), headers={"Cookie": f"{COOKIE}={cookie}"}) as http:
         info = await (await http.get("/info")).json()
         assert info["nickname"] == "wanda"
+        assert info["model"] == "tiny" and info["tiny"]  # random weights, as the engine's heartbeat says
         resp = await http.post("/command", data=FormData({"text": "/help"}, default_to_multipart=True))
         assert resp.status == 200 and "/invert" in (await resp.json())["reply"]  # no "choose a nickname first"
     [visitor] = after.visitors.values()

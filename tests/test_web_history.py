@@ -126,9 +126,9 @@ async def test_a_result_that_arrives_just_after_forget_does_not_bring_the_histor
             assert (await send(http, "/forget"))["reply"].startswith("done: deleted everything")
             png = io.BytesIO()
             Image.new("RGB", (32, 32)).save(png, "PNG")
-            late = Result(job_id, visitor.user_id, True, "your face as the tiny model draws it", kind="image",
+            late = Result(job_id, visitor.user_id, True, "your face as the tiny model draws it", media="image",
                           payload=png.getvalue(), result_id=job_id, model="tiny", actions=("refine", "redo"),
-                          kind_of="face")
+                          shows="face")
             assert await chat.show_result(origin, late) is None
             assert await user_keys(stack, visitor.user_id) == []
             assert not any(m.get("media") for m in await page(http))

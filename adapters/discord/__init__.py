@@ -22,6 +22,7 @@ from discord import app_commands
 
 from adapters.base import EventPump, Result, rerun_hint
 from bot.core import COMMANDS, BotCore, Command, Reaction, Reply, human_size
+from storage.records import Origin
 
 log = logging.getLogger("stylebot.discord")
 
@@ -158,11 +159,11 @@ class StyleBot(discord.AutoShardedClient):
     # -- Discord -> core -------------------------------------------------------------------------------------
 
     @staticmethod
-    def origin(interaction: discord.Interaction) -> dict:
-        """Where a command's answers go: the interaction's follow-ups, later its channel (JSON-able)."""
-        return {"application_id": str(interaction.application_id), "token": interaction.token,
-                "channel_id": str(interaction.channel_id), "created": interaction.created_at.timestamp(),
-                "mention": str(interaction.user.id), "upload_limit": interaction.filesize_limit}
+    def origin(interaction: discord.Interaction) -> Origin:
+        """Where a command's answers go: the interaction's follow-ups, later its channel."""
+        return Origin(application_id=str(interaction.application_id), token=interaction.token,
+                      channel_id=str(interaction.channel_id), created=interaction.created_at.timestamp(),
+                      mention=str(interaction.user.id), upload_limit=interaction.filesize_limit)
 
     async def ask(self, interaction: discord.Interaction, text: str, *, attachment: discord.Attachment | None = None,
                   mentions: dict[str, str] | None = None) -> None:
@@ -206,8 +207,8 @@ class StyleBot(discord.AutoShardedClient):
         if payload.message_author_id is not None and payload.message_author_id != me.id:
             return  # people reacting to each other's messages: none of our business
         guild = self.get_guild(payload.guild_id) if payload.guild_id else None
-        origin = {"channel_id": str(payload.channel_id), "mention": str(payload.user_id),
-                  "upload_limit": guild.filesize_limit if guild else UPLOAD_LIMIT}
+        origin = Origin(channel_id=str(payload.channel_id), mention=str(payload.user_id),
+                        upload_limit=guild.filesize_limit if guild else UPLOAD_LIMIT)
         uid = f"discord:{payload.user_id}"
         reply = await self.core.react_emoji("discord", uid, _ref(payload.channel_id, payload.message_id),
                                             str(payload.emoji), origin)
@@ -252,17 +253,17 @@ class StyleBot(discord.AutoShardedClient):
     # -- core -> Discord (Platform) --------------------------------------------------------------------------
 
     @staticmethod
-    def _fresh(origin: dict) -> bool:
+    def _fresh(origin: Origin) -> bool:
         """Whether follow-ups on the origin's interaction token are still accepted."""
-        return bool(origin.get("token")) and time.time() - float(origin.get("created", 0)) < FOLLOWUP_WINDOW_S
+        return bool(origin.token) and time.time() - origin.created < FOLLOWUP_WINDOW_S
 
-    def _webhook(self, origin: dict) -> discord.Webhook:
-        return discord.Webhook.partial(int(origin["application_id"]), origin["token"], client=self)
+    def _webhook(self, origin: Origin) -> discord.Webhook:
+        return discord.Webhook.partial(int(origin.application_id), origin.token, client=self)
 
-    async def show_progress(self, origin: dict, text: str, preview: bytes | None) -> None:
-        if not origin.get("status"):
+    async def show_progress(self, origin: Origin, text: str, preview: bytes | None) -> None:
+        if not origin.status:
             return
-        channel_id, _, message_id = origin["status"].partition(":")
+        channel_id, _, message_id = origin.status.partition(":")
         try:
             if self._fresh(origin):  # the interaction's own response (perhaps ephemeral): through its webhook
                 await self._webhook(origin).edit_message(int(message_id), content=text)
@@ -272,10 +273,10 @@ class StyleBot(discord.AutoShardedClient):
         except discord.HTTPException as e:  # deleted, or the token expired: progress is best effort
             log.debug("discord: progress edit refused: %s", e)
 
-    async def show_result(self, origin: dict, result: Result) -> str | None:
+    async def show_result(self, origin: Origin, result: Result) -> str | None:
         text, upload = f"couldn't do that: {result.text}", False
         if result.ok:
-            limit = max(int(origin.get("upload_limit") or 0), UPLOAD_LIMIT)
+            limit = max(origin.upload_limit, UPLOAD_LIMIT)
             if len(result.payload) > limit:
                 text = (f"couldn't post that result: it is {human_size(len(result.payload))} and this server "
                         f"takes files up to {human_size(limit)}")
@@ -298,9 +299,9 @@ class StyleBot(discord.AutoShardedClient):
             except discord.HTTPException as e:
                 if e.status not in (401, 404):  # 401/404: the token expired early (clocks differ): use the channel
                     raise
-        mention = origin.get("mention")
+        mention = origin.mention
         content = f"<@{mention}> {text}" if mention else text
-        channel = self.get_partial_messageable(int(origin["channel_id"]))
+        channel = self.get_partial_messageable(int(origin.channel_id))
         sent = await channel.send(content[:2000], allowed_mentions=_only(mention) if mention else None, **attached())
         return _ref(sent.channel.id, sent.id)
 

@@ -25,6 +25,7 @@ from telegram.ext import (AIORateLimiter, Application, CallbackQueryHandler, Con
 
 from adapters.base import EventPump, Result, rerun_hint
 from bot.core import BotCore, Command, Reaction, human_size
+from storage.records import Origin
 
 log = logging.getLogger("stylebot.telegram")
 
@@ -115,7 +116,7 @@ class TelegramBot:
             await msg.reply_text(refusal)
             return command
         mentions, text = self._mentions(msg, command, text)
-        origin = {"chat_id": msg.chat_id, "reply_to": msg.message_id}
+        origin = Origin(chat_id=msg.chat_id, reply_to=msg.message_id)
         reply = await self.core.handle(Command("telegram", _uid(user), user.username or "", text, photo=photo,
                                                mentions=mentions, origin=origin))
         sent = await msg.reply_text(reply.text)
@@ -167,7 +168,7 @@ class TelegramBot:
             emoji = getattr(reaction, "emoji", None)
             if not emoji or emoji in old:
                 continue
-            origin = {"chat_id": r.chat.id, "reply_to": r.message_id}
+            origin = Origin(chat_id=r.chat.id, reply_to=r.message_id)
             reply = await self.core.react_emoji("telegram", _uid(r.user), _ref(r.chat.id, r.message_id), emoji,
                                                 origin)
             if reply is not None:
@@ -182,7 +183,7 @@ class TelegramBot:
         q = update.callback_query
         _, action, result_id = (q.data or "").split(":", 2)
         chat_id = q.message.chat.id if q.message else q.from_user.id
-        origin = {"chat_id": chat_id, "reply_to": q.message.message_id if q.message else None}
+        origin = Origin(chat_id=chat_id, reply_to=q.message.message_id if q.message else None)
         reply = await self.core.react(Reaction("telegram", _uid(q.from_user), result_id, action, origin))
         await q.answer(reply.text[:200])
         if reply.job_id:
@@ -201,18 +202,17 @@ class TelegramBot:
 
     # -- core -> platform (Platform) -------------------------------------------------------------------------
 
-    async def show_progress(self, origin: dict, text: str, preview: bytes | None) -> None:
-        if "status" not in origin:
+    async def show_progress(self, origin: Origin, text: str, preview: bytes | None) -> None:
+        if not origin.status:
             return
         try:
-            await self.app.bot.edit_message_text(text, chat_id=origin["chat_id"], message_id=int(origin["status"]))
+            await self.app.bot.edit_message_text(text, chat_id=origin.chat_id, message_id=int(origin.status))
         except BadRequest as e:  # "message is not modified", or deleted by the user
             log.debug("progress edit refused: %s", e)
 
-    async def show_result(self, origin: dict, result: Result) -> str | None:
-        bot, chat = self.app.bot, origin["chat_id"]
-        reply_to = ReplyParameters(origin["reply_to"], allow_sending_without_reply=True) if origin.get(
-            "reply_to") else None
+    async def show_result(self, origin: Origin, result: Result) -> str | None:
+        bot, chat = self.app.bot, origin.chat_id
+        reply_to = ReplyParameters(origin.reply_to, allow_sending_without_reply=True) if origin.reply_to else None
         if not result.ok:
             await bot.send_message(chat, f"couldn't do that: {result.text}", reply_parameters=reply_to)
             return None
@@ -223,7 +223,7 @@ class TelegramBot:
                 f"{getattr(self.core.chat, f'{a}_emoji').split()[0]} {a}",
                 callback_data=f"{BUTTON}:{a}:{result.result_id}") for a in result.actions]])
         media = InputFile(result.payload, filename=result.filename)
-        send = bot.send_animation if result.kind == "animation" else bot.send_photo
+        send = bot.send_animation if result.media == "animation" else bot.send_photo
         sent = await send(chat, media, caption=caption[:1024], reply_parameters=reply_to, reply_markup=markup)
         return _ref(chat, sent.message_id)
 

@@ -3,7 +3,7 @@
 A visitor is identified by a random cookie and a nickname they choose, so two browser tabs (two people) can
 /share and /morph each other. Commands go to the bot core exactly as the chat platforms' do; answers come back
 through the same `EventPump` and reach the browser as server-sent events. The chat log, the results' images,
-GIFs and aligned crops live in Redis under the user's keys (`History`), with the results' TTL, deleted by /forget: a
+GIFs and aligned crops live in Redis under the user's keys (`WebHistory`), with the results' TTL, deleted by /forget: a
 visitor who comes back after restarts of the web chat finds the conversation, and a result is acknowledged only once
 it is stored there. Progress (and previews) are shown live and not kept.
 
@@ -21,7 +21,6 @@ import logging
 import re
 import secrets
 import time
-import tomllib
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -32,8 +31,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError, RedisError
 
 from adapters.base import EventPump, Result
 from bot.core import ACTIONS, BUSY, BotCore, Command, human_size
-from storage.keys import as_str
 from storage.errors import command as cli_command
+from storage.records import Origin
+from storage.web_history import WebHistory
 
 log = logging.getLogger("stylebot.web")
 
@@ -41,106 +41,10 @@ STATIC = Path(__file__).parent / "static"
 COOKIE = "stylebot_session"
 NICKNAME = re.compile(r"[A-Za-z0-9_]{2,24}")
 DOWNLOAD_HINT = "weights download ffhq-256"
-# Built-in random models (tiny, stylegan1-tiny): the page says their faces look like nothing. Read from the
-# registry file itself, without importing the engine (and torch) into a front end.
-BUILTIN_MODELS = frozenset(name for name, entry in tomllib.loads(
-    (Path(__file__).resolve().parents[2] / "engine" / "models.toml").read_text()).items() if entry.get("builtin"))
 HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
                                       "script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
-
-
 LOG_SIZE = 200  # messages kept per visitor (in Redis and in memory); the images of older ones go with them
-
-# Store a visitor's messages and the images they show, in one step: a message whose id is in the log already replaces
-# it (a status message that now says "done", a result posted again after a crash before its acknowledgement), a new
-# one is appended when `add` says so; the log keeps the newest `cap` messages, and the images of those that leave it go
-# too. Every key gets the TTL and is listed in the user's index (scored by its expiry) so that /forget deletes it.
-# With `guard`, nothing is written unless the guard key (the job's origin, which /forget deletes) still exists.
-# KEYS: log, user's index, guard key, then one key per image. ARGV: TTL, now, index TTL, cap, guarded (0/1), image key
-# prefix, #messages, then per message: id, add (1) or replace only (0), JSON; then the bytes of each image.
-_WRITE = """
-if ARGV[5] == '1' and redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
-local ttl, now, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[7])
-local at = {}
-for i, item in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
-  local id = string.match(item, '^{"id": "([^"]*)"')
-  if id then at[id] = i - 1 end
-end
-local a = 8
-for i = 1, n do
-  local id, add, json = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  if at[id] then
-    redis.call('LSET', KEYS[1], at[id], json)
-  elseif add == '1' then
-    at[id] = redis.call('RPUSH', KEYS[1], json) - 1
-  end
-  a = a + 3
-end
-for i = 4, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[a], 'EX', ttl)
-  redis.call('ZADD', KEYS[2], now + ttl, KEYS[i])
-  a = a + 1
-end
-local over = redis.call('LLEN', KEYS[1]) - tonumber(ARGV[4])
-if over > 0 then
-  for _, item in ipairs(redis.call('LRANGE', KEYS[1], 0, over - 1)) do
-    for id in string.gmatch(item, '"/media/(%x+)"') do
-      redis.call('DEL', ARGV[6] .. id)
-      redis.call('ZREM', KEYS[2], ARGV[6] .. id)
-    end
-  end
-  redis.call('LTRIM', KEYS[1], over, -1)
-end
-if redis.call('EXPIRE', KEYS[1], ttl) == 1 then redis.call('ZADD', KEYS[2], now + ttl, KEYS[1]) end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if redis.call('TTL', KEYS[2]) < tonumber(ARGV[3]) then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
-return 1
-"""
-
-
-class History:
-    """Each visitor's chat log (`Keys.web_log`, JSON messages) and the images it shows (`Keys.web_media`) in Redis,
-    under the user's keys: they live `[chat] result_ttl_s` (the log from its last message) and /forget deletes them."""
-
-    def __init__(self, core: BotCore, size: int = LOG_SIZE):
-        self.r, self.keys, self.size = core.queue.r, core.keys, size
-        self.ttl_s = core.chat.result_ttl_s
-        self.index_ttl_s = max(core.queue.index_ttl_s, self.ttl_s)  # the index outlives every key it lists
-        self._write = self.r.register_script(_WRITE)
-
-    async def load(self, user_id: str) -> list[dict]:
-        """The visitor's messages, oldest first (unreadable ones skipped)."""
-        out = []
-        for raw in await self.r.lrange(self.keys.web_log(user_id), 0, -1):
-            try:
-                msg = json.loads(raw)
-                msg["id"]
-            except (ValueError, TypeError, KeyError):
-                continue
-            out.append(msg)
-        return out
-
-    async def write(self, user_id: str, add: list[dict] = (), replace: list[dict] = (), *,
-                    media: dict[str, bytes] | None = None, guard: str | None = None) -> bool:
-        """Store messages (`add`: appended unless their id is there already, then replaced; `replace`: only
-        replaced) and images (media id -> bytes), all or nothing; False when `guard` is given and gone (nothing
-        written). Raises when Redis does."""
-        media = media or {}
-        specs: list = []
-        for flag, messages in (("1", add), ("0", replace)):
-            for m in messages:
-                specs += [m["id"], flag, json.dumps({"id": m["id"], **m})]  # the id first: the script finds it there
-        log_key = self.keys.web_log(user_id)
-        return bool(await self._write(
-            keys=[log_key, self.keys.index(user_id), guard or log_key,
-                  *(self.keys.web_media(user_id, i) for i in media)],
-            args=[self.ttl_s, time.time(), self.index_ttl_s, self.size, int(guard is not None),
-                  self.keys.web_media(user_id, ""), len(specs) // 3, *specs, *media.values()]))
-
-    async def media(self, user_id: str, media_id: str) -> bytes | None:
-        """An image the visitor was shown, or None (expired, forgotten, or someone else's)."""
-        return await self.r.get(self.keys.web_media(user_id, media_id))
 
 
 def media_type(data: bytes) -> str:
@@ -200,7 +104,7 @@ class WebChat:
 
     def __init__(self, core: BotCore):
         self.core = core
-        self.history = History(core)
+        self.history = WebHistory(core.queue, ttl_s=core.chat.result_ttl_s, size=LOG_SIZE)
         self.visitors: dict[str, Visitor] = {}
         self.app = web.Application(client_max_size=core.limits.max_photo_bytes + 2**20,
                                    middlewares=[_security_headers])
@@ -233,10 +137,9 @@ class WebChat:
                     v.log.extendleft(reversed(await self.history.load(user_id)))
                     v.loaded = True
         if not v.named:
-            known = await self.core.queue.r.get(self.core.keys.display_name(user_id))
+            known = await self.core.store.name_of("web", user_id)
             if not v.named:  # not chosen meanwhile
-                adapter, _, name = as_str(known or "").partition(":")
-                v.nickname, v.named = (name if adapter == "web" else ""), True
+                v.nickname, v.named = known, True
         return v
 
     @staticmethod
@@ -256,12 +159,14 @@ class WebChat:
         return resp
 
     async def info(self, request: web.Request) -> web.Response:
-        """Which model the engine runs, whether it is online, who you are."""
+        """Which model the engine runs (and whether it has random weights: its faces look like nothing), whether it
+        is online, who you are."""
         v, new = await self.visitor(request)
-        models = list((await self.core.queue.engines_online()).values())
-        model = models[0] if models else None
-        return self._json({"nickname": v.nickname, "engines": len(models), "model": model,
-                           "tiny": model in BUILTIN_MODELS, "download": cli_command(DOWNLOAD_HINT),
+        engines = await self.core.queue.engines_online()
+        engine, model = next(iter(engines.items()), (None, None))
+        tiny = engine is not None and await self.core.queue.random_weights(engine)
+        return self._json({"nickname": v.nickname, "engines": len(engines), "model": model,
+                           "tiny": tiny, "download": cli_command(DOWNLOAD_HINT),
                            "max_photo_bytes": self.core.limits.max_photo_bytes,
                            "actions": {a: getattr(self.core.chat, f"{a}_emoji").split()[0] for a in ACTIONS}}, new)
 
@@ -317,7 +222,7 @@ class WebChat:
         said = v.new("you", text, **extra)
         v.show(said)
         reply = await self.core.handle(Command("web", v.user_id, v.nickname, text, photo=photo,
-                                               origin={"user": v.user_id}))
+                                               origin=Origin(user=v.user_id)))
         await self._acknowledge(v, reply, said)
         return self._json({"reply": reply.text, "job_id": reply.job_id}, new)
 
@@ -328,7 +233,7 @@ class WebChat:
         if body is None or "message" not in body or "action" not in body:
             return self._json({"error": "send JSON like {\"message\": ID, \"action\": \"stronger\"}"}, new, 400)
         message_id, action = str(body["message"]), str(body["action"])
-        reply = await self.core.react_message("web", v.user_id, message_id, action, origin={"user": v.user_id})
+        reply = await self.core.react_message("web", v.user_id, message_id, action, origin=Origin(user=v.user_id))
         await self._acknowledge(v, reply)
         return self._json({"reply": reply.text, "job_id": reply.job_id}, new)
 
@@ -386,26 +291,26 @@ class WebChat:
 
     # -- Platform --------------------------------------------------------------------------------------------
 
-    def _owner(self, origin: dict) -> Visitor | None:
-        return self.visitors.get(origin.get("user", ""))
+    def _owner(self, origin: Origin) -> Visitor | None:
+        return self.visitors.get(origin.user)
 
-    async def show_progress(self, origin: dict, text: str, preview: bytes | None) -> None:
+    async def show_progress(self, origin: Origin, text: str, preview: bytes | None) -> None:
         v = self._owner(origin)
-        if v is None or "status" not in origin:
+        if v is None or not origin.status:
             return
         changes: dict = {"text": text, "progress": ""}  # the bubble stops saying "waiting behind 2 jobs"
         if preview:
             changes["preview"] = "data:image/jpeg;base64," + base64.b64encode(preview).decode()
-        v.update(origin["status"], **changes)
+        v.update(origin.status, **changes)
 
-    async def show_result(self, origin: dict, result: Result) -> str | None:
+    async def show_result(self, origin: Origin, result: Result) -> str | None:
         """Store the result in the visitor's history, then show it: a result is acknowledged only once kept (a
         failed write raises, and the pump tries again). Nothing is written for a user who said /forget meanwhile."""
-        v = await self._visitor(origin["user"])  # perhaps posted before the browser came back
+        v = await self._visitor(origin.user)  # perhaps posted before the browser came back
         changed = []
-        status = v.find(origin["status"]) if "status" in origin else None
+        status = v.find(origin.status) if origin.status else None
         if status is not None:  # the acknowledgement stops saying "waiting" or "step 20 of 40"
-            doing = origin.get("doing") or origin.get("op", "your job")
+            doing = origin.doing or origin.op or "your job"
             changed.append({**status, "text": f"{doing}: {'done' if result.ok else 'stopped'}", "progress": "",
                             "preview": ""})
         message_id = derived_id(result.job_id, "message", 12)
@@ -419,13 +324,12 @@ class WebChat:
                 extra["media"] = f"/media/{derived_id(result.job_id, 'result', 32)}"
                 extra["filename"] = result.filename
             crop = (await self.core.aligned_crop(result.user_id, result.result_id)
-                    if result.kind_of == "face" else None)
+                    if result.shows == "face" else None)
             if crop:  # what the bot saw: the aligned face crop, shown beside the reconstruction
                 media[derived_id(result.job_id, "aligned", 32)] = crop
                 extra["aligned"] = f"/media/{derived_id(result.job_id, 'aligned', 32)}"
             msg = v.new("bot", result.text, message_id, actions=list(result.actions), model=result.model, **extra)
-        if not await self.history.write(v.user_id, [msg], changed, media=media,
-                                        guard=self.core.keys.origin(result.user_id, result.job_id)):
+        if not await self.history.write(v.user_id, [msg], changed, media=media, answering=result.job_id):
             return None  # the user said /forget since the pump read where the answer goes: nobody to answer
         for m in (*changed, msg):
             v.show(m)

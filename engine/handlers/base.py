@@ -17,7 +17,7 @@ from typing import Any, Callable, Protocol
 
 from engine.pool import OptimisationPool
 from engine.services import Services
-from storage.queue import Job
+from storage.records import Job
 
 
 @dataclass

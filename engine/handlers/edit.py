@@ -11,7 +11,7 @@ from engine.images import png_bytes
 from engine.pool import Finished
 from engine.services import Services
 from storage.latents import StoredLatent
-from storage.queue import Job
+from storage.records import Job
 
 
 class Edit:
@@ -39,5 +39,4 @@ async def store_edit(s: Services, job: Job, ws: torch.Tensor, w0: torch.Tensor, 
         return
     result = s.store.result_write(job.user_id, job.job_id, StoredLatent(ws.numpy(), s.G.model_id, meta=meta,
                                                                         w0=w0.numpy()))
-    await s.finish(job, {"text": text, "kind": "image", "result_id": job.job_id, "result_kind": "edit"},
-                   payload=png_bytes(image), writes=[result])
+    await s.finish(job, text, media="image", shows="edit", payload=png_bytes(image), writes=[result])

@@ -18,7 +18,7 @@ from engine.images import jpeg_bytes, png_bytes
 from engine.pool import Finished
 from engine.services import Services
 from storage.latents import StoredLatent
-from storage.queue import Job, Write
+from storage.records import Job
 
 
 class Invert:
@@ -44,7 +44,7 @@ async def store_face(s: Services, job: Job, target: np.ndarray, ws: torch.Tensor
             "likeness": None if distance is None else round(distance, 3), "redo": {"op": "invert", "params": {}}}
     latent = StoredLatent(ws.numpy(), s.G.model_id, meta=meta)
     writes = [s.store.face_write(job.user_id, latent), s.store.result_write(job.user_id, job.job_id, latent),
-              Write(s.queue.keys.target(job.user_id, job.job_id), aligned_crop_bytes(target), s.store.result_ttl_s)]
+              s.store.crop_write(job.user_id, job.job_id, aligned_crop_bytes(target))]
     text = f"your face as the {s.G.model_id} model draws it"
     if refined:
         text += f", refined {refined}x"
@@ -53,8 +53,7 @@ async def store_face(s: Services, job: Job, target: np.ndarray, ws: torch.Tensor
         verdict = "the same person" if distance < 0.6 else "not quite you yet"
         text += f"; dlib's face check: {verdict} (distance {distance:.2f}, under 0.6 is a match)"
     text += "".join(f"\nnote: {w}" for w in warnings)
-    await s.finish(job, {"text": text, "kind": "image", "result_id": job.job_id, "result_kind": "face"},
-                   payload=png_bytes(image), writes=writes)
+    await s.finish(job, text, media="image", shows="face", payload=png_bytes(image), writes=writes)
 
 
 def align_photo(photo: bytes | None, resolution: int):

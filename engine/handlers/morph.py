@@ -12,7 +12,7 @@ from engine.handlers.base import OnePass
 from engine.morph import MorphRender, encode_gif
 from engine.services import Services
 from storage.latents import StoredLatent
-from storage.queue import Job
+from storage.records import Job
 
 
 class Morph:
@@ -30,8 +30,8 @@ class Morph:
         meta = {"op": "morph", "frames": _frames(job), "redo": {"op": "morph", "params": job.params}}
         result = s.store.morph_write(job.user_id, job.job_id,
                                      StoredLatent(work.context["start"].ws, s.G.model_id, meta=meta))
-        await s.finish(job, {"text": f"morph, {_frames(job)} frames", "kind": "animation", "result_id": job.job_id,
-                             "result_kind": "morph"}, payload=gif, writes=[result], refusal=_unshared(job))
+        await s.finish(job, f"morph, {_frames(job)} frames", media="animation", shows="morph", payload=gif,
+                       writes=[result], refusal=_unshared(job))
 
 
 def _frames(job: Job) -> int:

@@ -16,7 +16,7 @@ from engine.handlers.invert import store_face
 from engine.pool import Finished
 from engine.services import Services
 from storage.latents import StoredLatent
-from storage.queue import Job
+from storage.records import Job
 
 
 class Refine:
@@ -70,7 +70,7 @@ async def _start(job: Job, s: Services, restart: bool) -> tuple[StoredLatent, np
     if lat.meta.get("op") != "invert":
         await s.fail(job, "only faces and edits can be refined")
         return None
-    crop = await s.queue.r.get(s.queue.keys.target(job.user_id, result_id))
+    crop = await s.store.aligned_crop(job.user_id, result_id)
     if crop is None:
         await s.fail(job, "the face behind that result has expired; send the photo again with /invert")
         return None

@@ -10,7 +10,7 @@ from engine.handlers.base import OnePass
 from engine.images import png_bytes
 from engine.services import Services
 from storage.latents import StoredLatent
-from storage.queue import Job
+from storage.records import Job
 
 
 class Restyle:
@@ -33,6 +33,5 @@ class Restyle:
         meta = dict(lat.meta, strength=round(strength, 3))
         result = s.store.result_write(job.user_id, job.job_id, StoredLatent(ws[0].numpy(), s.G.model_id, meta=meta,
                                                                             w0=lat.w0))
-        await s.finish(job, {"text": f"{meta.get('prompt', 'edit')} x{strength:.2f} (edit strength)",
-                             "kind": "image", "result_id": job.job_id, "result_kind": "edit"},
-                       payload=png_bytes(images[0]), writes=[result])
+        await s.finish(job, f"{meta.get('prompt', 'edit')} x{strength:.2f} (edit strength)", media="image",
+                       shows="edit", payload=png_bytes(images[0]), writes=[result])
