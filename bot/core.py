@@ -89,12 +89,22 @@ class Reply:
     forgotten: bool = False             # /forget went through: adapters drop what they hold about the user too
 
 
+ECHO_CHARS = 40  # the most of a user's own words a reply repeats: every reply fits every platform (Telegram: 4,096)
+
+
+def shown(text: str, limit: int = ECHO_CHARS) -> str:
+    """What a reply repeats of a user's words: at most `limit` characters, cut with an ellipsis."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 INVISIBLE = {"Cc", "Cf", "Co", "Cn", "Cs"}  # control, format (zero-width), private-use, unassigned, surrogates
 
 
 def clean_prompt(text: str) -> str:
-    """The prompt as CLIP should read it: invisible characters removed, whitespace collapsed."""
-    return " ".join("".join(c for c in text if unicodedata.category(c) not in INVISIBLE).split())
+    """The prompt as CLIP should read it: whitespace of any kind (tabs and line breaks too, which are control
+    characters) collapsed to single spaces, the other invisible characters removed."""
+    kept = (" " if c.isspace() else c for c in text)
+    return " ".join("".join(c for c in kept if unicodedata.category(c) not in INVISIBLE).split())
 
 
 class BotCore:
@@ -125,10 +135,10 @@ class BotCore:
             return Reply(BUSY)
 
     async def _handle(self, cmd: Command) -> Reply:
-        name, _, rest = cmd.text.strip().partition(" ")
+        name, rest = (cmd.text.split(maxsplit=1) + [""])[:2]  # the command ends at any whitespace: "/edit\nsmile"
         handler = COMMANDS.get(name.lower().split("@")[0])
         if handler is None:
-            return Reply(f"unknown command {name!r}: try /help")
+            return Reply(f"unknown command {shown(name)!r}: try /help")
         note = None if handler is BotCore.cmd_forget else await self.claim_name(cmd.adapter, cmd.user_id, cmd.user_name)
         reply = await handler(self, cmd, rest.strip())
         if note:
@@ -155,7 +165,7 @@ class BotCore:
 
     async def _react(self, reaction: Reaction) -> Reply:
         if reaction.action not in ACTIONS:
-            return Reply(f"unknown reaction {reaction.action!r}")
+            return Reply(f"unknown reaction {shown(reaction.action)!r}")
         result = await self.store.result(reaction.user_id, reaction.result_id)
         if result is None:
             return Reply("that result has expired, or it is not yours to rerun")
@@ -254,7 +264,8 @@ class BotCore:
         m = re.fullmatch(r"@(\S+)\s+@(\S+)(?:\s+(\d+))?", rest)
         if not m:
             return Reply("usage: /morph @me @friend [frames]")
-        frames = int(m.group(3) or self.limits.default_frames)
+        digits = m.group(3) or str(self.limits.default_frames)
+        frames = int(digits) if len(digits) <= 9 else 0  # more digits than any frame count (and than int() reads)
         if not 2 <= frames <= self.limits.max_frames:
             return Reply(f"frames must be between 2 and {self.limits.max_frames}")
         users, names = [], {}
@@ -262,14 +273,15 @@ class BotCore:
             uid = (cmd.user_id if name.lower() == "me"
                    else cmd.mentions.get(name) or await self.user_called(cmd.adapter, name))
             if uid is None:
-                return Reply(f"I don't know @{name}: they need to talk to me once (for example /help)")
+                return Reply(f"I don't know @{shown(name)}: they need to talk to me once (for example /help)")
             if uid != cmd.user_id and not await self.store.is_shared(uid):
-                return Reply(f"@{name} has not allowed morphs with their face: they can send /share to allow it")
+                return Reply(f"@{shown(name)} has not allowed morphs with their face: they can send /share to allow "
+                             "it")
             if await self.store.face(uid) is None:
-                who = "you" if uid == cmd.user_id else f"@{name}"
+                who = "you" if uid == cmd.user_id else f"@{shown(name)}"
                 return Reply(f"there is no face for {who} yet: send a photo with /invert first")
             users.append(uid)
-            names[uid] = "you" if uid == cmd.user_id else f"@{name}"
+            names[uid] = "you" if uid == cmd.user_id else f"@{shown(name)}"
         if users[0] == users[1]:
             return Reply("a morph needs two different faces, e.g. /morph @me @friend")
         return await self._enqueue(cmd, "morph", {"a": users[0], "b": users[1], "frames": frames, "names": names})

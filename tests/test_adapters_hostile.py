@@ -80,3 +80,34 @@ async def test_a_form_in_another_encoding_is_answered_in_one_line(web, part, err
     headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
     assert await one_line(await http.post("/command", data=form(part), headers=headers), 400) == error
     assert await s.queue.pending_count() == 0
+
+
+@pytest.mark.parametrize("nickname", [None, True, 7, ["eve2"], {"n": "eve2"}])
+async def test_a_nickname_that_is_not_text_is_refused_not_spelled_out(web, nickname):
+    """{"nickname": null} and {"nickname": true} were taken as the names "None" and "True"."""
+    http, _ = web
+    assert await one_line(await http.post("/nickname", json={"nickname": nickname}), 400) == \
+        "a nickname is 2 to 24 letters, digits or _"
+    assert (await (await http.get("/info")).json())["nickname"] == "eve"
+
+
+async def test_a_long_message_is_refused_with_its_true_length(web):
+    """A 100,000-character prompt was cut to 2,000 and answered "the prompt is 1994 characters long"; the web chat
+    now says how long it really is. A body past the upload limit sent without its length gets the page's JSON line,
+    not aiohttp's plain-text 413."""
+    http, s = web
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    long = form((field("text"), ("/edit " + "a" * 99_994).encode()))
+    assert await one_line(await http.post("/command", data=long, headers=headers), 413) == \
+        "that message is 100,000 characters long; keep it under 4,096 characters"
+    longer = form((field("text"), b"a" * (2 << 20)))
+    assert await one_line(await http.post("/command", data=longer, headers=headers), 413) == \
+        "that message is over 1 MiB; keep it under 4,096 characters"
+    huge = b'{"nickname": "' + b"a" * (17 << 20) + b'"}'
+
+    async def chunks():  # no Content-Length: aiohttp finds the size while reading
+        for i in range(0, len(huge), 1 << 20):
+            yield huge[i:i + (1 << 20)]
+    assert await one_line(await http.post("/nickname", data=chunks(), headers={"Content-Type": "application/json"}),
+                          413) == "that upload is too big: send one photo and a short message"
+    assert await s.queue.pending_count() == 0

@@ -189,6 +189,10 @@ def test_counts_below_one_are_usage_errors(config_file, capsys, args):
     (["generate", "--out", "x.png", "--seeds", "0-9999999999"], "give between 1 and 256 seeds"),
     (["morph", "a.npz", "b.npz", "--out", "x.gif", "--fps", "0.001"], "frames per second go from 0.5 to 50"),
     (["run", "--invert-steps", "0"], "must be at least 1, got 0"),
+    (["invert", str(OBAMA), "--out", "x.npz", "--steps", "1000000000000"],
+     "must be at most 100,000 steps, got 1,000,000,000,000"),  # numpy would ask for 3.64 TiB
+    (["edit", "me.npz", "smile", "--out", "x.png", "--steps", str(10**21)], "must be at most 100,000 steps"),
+    (["engine", "--edit-steps", "100001"], "must be at most 100,000 steps, got 100,001"),
 ])
 def test_numbers_out_of_range_are_usage_errors(config_file, capsys, args, message):
     """Seeds NumPy refuses, a seed range of ten billion (refused before it is built), GIF frame times that do not
@@ -236,6 +240,18 @@ def test_outputs_under_a_file_are_refused_before_any_work(tmp_path, cli, args, b
     assert rc == 1 and one_line(err) == (f"error: cannot write {bad.format(**names)}: "
                                          f"{tmp_path / 'afile'} is a file, not a folder")
     assert files(tmp_path) == {"config.toml", "afile", "me.npz", "raw.npy"}
+
+
+def test_an_output_in_a_folder_that_does_not_exist_is_refused_and_makes_no_folders(tmp_path, cli):
+    """A typo in a path (--out /no/such/folder/x.npz) makes no folder tree: one line, before any work."""
+    latent(tmp_path / "me.npz")
+    missing = tmp_path / "no" / "such"
+    for args in (["generate", "--out", missing / "x.png"], ["morph", tmp_path / "me.npz", tmp_path / "me.npz",
+                                                              "--out", missing / "x.gif"]):
+        rc, err = cli(*args)
+        assert rc == 1 and one_line(err) == (f"error: cannot write {args[-1]}: there is no folder {missing}; make it "
+                                             "first")
+    assert files(tmp_path) == {"config.toml", "me.npz"}
 
 
 def test_an_output_that_is_a_folder_or_has_a_wrong_ending_is_refused(tmp_path, cli):

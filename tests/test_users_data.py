@@ -5,6 +5,7 @@ when commands arrive together, no command scans the keyspace, a released @name i
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 import pytest
@@ -198,20 +199,32 @@ async def test_a_name_released_by_forget_is_not_taken_back_silently(client):
         await stack.close()
 
 
+LONG = "x" * 4085
+CUT = "x" * 39 + "…"  # what a reply repeats of a long word: bot.core.ECHO_CHARS characters
+
+
 @pytest.mark.parametrize("text, expected", [
     ("/morph @me @me", "a morph needs two different faces, e.g. /morph @me @friend"),
     ("/edit \u200b\u200c\u200d\u2060", "the prompt is empty: describe the edit, e.g. /edit really angry face"),
-    ("/edit \u200bangry\u200b", None),
+    ("/edit \u200bangry\u200b", "angry"),  # invisible characters are dropped from a prompt
+    ("/edit smile\tface", "smile face"),  # tabs and line breaks part words, as spaces do
+    ("/edit really\nangry\r\nface", "really angry face"),
+    ("/edit\nsmile", "smile"),  # the command ends at a line break too
+    (f"/{LONG}", f"unknown command '/{CUT[:-2]}…': try /help"),  # nothing near Telegram's 4,096 characters
+    (f"/morph @me @{LONG}", f"I don't know @{CUT}: they need to talk to me once (for example /help)"),
+    ("/morph @me @bob " + "9" * 5000, "frames must be between 2 and 120"),  # more digits than int() reads
 ])
 async def test_odd_commands_get_one_line(client, text, expected):
     stack = Stack(client)
     try:
         await give_face(stack, "alice")
+        await give_face(stack, "bob")
+        await stack.core.handle(Command("web", "web:bob", "bob", "/share"))
         reply = await stack.core.handle(say(text))
-        if expected is None:  # invisible characters are dropped from a prompt that has visible ones
+        if text.startswith("/edit") and reply.job_id:  # queued: the prompt as CLIP will read it
             [(_, fields)] = await client.xrange(stack.keys.jobs)  # the entry holds the job's id, its body the rest
             body = await client.hget(stack.keys.job_data(fields[b"id"].decode()), "job")
-            assert '"prompt": "angry"' in body.decode()
+            assert json.loads(body)["params"]["prompt"] == expected
         else:
             assert reply.text == expected and reply.job_id is None
     finally:

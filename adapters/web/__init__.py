@@ -44,6 +44,7 @@ DOWNLOAD_HINT = "weights download ffhq-256"
 HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
                                       "script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+MAX_TEXT_CHARS = 4096  # a chat line, as Telegram bounds a message: every reply that repeats part of it fits too
 LOG_SIZE = 200  # messages kept per visitor (in Redis and in memory); the images of older ones go with them
 
 
@@ -176,7 +177,8 @@ class WebChat:
         body = await _json_object(request)
         if body is None:
             return self._json({"error": "send JSON like {\"nickname\": \"alice\"}"}, new, 400)
-        name = str(body.get("nickname", "")).strip().lstrip("@")
+        name = body.get("nickname", "")
+        name = name.strip().lstrip("@") if isinstance(name, str) else ""  # null, true, 7: not a name
         if not NICKNAME.fullmatch(name):
             return self._json({"error": "a nickname is 2 to 24 letters, digits or _"}, new, 400)
         if name.lower() == "me" or await self.core.claim_name("web", v.user_id, name):  # atomic: one winner
@@ -200,10 +202,15 @@ class WebChat:
                 if not isinstance(part, BodyPartReader):  # a multipart inside the form: no browser sends one
                     raise ValueError("nested multipart")
                 if part.name == "text":
+                    raw = await _read_capped(part, 2**20)  # read whole up to 1 MiB, to say how long it is
                     try:
-                        text = (await part.read(decode=True)).decode("utf-8")[:2000]
+                        text = "" if raw is None else bytes(part.decode(raw)).decode("utf-8")  # its transfer encoding
                     except UnicodeDecodeError:
                         return self._json({"error": "send the text as UTF-8"}, new, 400)
+                    if raw is None or len(text) > MAX_TEXT_CHARS:
+                        size = f"{len(text):,} characters long" if raw is not None else "over 1 MiB"
+                        return self._json({"error": f"that message is {size}; keep it under "
+                                                    f"{MAX_TEXT_CHARS:,} characters"}, new, 413)
                 elif part.name == "photo" and part.filename:
                     photos += 1
                     data = await _read_capped(part, limit)
@@ -343,6 +350,8 @@ async def _security_headers(request: web.Request, handler):
     except (RedisConnectionError, RedisTimeoutError) as e:  # no free connection in time, Redis away: "busy"
         log.warning("answering %s with busy: %s", request.path, e)
         resp = web.json_response({"error": BUSY}, status=503, headers={"Retry-After": "5"})
+    except web.HTTPRequestEntityTooLarge:  # a body past client_max_size, sent without its length: the page's line
+        resp = web.json_response({"error": "that upload is too big: send one photo and a short message"}, status=413)
     if not isinstance(resp, web.StreamResponse) or not resp.prepared:
         resp.headers.update(HEADERS)
     return resp
