@@ -209,32 +209,49 @@ class OptimisationPool:
         return out
 
 
-def _best_cpu_pool(pool: "OptimisationPool", target) -> int:
+def _best_cpu_pool(pool: "OptimisationPool", target, rounds: int = 3) -> int:
     """On a CPU a bigger pool is not always faster per face: an inversion tick of the ffhq-256 architecture costs
-    about the same per row at 1 to 8 rows on 2 cores (3.3x more at 8 before `keep_freed_memory`), while the tiny
-    model's costs 1.5x less at 8. So time one tick at 1, 2, 4, ... rows (up to CPU_MAX_ACTIVE), stop once a size is
-    10 % slower per row than the best so far, and keep the size with the least time per row (within 5 %, the
-    larger: newcomers join at once). Logged."""
-    timings: dict[int, float] = {}
-    for n in pool_sizes(CPU_MAX_ACTIVE):
+    about the same per row at 1 to 8 rows on 2 cores, while the tiny model's costs 1.5x less at 8. So time ticks at
+    1, 2, 4, ... rows (up to CPU_MAX_ACTIVE) and keep the size that `cpu_pool_size` picks. The sizes are timed in
+    turn, `rounds` times over, after one warm-up tick each: a one-time cost (allocations, oneDNN's choice of kernels)
+    or another process busy for a moment lands on one reading of one size, not on whichever size came first (one
+    reading per size chose 1, 2, 4 or 8 for the same model in consecutive starts). Logged."""
+    sizes = pool_sizes(CPU_MAX_ACTIVE)
+
+    def resize(n: int) -> None:
         while len(pool) < n:  # rows that never finish while measured
             pool.add_inversion(("probe", len(pool)), target, steps=10**6)
-        pool.tick()  # warm-up at this size (allocations, oneDNN's choice of kernels)
-        ticks = []
-        for _ in range(2):  # the faster of two: another process busy for a moment does not decide it
+        while len(pool) > n:
+            pool.drop(pool.rows[-1].key)
+
+    for n in sizes:
+        resize(n)
+        pool.tick()  # warm-up at this size
+    ticks: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(rounds):
+        for n in sizes:
+            resize(n)
             started = time.perf_counter()
             pool.tick()
-            ticks.append(time.perf_counter() - started)
-        timings[n] = min(ticks) / n
-        if timings[n] > 1.1 * min(timings.values()):
-            break
-    for row in list(pool.rows):
-        pool.drop(row.key)
-    best = min(timings.values())
-    rows = max(n for n, t in timings.items() if t <= 1.05 * best)
-    log.info("max_active auto: %d on a CPU (ms per row and step at pool sizes: %s)", rows,
-             ", ".join(f"{n}: {t * 1000:.1f}" for n, t in timings.items()))
+            ticks[n].append(time.perf_counter() - started)
+    resize(0)
+    rows, per_row = cpu_pool_size(ticks)
+    log.info("max_active auto: %d on a CPU (ms per row and step at pool sizes: %s; the fastest of %d ticks each)",
+             rows, ", ".join(f"{n}: {t * 1000:.1f}" for n, t in per_row.items()), rounds)
     return rows
+
+
+def cpu_pool_size(ticks: dict[int, list[float]]) -> tuple[int, dict[int, float]]:
+    """The pool size with the least time per row, from the seconds of ticks timed at each size, and the time per row
+    it judged by. A size's tick is its fastest reading (what it costs when nothing else is busy), and never less than
+    a smaller size's (a tick of more rows does all the work of fewer: a cheaper reading is noise, not a saving).
+    Within 5 % of the least, the larger size: newcomers join at once."""
+    per_row, floor = {}, 0.0
+    for n in sorted(ticks):
+        floor = max(floor, min(ticks[n]))
+        per_row[n] = floor / n
+    best = min(per_row.values())
+    return max(n for n, t in per_row.items() if t <= 1.05 * best), per_row
 
 
 def auto_max_active(G, vgg, *, precision: str = "fp32") -> int:

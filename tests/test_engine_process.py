@@ -22,7 +22,9 @@ from storage.records import ResultEvent
 async def setup(client, tmp_path):
     prefix = f"test-{uuid.uuid4().hex[:8]}:"
     cfg = tmp_path / "config.toml"
-    cfg.write_text(f'[engine]\ndevice = "cpu"\nmodel = "tiny"\n\n[weights]\ndir = "{tmp_path / "w"}"\n\n'
+    # max_active fixed: these engines are killed and restarted, and timing pool sizes at each start is not under test
+    cfg.write_text(f'[engine]\ndevice = "cpu"\nmodel = "tiny"\nmax_active = 4\n\n'
+                   f'[weights]\ndir = "{tmp_path / "w"}"\n\n'
                    f'[redis]\nurl = "{REDIS_URL}"\nprefix = "{prefix}"\n\n'
                    "[queue]\nmax_deliveries = 3\nreclaim_idle_s = 1.0\nheartbeat_ttl_s = 3\n")
     queue = JobQueue(client, Keys(prefix))

@@ -15,7 +15,7 @@ from engine.device import (PaddedSynthesis, compile_synthesis, configure_backend
                            rows_that_fit, use_compile)
 from engine.edit import TINY_CLIP, ClipScorer, edit
 from engine.invert import invert
-from engine.pool import OptimisationPool, auto_max_active
+from engine.pool import OptimisationPool, auto_max_active, cpu_pool_size
 
 GiB = 2**30
 
@@ -113,6 +113,18 @@ def test_max_active_auto_from_free_memory_and_timed_on_a_cpu(G, vgg, caplog):
         rows = auto_max_active(G, vgg)
     assert rows in (1, 2, 4, 8)  # the size with the least time per row: timing-dependent, so only its form
     assert f"max_active auto: {rows} on a CPU (ms per row and step at pool sizes: 1: " in caplog.text
+
+
+@pytest.mark.parametrize("ticks, rows", [
+    # a first round slowed by one-time costs and another process (as a start-up on a busy machine saw: 1684 ms at
+    # 1 row, 1184 per row at 2, 64 at 4): the fastest readings decide, whatever round the slow ones fell in
+    ({1: [1.684, 0.020, 0.021], 2: [2.368, 0.030, 0.031], 4: [0.256, 0.050, 0.052], 8: [0.400, 0.090, 0.095]}, 8),
+    ({1: [0.100], 2: [0.210], 4: [0.430], 8: [0.900]}, 2),  # per row 100, 105, 108, 112 ms: 2 is within 5 %
+    ({1: [0.100], 2: [0.300], 4: [0.800], 8: [2.000]}, 1),  # a pool costs more per row: one at a time
+    ({1: [0.100], 2: [0.020], 4: [0.200]}, 4),  # 2 rows "cheaper" than 1 is noise: 2 costs 1's 100 ms, 50 a row
+])
+def test_the_cpu_pool_size_comes_from_the_fastest_readings_and_never_a_cheaper_bigger_tick(ticks, rows):
+    assert cpu_pool_size(ticks)[0] == rows
 
 
 @pytest.mark.parametrize("body, message", [

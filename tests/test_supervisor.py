@@ -53,7 +53,8 @@ async def answer_with_a_face(http, url: str) -> dict:
 async def test_a_killed_engine_is_restarted_and_the_web_chat_stays_up(tmp_path, client):
     prefix = f"test-{uuid.uuid4().hex[:8]}:"
     cfg = tmp_path / "config.toml"
-    cfg.write_text(f'[engine]\ndevice = "cpu"\nmodel = "tiny"\n[weights]\ndir = "{tmp_path / "weights"}"\n'
+    cfg.write_text(f'[engine]\ndevice = "cpu"\nmodel = "tiny"\nmax_active = 4\n'  # not timed at every restart
+                   f'[weights]\ndir = "{tmp_path / "weights"}"\n'
                    f'[redis]\nurl = "{REDIS_URL}"\nprefix = "{prefix}"\n')
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("STYLEBOT_REDIS_URL", None)
