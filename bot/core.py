@@ -317,14 +317,17 @@ class BotCore:
         engines = await self.queue.engines_online()
         face = await self.store.face(cmd.user_id)
         text = (f"engines online: {len(engines)}; jobs in the queue: {await self.queue.pending_count()}; "
-                + (f"your face: {face.model_id}" if face else "no face for you yet"))
+                + (f"your face: kept, made with the {face.model_id} model" if face else "no face for you yet"))
         return Reply(text + await self._notice())
 
     async def cmd_help(self, cmd: Command, rest: str) -> Reply:
         """/help: this list"""
         lines = [f.__doc__ for f in COMMANDS.values()]
-        lines.append("react to a result to rerun it: " + "; ".join(
+        how = "the buttons under a result rerun it" if cmd.adapter == "web" else \
+            "react to a result, or use the buttons under it, to rerun it"
+        lines.append(f"{how}: " + "; ".join(
             f"{getattr(self.chat, f'{a}_emoji').split()[0]} {what}" for a, what in ACTIONS.items()))
+        lines.append("only the person who asked for a result can rerun it")
         return Reply("\n".join(lines))
 
     # -- helpers ---------------------------------------------------------------------------------------------

@@ -155,5 +155,19 @@ async def test_help_lists_every_command(bot):
     text = (await bot.handle(say("/help"))).text
     for name in ("/invert", "/morph", "/edit", "/share", "/unshare", "/forget", "/status", "/help"):
         assert name in text
+    assert text.endswith("\nonly the person who asked for a result can rerun it")
     status = (await bot.handle(say("/status"))).text
     assert status.startswith("engines online: 0; jobs in the queue: 0")
+
+
+async def test_help_says_how_this_chat_reruns_a_result(bot):
+    """The web chat has buttons, not reactions; Telegram and Discord have both."""
+    web = (await bot.handle(Command("web", "web:alice", "alice", "/help"))).text
+    telegram = (await bot.handle(Command("telegram", "telegram:1", "alice", "/help"))).text
+    assert "\nthe buttons under a result rerun it: 🔥 make an edit stronger;" in web and "react" not in web
+    assert "\nreact to a result, or use the buttons under it, to rerun it: 🔥 make an edit stronger;" in telegram
+
+
+async def test_status_says_the_face_is_kept_and_which_model_made_it(bot):
+    await bot.store.set_face("web:alice", StoredLatent(np.zeros((8, 64), np.float32), "tiny"))
+    assert (await bot.handle(say("/status"))).text.endswith("your face: kept, made with the tiny model")

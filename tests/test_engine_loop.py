@@ -110,6 +110,7 @@ async def test_morph_edit_and_stronger_jobs(parts):
     answers = {a.job_id: a for a in await _run_until_answered(engine, queue, 4)}
     gif = Image.open(io.BytesIO(answers[morph_job.job_id].payload))
     assert gif.format == "GIF" and gif.n_frames == 6
+    assert answers[morph_job.job_id].text == "morph, 4 frames there and back (6 in the loop)"  # what the GIF holds
     assert "made with model ffhq-1024" in answers[stale.job_id].error
     assert answers[nobody.job_id].error == "there is no face for you yet: send a photo with /invert first"
     assert answers[edit_job.job_id].result_id == edit_job.job_id

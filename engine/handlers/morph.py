@@ -30,8 +30,13 @@ class Morph:
         meta = {"op": "morph", "frames": _frames(job), "redo": {"op": "morph", "params": job.params}}
         result = s.store.morph_write(job.user_id, job.job_id,
                                      StoredLatent(work.context["start"].ws, s.G.model_id, meta=meta))
-        await s.finish(job, f"morph, {_frames(job)} frames", media="animation", shows="morph", payload=gif,
+        await s.finish(job, caption(_frames(job), len(video)), media="animation", shows="morph", payload=gif,
                        writes=[result], refusal=_unshared(job))
+
+
+def caption(frames: int, looped: int) -> str:
+    """What a morph's GIF holds: `frames` from one face to the other and, when it plays back too, `looped` in all."""
+    return f"morph, {frames} frames" + (f" there and back ({looped} in the loop)" if looped > frames else "")
 
 
 def _frames(job: Job) -> int:
