@@ -167,14 +167,27 @@ def warp_quad(photo: np.ndarray, quad: np.ndarray, qsize: float, resolution: int
     return np.asarray(img.resize((resolution, resolution), Image.LANCZOS))
 
 
+# the turns tried, in order, when a photo shows no upright face: quarter turns as np.rot90 makes them, and their names
+TURNS = ((1, "a quarter turn anticlockwise"), (3, "a quarter turn clockwise"), (2, "upside down"))
+
+
 def align(image: Image.Image | np.ndarray, resolution: int, *, min_eye_distance: float = MIN_EYE_DISTANCE,
           warn_eye_distance: float = WARN_EYE_DISTANCE) -> AlignedFace:
-    """Find the largest face in a photo and return it FFHQ-aligned at `resolution` px."""
+    """Find the largest face in a photo and return it FFHQ-aligned at `resolution` px. A photo without an upright
+    face is tried turned by a quarter, three quarters and half a turn (the landmarks and quad are then in the turned
+    photo), and the warning says which turn found it."""
     photo = load_photo(image)
     problem = size_problem(photo.shape[1], photo.shape[0])
     if problem:
         raise AlignError(problem)
     faces, _ = detect_landmarks(photo)
+    warnings = []
+    for quarters, turn in TURNS if not faces else ():  # a phone's photo whose EXIF orientation was stripped
+        faces, _ = detect_landmarks(np.rot90(photo, quarters))
+        if faces:
+            photo = np.ascontiguousarray(np.rot90(photo, quarters))
+            warnings.append(f"the face was found with the photo turned {turn}")
+            break
     if not faces:
         raise AlignError("no face found: send a well-lit photo with one face looking at the camera, "
                          "not too small or turned away")
@@ -183,7 +196,6 @@ def align(image: Image.Image | np.ndarray, resolution: int, *, min_eye_distance:
     if eye_distance < min_eye_distance:
         raise AlignError(f"the face is too small ({eye_distance:.0f} px between the eyes, at least "
                          f"{min_eye_distance:.0f} needed): send a closer or sharper photo")
-    warnings = []
     if len(faces) > 1:
         warnings.append(f"{len(faces)} faces found: used the largest")
     if eye_distance < warn_eye_distance:
