@@ -111,3 +111,17 @@ async def test_a_long_message_is_refused_with_its_true_length(web):
     assert await one_line(await http.post("/nickname", data=chunks(), headers={"Content-Type": "application/json"}),
                           413) == "that upload is too big: send one photo and a short message"
     assert await s.queue.pending_count() == 0
+
+
+async def test_requests_without_a_cookie_do_not_pile_up_visitors(web):
+    """Every request without a cookie makes a visitor: those without an open page beyond `max_idle_visitors` are
+    dropped, oldest first (20,000 GET /info grew the process from 73 to 101 MB), and come back from Redis."""
+    http, s = web
+    chat = next(r.handler.__self__ for r in http.server.app.router.routes() if r.resource.canonical == "/info")
+    chat.max_idle_visitors = 50
+    async with TestClient(TestServer(chat.app)) as anonymous:  # the same app, requests without cookies
+        for _ in range(300):
+            anonymous.session.cookie_jar.clear()
+            assert (await anonymous.get("/info")).status == 200
+    assert len(chat.visitors) <= 50
+    assert (await (await http.get("/info")).json())["nickname"] == "eve"  # eve, dropped meanwhile, comes back

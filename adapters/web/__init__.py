@@ -22,7 +22,7 @@ import re
 import secrets
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +45,7 @@ HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:;
                                       "script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 MAX_TEXT_CHARS = 4096  # a chat line, as Telegram bounds a message: every reply that repeats part of it fits too
+MAX_IDLE_VISITORS = 1000  # visitors kept in memory without an open page (each holds up to LOG_SIZE messages)
 LOG_SIZE = 200  # messages kept per visitor (in Redis and in memory); the images of older ones go with them
 
 
@@ -106,7 +107,8 @@ class WebChat:
     def __init__(self, core: BotCore):
         self.core = core
         self.history = WebHistory(core.queue, ttl_s=core.chat.result_ttl_s, size=LOG_SIZE)
-        self.visitors: dict[str, Visitor] = {}
+        self.visitors: OrderedDict[str, Visitor] = OrderedDict()  # the most recently seen last
+        self.max_idle_visitors = MAX_IDLE_VISITORS
         self.app = web.Application(client_max_size=core.limits.max_photo_bytes + 2**20,
                                    middlewares=[_security_headers])
         self.app.add_routes([
@@ -132,6 +134,8 @@ class WebChat:
         v = self.visitors.get(user_id)
         if v is None:
             v = self.visitors[user_id] = Visitor(user_id)
+            self._forget_idle()
+        self.visitors.move_to_end(user_id)
         if not v.loaded:
             async with v.loading:
                 if not v.loaded:  # not loaded meanwhile
@@ -142,6 +146,14 @@ class WebChat:
             if not v.named:  # not chosen meanwhile
                 v.nickname, v.named = known, True
         return v
+
+    def _forget_idle(self) -> None:
+        """Keep at most `max_idle_visitors` visitors without an open page in memory, dropping those seen longest
+        ago: everything of theirs is in Redis and comes back at their next request (every request without a cookie
+        makes a visitor)."""
+        idle = [uid for uid, v in self.visitors.items() if not v.streams]
+        for uid in idle[:max(0, len(idle) - self.max_idle_visitors)]:
+            del self.visitors[uid]
 
     @staticmethod
     def _json(data: dict, new_cookie: str | None = None, status: int = 200) -> web.Response:
