@@ -11,6 +11,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from adapters.web import COOKIE, WebChat
 from bot.core import OUTAGE, BotCore, Command
+from conftest import FIXTURES
+from engine.loop import Engine
+from engine.perceptual import load_vgg16
+from engine.registry import build_builtin, registry_entries
+from engine.services import EngineSettings
 from storage.connect import connect
 from storage.keys import Keys
 from storage.latents import LatentStore
@@ -51,5 +56,39 @@ async def test_front_ends_say_within_seconds_that_redis_is_away(tmp_path):
         assert time.monotonic() - start < 3, time.monotonic() - start
     finally:
         await web.close()
+        await client.aclose()
+        server.terminate()
+
+
+async def test_a_stopping_engine_does_not_wait_on_a_dead_redis(tmp_path):
+    """SIGTERM's stop with Redis gone mid-job: the engine returns within drain_s."""
+    port = _free_port()
+    server = _start_redis(port, tmp_path)
+    client = connect(f"redis://127.0.0.1:{port}/0")  # the engine's patient client: 20 retries, about 80 s
+    keys = Keys("outage-engine:")
+    queue = JobQueue(client, keys)
+    await queue.ensure_groups(adapters=("web",))
+    store = LatentStore(client, keys)
+    photo = (FIXTURES / "faces" / "obama.jpg").read_bytes()
+    assert (await BotCore(queue, store).handle(Command("web", "web:u1", "u1", "/invert", photo=photo))).job_id
+    engine = Engine(build_builtin(registry_entries()["tiny"]), queue, store, vgg=load_vgg16(width=0.125),
+                    settings=EngineSettings(name="e", invert_steps=100_000, drain_s=2.0))
+    stop = asyncio.Event()
+    task = asyncio.create_task(engine.run(stop))
+    try:
+        for _ in range(200):  # the job is running
+            if engine.rows:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.rows
+        server.terminate()
+        server.wait(10)
+        await asyncio.sleep(0.5)
+        stop.set()
+        start = time.monotonic()
+        await asyncio.wait_for(task, 15)
+        assert time.monotonic() - start < 2.0 + 0.5, time.monotonic() - start
+    finally:
+        task.cancel()
         await client.aclose()
         server.terminate()
