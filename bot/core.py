@@ -18,6 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutErr
 from bot.config import ChatConfig, EditConfig, LimitsConfig
 from bot.photos import check_photo, human_size  # noqa: F401 - human_size is imported from here by the adapters
 from storage.connect import unreachable
+from storage.errors import StylebotError
 from storage.keys import Keys
 from storage.latents import LatentStore
 from storage.queue import JobQueue
@@ -131,6 +132,8 @@ class BotCore:
             return await self._handle(cmd)
         except (RedisConnectionError, RedisTimeoutError) as e:
             return redis_refusal(cmd.adapter, e)
+        except StylebotError as e:  # a stored value that cannot be read (`DamagedLatent`): said in one line
+            return Reply(str(e))
 
     async def _handle(self, cmd: Command) -> Reply:
         name, _, rest = cmd.text.strip().partition(" ")
@@ -159,6 +162,8 @@ class BotCore:
             return await self._react(reaction)
         except (RedisConnectionError, RedisTimeoutError) as e:
             return redis_refusal("a reaction", e)
+        except StylebotError as e:
+            return Reply(str(e))
 
     async def _react(self, reaction: Reaction) -> Reply:
         if reaction.action not in ACTIONS:
