@@ -91,6 +91,13 @@ def rerun_hint(core: BotCore, actions: tuple[str, ...] = tuple(ACTIONS)) -> str:
     return "react " + ", ".join(f"{getattr(core.chat, f'{a}_emoji').split()[0]} {a}" for a in actions)
 
 
+def _raise_if_cancelled() -> None:
+    """Raise CancelledError if this task was cancelled: a cancel that arrives as a redis-py read or write ends is
+    lost on Python 3.11 (its `asyncio.wait_for` drops it, or turns it into an error), and the task would go on."""
+    if asyncio.current_task().cancelling():
+        raise asyncio.CancelledError()
+
+
 class EventPump:
     def __init__(self, core: BotCore, platform: Platform, *, consumer: str = "main", max_attempts: int = 3):
         self.core, self.platform, self.consumer = core, platform, consumer
@@ -102,19 +109,33 @@ class EventPump:
         self._progress = None                   # the pub/sub subscription, opened on the first step
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.core.queue.ensure_groups(adapters=(self.platform.name,))
-        await self.subscribe()
-        while not stop.is_set():
+        """Post results and show progress until `stop` is set or the task is cancelled; Redis errors and platform
+        outages only pause it (the results stay pending). Its pub/sub connection goes back to the pool either way."""
+        grouped = False
+        try:
+            while not stop.is_set():
+                _raise_if_cancelled()
+                try:
+                    if not grouped:
+                        await self.core.queue.ensure_groups(adapters=(self.platform.name,))
+                        grouped = True
+                    await self.step()
+                except Exception:  # noqa: BLE001 - Redis down, a platform outage: keep pumping, events stay pending
+                    _raise_if_cancelled()
+                    log.exception("%s: event pump hiccup; retrying", self.platform.name)
+                    await self._unsubscribe()  # subscribe afresh on the next step
+                    await asyncio.sleep(1)
+        finally:
+            await self._unsubscribe()
+
+    async def _unsubscribe(self) -> None:
+        """Give the pub/sub connection back to the pool (it may be broken: that is why, at times)."""
+        sub, self._progress = self._progress, None
+        if sub is not None:
             try:
-                await self.step()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - Redis down, a platform outage: keep pumping, events stay pending
-                log.exception("%s: event pump hiccup; retrying", self.platform.name)
-                if self._progress is not None:  # subscribe afresh on the next step
-                    await self._progress.aclose()
-                    self._progress = None
-                await asyncio.sleep(1)
+                await sub.aclose()
+            except Exception:  # noqa: BLE001 - a broken connection is closed all the same
+                log.warning("%s: closing the progress subscription failed", self.platform.name, exc_info=True)
 
     async def subscribe(self) -> None:
         """Start listening to progress (`step` does it when needed; progress published before is not seen)."""
@@ -128,11 +149,13 @@ class EventPump:
         await self.subscribe()
         deadline = time.monotonic() + block_ms / 1000
         while True:  # wait for results in short reads, showing progress as it comes meanwhile
+            _raise_if_cancelled()
             await self._show_progress_read()
             wait_ms = max(1, min(100, int((deadline - time.monotonic()) * 1000)))
             events = await queue.read_events(self.platform.name, self.consumer, block_ms=wait_ms)
             if events or time.monotonic() >= deadline:
                 break
+        _raise_if_cancelled()  # what was read stays pending: the next pump posts it
         await self._show_progress_read(answering={e.job_id for _, e in events})
         done = 0
         for entry_id, event in events:

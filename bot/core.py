@@ -17,6 +17,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutErr
 
 from bot.config import ChatConfig, EditConfig, LimitsConfig
 from bot.photos import check_photo, human_size  # noqa: F401 - human_size is imported from here by the adapters
+from storage.connect import unreachable
+from storage.errors import StylebotError
 from storage.keys import Keys
 from storage.latents import LatentStore
 from storage.queue import JobQueue
@@ -24,6 +26,7 @@ from storage.records import Job, Origin, ResultEvent
 
 log = logging.getLogger("stylebot.bot")
 BUSY = "I'm busy right now: try again in a few minutes"
+OUTAGE = "the bot's storage is not answering; your earlier results are safe; try again in a minute"
 
 Image.MAX_IMAGE_PIXELS = None  # we check dimensions ourselves, before decoding, with our own limit
 
@@ -100,6 +103,13 @@ def shown(text: str, limit: int = ECHO_CHARS) -> str:
 INVISIBLE = {"Cc", "Cf", "Co", "Cn", "Cs"}  # control, format (zero-width), private-use, unassigned, surrogates
 
 
+def redis_refusal(what: str, e: Exception) -> Reply:
+    """The answer when Redis failed a command: the storage is away (`OUTAGE`), or too busy to lend a connection."""
+    outage = unreachable(e)
+    log.warning("answering %s with %s: %s", what, "the storage outage" if outage else "busy", e)
+    return Reply(OUTAGE if outage else BUSY)
+
+
 def clean_prompt(text: str) -> str:
     """The prompt as CLIP should read it: whitespace of any kind (tabs and line breaks too, which are control
     characters) collapsed to single spaces, the other invisible characters removed."""
@@ -127,12 +137,13 @@ class BotCore:
 
     async def handle(self, cmd: Command) -> Reply:
         """Answer a command at once: queued (with position), or a one-line reason ("busy" when Redis cannot keep
-        up: no free connection within `[redis] pool_timeout_s`)."""
+        up: no free connection within `[redis] pool_timeout_s`; `OUTAGE` when it does not answer at all)."""
         try:
             return await self._handle(cmd)
         except (RedisConnectionError, RedisTimeoutError) as e:
-            log.warning("answering %s with busy: %s", cmd.adapter, e)
-            return Reply(BUSY)
+            return redis_refusal(cmd.adapter, e)
+        except StylebotError as e:  # a stored value that cannot be read (`DamagedLatent`): said in one line
+            return Reply(str(e))
 
     async def _handle(self, cmd: Command) -> Reply:
         name, rest = (cmd.text.split(maxsplit=1) + [""])[:2]  # the command ends at any whitespace: "/edit\nsmile"
@@ -160,8 +171,9 @@ class BotCore:
         try:
             return await self._react(reaction)
         except (RedisConnectionError, RedisTimeoutError) as e:
-            log.warning("answering a reaction with busy: %s", e)
-            return Reply(BUSY)
+            return redis_refusal("a reaction", e)
+        except StylebotError as e:
+            return Reply(str(e))
 
     async def _react(self, reaction: Reaction) -> Reply:
         if reaction.action not in ACTIONS:

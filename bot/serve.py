@@ -183,7 +183,8 @@ async def frontends(cfg: Config, redis_url: str, host: str, port: int, stop: asy
     from bot.core import BotCore
     from storage.connect import connect
 
-    client = connect(redis_url, max_connections=cfg.redis.max_connections, pool_timeout_s=cfg.redis.pool_timeout_s)
+    client = connect(redis_url, max_connections=cfg.redis.max_connections, pool_timeout_s=cfg.redis.pool_timeout_s,
+                     patient=False)  # a person waits for the answer: say within seconds that Redis is away
     core = BotCore.from_config(cfg, client)
     tasks = []
     try:

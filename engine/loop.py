@@ -68,7 +68,8 @@ class Engine:
         return self.s.claimed
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Until `stop` is set: claim, prepare, tick, store; then drain."""
+        """Until `stop` is set: claim, prepare, tick, store; then drain, and return within `drain_s` of `stop` (and
+        0.1 s to say goodbye) whatever Redis does: what is not done by then is left for a retry."""
         s = self.s
         if not await self._wait_for_redis(stop):
             return
@@ -83,24 +84,42 @@ class Engine:
             self.pool.synthesis = await asyncio.to_thread(compile_synthesis, s.G, pool_sizes(s.settings.max_active),
                                                           s.settings.precision)
         keeper = asyncio.create_task(self._keep_claimed())
+        serving = asyncio.create_task(self._serve(stop))
         try:
-            while not stop.is_set():
-                try:
-                    await self._step()
-                except (redis.ConnectionError, redis.TimeoutError) as e:  # Redis restarting: jobs stay claimed
-                    log.warning("Redis is not answering (%s); retrying", e)
-                    await asyncio.sleep(1)
-                except redis.ResponseError:  # Redis refused a command (out of memory, a damaged key): the engine
-                    log.exception("Redis refused a command; going on")  # stays up, the jobs stay claimed
-                    await asyncio.sleep(1)
-            await self._drain()
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait([serving, stopped], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            deadline = time.monotonic() + s.settings.drain_s  # whatever Redis does, the engine stops by then
+            done, _ = await asyncio.wait([serving], timeout=s.settings.drain_s)
+            if not done:
+                log.warning("the loop did not stop within drain_s (Redis not answering?); its jobs are left")
+            if self.storing:
+                _, late = await asyncio.wait(self.storing, timeout=max(0.0, deadline - time.monotonic()))
+                if late:
+                    log.warning("%d result(s) not stored within drain_s are left for a retry", len(late))
+            if done:
+                serving.result()  # what the loop raised, if it did
         finally:
-            await asyncio.gather(*self.storing, return_exceptions=True)
-            keeper.cancel()
-        try:
-            await s.queue.leave(s.name)
-        except redis.RedisError as e:  # stopping while Redis is away: the heartbeat expires on its own
-            log.warning("could not say goodbye to Redis (%s)", e)
+            for task in (serving, keeper, *self.storing):
+                task.cancel()
+            await asyncio.gather(serving, keeper, *self.storing, return_exceptions=True)
+        try:  # 0.1 s at least to say goodbye: a healthy Redis answers in milliseconds
+            await asyncio.wait_for(s.queue.leave(s.name), max(0.1, deadline - time.monotonic()))
+        except (redis.RedisError, asyncio.TimeoutError) as e:  # Redis away: the heartbeat expires on its own
+            log.warning("could not say goodbye to Redis (%r)", e)
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        """Claim, prepare, tick and store until `stop` is set, then drain."""
+        while not stop.is_set():
+            try:
+                await self._step()
+            except (redis.ConnectionError, redis.TimeoutError) as e:  # Redis restarting: jobs stay claimed
+                log.warning("Redis is not answering (%s); retrying", e)
+                await asyncio.sleep(1)
+            except redis.ResponseError:  # Redis refused a command (out of memory, a damaged key): the engine
+                log.exception("Redis refused a command; going on")  # stays up, the jobs stay claimed
+                await asyncio.sleep(1)
+        await self._drain()
 
     async def _step(self) -> None:
         await self._claim()

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import redis.asyncio as redis
+from redis.exceptions import ResponseError
 
 from storage import lua
+from storage.errors import StylebotError
 from storage.keys import Keys, as_str
 from storage.queue import Write
 
@@ -48,14 +50,28 @@ def _pack(lat: StoredLatent) -> dict[str, bytes | str]:
     return d
 
 
+class DamagedLatent(StylebotError):
+    """A stored latent that cannot be read: a field missing, short or malformed, or its key of another type."""
+
+    def __init__(self):
+        super().__init__("a stored face is damaged and cannot be read: its owner can send the photo again with "
+                         "/invert, or /forget it")
+
+
 def _unpack(h: dict) -> StoredLatent | None:
     if not h:
         return None
-    h = {as_str(k): v for k, v in h.items()}
-    shape = json.loads(h["shape"])
-    ws = np.frombuffer(h["ws"], dtype="<f4").reshape(shape).copy()
-    w0 = np.frombuffer(h["w0"], dtype="<f4").reshape(shape).copy() if "w0" in h else None
-    return StoredLatent(ws, as_str(h["model_id"]), float(as_str(h["created"])), json.loads(as_str(h["meta"])), w0)
+    try:
+        h = {as_str(k): v for k, v in h.items()}
+        shape = json.loads(h["shape"])
+        ws = np.frombuffer(h["ws"], dtype="<f4").reshape(shape).copy()
+        w0 = np.frombuffer(h["w0"], dtype="<f4").reshape(shape).copy() if "w0" in h else None
+        meta = json.loads(as_str(h["meta"]))
+        if not isinstance(meta, dict):
+            raise TypeError("meta is not an object")
+        return StoredLatent(ws, as_str(h["model_id"]), float(as_str(h["created"])), meta, w0)
+    except (KeyError, TypeError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise DamagedLatent() from e
 
 
 class LatentStore:
@@ -78,7 +94,16 @@ class LatentStore:
         await self._put(user_id, self.face_write(user_id, latent))
 
     async def face(self, user_id: str) -> StoredLatent | None:
-        return _unpack(await self.r.hgetall(self.keys.latent(user_id)))
+        """The user's current face, or None; `DamagedLatent` when what is stored cannot be read."""
+        return await self._read(self.keys.latent(user_id))
+
+    async def _read(self, key: str) -> StoredLatent | None:
+        try:
+            return _unpack(await self.r.hgetall(key))
+        except ResponseError as e:
+            if str(e).startswith("WRONGTYPE"):
+                raise DamagedLatent() from e
+            raise
 
     async def set_result(self, user_id: str, result_id: str, latent: StoredLatent) -> None:
         """Store a result's latents directly (tools, tests)."""
@@ -112,9 +137,9 @@ class LatentStore:
         await self.r.delete(self.keys.morph_result(result_id))
 
     async def result(self, user_id: str, result_id: str) -> StoredLatent | None:
-        found = _unpack(await self.r.hgetall(self.keys.result_latent(user_id, result_id)))
+        found = await self._read(self.keys.result_latent(user_id, result_id))
         if found is None:  # a morph's result: its owner is written inside
-            found = _unpack(await self.r.hgetall(self.keys.morph_result(result_id)))
+            found = await self._read(self.keys.morph_result(result_id))
             if found is not None and found.meta.get("owner") != user_id:
                 return None
         return found

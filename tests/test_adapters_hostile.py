@@ -4,11 +4,13 @@ knows. Each gets a 4xx with one line of JSON, never a 500 or a traceback, and no
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from adapters.web import WebChat
 from conftest import FIXTURES, Stack
+from storage.latents import DamagedLatent, StoredLatent, _pack
 
 OBAMA = (FIXTURES / "faces" / "obama.jpg").read_bytes()
 BOUNDARY = "stylebot-hostile"
@@ -125,3 +127,30 @@ async def test_requests_without_a_cookie_do_not_pile_up_visitors(web):
             assert (await anonymous.get("/info")).status == 200
     assert len(chat.visitors) <= 50
     assert (await (await http.get("/info")).json())["nickname"] == "eve"  # eve, dropped meanwhile, comes back
+
+
+@pytest.mark.parametrize("damage", ["short ws", "shape cut short", "no model id", "a string key", "a list key"])
+async def test_a_damaged_stored_face_is_answered_in_one_line_and_forget_clears_it(web, client, damage):
+    """A face key holding a short or malformed value, or a key of another type: /status and /edit answer in one line
+    (never a 500), and /forget still clears it."""
+    http, s = web
+    key = s.core.keys.latent(await s.core.user_called("web", "eve"))
+    good = _pack(StoredLatent(np.zeros((8, 64), np.float32), "tiny"))
+    if damage == "a string key":
+        await client.set(key, "x")
+    elif damage == "a list key":
+        await client.rpush(key, "x")
+    else:
+        changed = {"short ws": {"ws": good["ws"][:10]}, "shape cut short": {"shape": "[8, 6"},
+                   "no model id": {}}[damage]
+        await client.hset(key, mapping={k: v for k, v in {**good, **changed}.items()
+                                        if not (damage == "no model id" and k == "model_id")})
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    for text in (b"/status", b"/edit angry face"):
+        resp = await http.post("/command", data=form((field("text"), text)), headers=headers)
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["reply"] == str(DamagedLatent())
+    assert (await http.post("/command", data=form((field("text"), b"/forget")), headers=headers)).status == 200
+    assert (await http.post("/nickname", json={"nickname": "eve"})).status == 200  # /forget forgot the name too
+    resp = await http.post("/command", data=form((field("text"), b"/status")), headers=headers)
+    assert (await resp.json())["reply"].endswith("no face for you yet")

@@ -262,3 +262,34 @@ async def test_an_engine_restarted_under_its_name_takes_up_its_dead_predecessors
             alive.kill()
     finally:
         await stack.close()
+
+
+async def test_a_cancelled_event_pump_stops_and_gives_its_connections_back():
+    """Restarts of the pump in one process, each cancelled at a random moment (reading results, progress, or
+    subscribing): every one stops at once, and their Redis connections go back to the pool (8 here: a pump that kept
+    its subscription would use it up after 8 restarts)."""
+    import random
+    import uuid
+
+    from bot.core import BotCore
+    from conftest import REDIS_URL
+    from storage.connect import connect
+    from storage.keys import Keys
+    from storage.latents import LatentStore
+
+    r = connect(REDIS_URL, max_connections=8, pool_timeout_s=2)
+    keys = Keys(f"test-pump-{uuid.uuid4().hex[:8]}:")
+    queue = JobQueue(r, keys)
+    core = BotCore(queue, LatentStore(r, keys))
+    rng = random.Random(26)
+    try:
+        for i in range(40):
+            task = asyncio.create_task(EventPump(core, Recorder()).run(asyncio.Event()))
+            await asyncio.sleep(rng.uniform(0, 0.15))
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=2)
+            assert done and task.cancelled(), f"restart {i}: {'still running' if not done else task.exception()!r}"
+    finally:
+        async for key in r.scan_iter(match=f"{keys.prefix}*"):
+            await r.delete(key)
+        await r.aclose()

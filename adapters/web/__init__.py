@@ -30,7 +30,7 @@ from aiohttp import BodyPartReader, web
 from redis.exceptions import ConnectionError as RedisConnectionError, RedisError, TimeoutError as RedisTimeoutError
 
 from adapters.base import EventPump, Result
-from bot.core import ACTIONS, BUSY, BotCore, Command, human_size
+from bot.core import ACTIONS, BotCore, Command, human_size, redis_refusal
 from storage.errors import command as cli_command
 from storage.records import Origin
 from storage.web_history import WebHistory
@@ -121,12 +121,17 @@ class WebChat:
 
     async def visitor(self, request: web.Request) -> tuple[Visitor, str | None]:
         """The visitor behind a request (and a new cookie to set when it had none)."""
+        user_id, new = self.identity(request)
+        return await self._visitor(user_id), new
+
+    @staticmethod
+    def identity(request: web.Request) -> tuple[str, str | None]:
+        """The user id behind a request's cookie (and a new cookie to set when it had none), without Redis."""
         token = request.cookies.get(COOKIE, "")
         new = None
         if not re.fullmatch(r"[A-Za-z0-9_-]{20,64}", token):
             token = new = secrets.token_urlsafe(24)
-        user_id = "web:" + hashlib.sha256(token.encode()).hexdigest()[:20]
-        return await self._visitor(user_id), new
+        return "web:" + hashlib.sha256(token.encode()).hexdigest()[:20], new
 
     async def _visitor(self, user_id: str) -> Visitor:
         """The visitor with this id, made if need be, with the nickname and the chat log Redis knows (they outlive
@@ -165,7 +170,8 @@ class WebChat:
     # -- pages and API ---------------------------------------------------------------------------------------
 
     async def page(self, request: web.Request) -> web.Response:
-        v, new = await self.visitor(request)
+        """The page itself: static, so it loads while Redis is away (its /info and /events then say why)."""
+        _, new = self.identity(request)
         resp = web.FileResponse(STATIC / "index.html")
         if new:
             resp.set_cookie(COOKIE, new, httponly=True, samesite="Strict", max_age=365 * 86400)
@@ -359,9 +365,9 @@ class WebChat:
 async def _security_headers(request: web.Request, handler):
     try:
         resp = await handler(request)
-    except (RedisConnectionError, RedisTimeoutError) as e:  # no free connection in time, Redis away: "busy"
-        log.warning("answering %s with busy: %s", request.path, e)
-        resp = web.json_response({"error": BUSY}, status=503, headers={"Retry-After": "5"})
+    except (RedisConnectionError, RedisTimeoutError) as e:  # Redis away, or no free connection in time ("busy")
+        resp = web.json_response({"error": redis_refusal(request.path, e).text}, status=503,
+                                 headers={"Retry-After": "5"})
     except web.HTTPRequestEntityTooLarge:  # a body past client_max_size, sent without its length: the page's line
         resp = web.json_response({"error": "that upload is too big: send one photo and a short message"}, status=413)
     if not isinstance(resp, web.StreamResponse) or not resp.prepared:

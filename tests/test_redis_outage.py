@@ -1,0 +1,94 @@
+"""Redis stops under running front ends and a running engine: the front ends say so within seconds, the page still
+loads, and the engine still stops within its drain time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import FormData
+from aiohttp.test_utils import TestClient, TestServer
+
+from adapters.web import COOKIE, WebChat
+from bot.core import OUTAGE, BotCore, Command
+from conftest import FIXTURES
+from engine.loop import Engine
+from engine.perceptual import load_vgg16
+from engine.registry import build_builtin, registry_entries
+from engine.services import EngineSettings
+from storage.connect import connect
+from storage.keys import Keys
+from storage.latents import LatentStore
+from storage.queue import JobQueue
+from test_redis_restart import _free_port, _start_redis, pytestmark  # noqa: F401 - skipped without redis-server
+
+
+async def test_front_ends_say_within_seconds_that_redis_is_away(tmp_path):
+    port = _free_port()
+    server = _start_redis(port, tmp_path)
+    client = connect(f"redis://127.0.0.1:{port}/0", patient=False)
+    keys = Keys("outage:")
+    queue = JobQueue(client, keys)
+    await queue.ensure_groups(adapters=("web",))
+    core = BotCore(queue, LatentStore(client, keys))
+    web = TestClient(TestServer(WebChat(core).app))
+    await web.start_server()
+    try:
+        cookies = {COOKIE: "a" * 32}
+        assert (await web.post("/nickname", json={"nickname": "alice"}, cookies=cookies)).status == 200
+        server.terminate()
+        server.wait(10)
+        for text in ("/help", "/status"):
+            start = time.monotonic()
+            reply = await core.handle(Command("web", "web:u1", "u1", text))
+            assert reply.text == OUTAGE and time.monotonic() - start < 3, (text, time.monotonic() - start)
+        start = time.monotonic()
+        page = await web.get("/", cookies=cookies)
+        assert page.status == 200 and "<html" in (await page.text()).lower() and time.monotonic() - start < 3
+        start = time.monotonic()
+        info = await web.get("/info", cookies=cookies)
+        assert info.status == 503 and (await info.json())["error"] == OUTAGE and time.monotonic() - start < 3
+        form = FormData(default_to_multipart=True)
+        form.add_field("text", "/help")
+        start = time.monotonic()
+        said = await web.post("/command", data=form, cookies=cookies)
+        assert (await said.json()).get("reply", (await said.json()).get("error")) == OUTAGE
+        assert time.monotonic() - start < 3, time.monotonic() - start
+    finally:
+        await web.close()
+        await client.aclose()
+        server.terminate()
+
+
+async def test_a_stopping_engine_does_not_wait_on_a_dead_redis(tmp_path):
+    """SIGTERM's stop with Redis gone mid-job: the engine returns within drain_s."""
+    port = _free_port()
+    server = _start_redis(port, tmp_path)
+    client = connect(f"redis://127.0.0.1:{port}/0")  # the engine's patient client: 20 retries, about 80 s
+    keys = Keys("outage-engine:")
+    queue = JobQueue(client, keys)
+    await queue.ensure_groups(adapters=("web",))
+    store = LatentStore(client, keys)
+    photo = (FIXTURES / "faces" / "obama.jpg").read_bytes()
+    assert (await BotCore(queue, store).handle(Command("web", "web:u1", "u1", "/invert", photo=photo))).job_id
+    engine = Engine(build_builtin(registry_entries()["tiny"]), queue, store, vgg=load_vgg16(width=0.125),
+                    settings=EngineSettings(name="e", invert_steps=100_000, drain_s=2.0))
+    stop = asyncio.Event()
+    task = asyncio.create_task(engine.run(stop))
+    try:
+        for _ in range(200):  # the job is running
+            if engine.rows:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.rows
+        server.terminate()
+        server.wait(10)
+        await asyncio.sleep(0.5)
+        stop.set()
+        start = time.monotonic()
+        await asyncio.wait_for(task, 15)
+        assert time.monotonic() - start < 2.0 + 0.5, time.monotonic() - start
+    finally:
+        task.cancel()
+        await client.aclose()
+        server.terminate()
