@@ -98,7 +98,7 @@ async def test_two_engines_share_one_queue(setup, client):
     jobs = [Job(op="invert", user_id=f"user{i}", adapter="web") for i in range(16)]
     for job in jobs:
         await queue.enqueue(job, photo=photo)
-    engines = [start_engine(cfg, "engine-1", steps=70), start_engine(cfg, "engine-2", steps=70)]
+    engines = [start_engine(cfg, "engine-1", steps=40), start_engine(cfg, "engine-2", steps=40)]
     answers: list[ResultEvent] = []
     try:
         await collect(queue, answers, lambda: len(answers) >= 16, timeout=120)
