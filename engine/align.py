@@ -183,9 +183,10 @@ def align(image: Image.Image | np.ndarray, resolution: int, *, min_eye_distance:
     faces, _ = detect_landmarks(photo)
     warnings = []
     for quarters, turn in TURNS if not faces else ():  # a phone's photo whose EXIF orientation was stripped
-        faces, _ = detect_landmarks(np.rot90(photo, quarters))
+        turned = np.ascontiguousarray(np.rot90(photo, quarters))  # dlib reads the pixels in memory order
+        faces, _ = detect_landmarks(turned)
         if faces:
-            photo = np.ascontiguousarray(np.rot90(photo, quarters))
+            photo = turned
             warnings.append(f"the face was found with the photo turned {turn}")
             break
     if not faces:
