@@ -188,12 +188,18 @@ class Engine:
             return await handler.prepare(job, self.s)
         except (redis.ConnectionError, redis.TimeoutError):
             raise
-        except StylebotError as e:
-            await self.s.fail(job, str(e))
-        except Exception:  # noqa: BLE001 - this job's problem, not the engine's
-            log.exception("%s job %s could not start", job.op, job.job_id)
-            await self.s.fail(job, SOMETHING_WENT_WRONG)
+        except Exception as e:  # noqa: BLE001 - this job's problem, not the engine's
+            await self._refuse(job, e, "could not start")
         return None
+
+    async def _refuse(self, job: Job, error: Exception, what: str) -> None:
+        """Fail a job over what its own work raised: a `StylebotError` with its message, anything else (logged with
+        its traceback, as `what` went wrong) with a line that says the engine went wrong."""
+        if isinstance(error, StylebotError):
+            await self.s.fail(job, str(error))
+            return
+        log.error("%s job %s %s", job.op, job.job_id, what, exc_info=error)
+        await self.s.fail(job, SOMETHING_WENT_WRONG)
 
     async def _join(self) -> None:
         """Prepared optimisations into the pool while it has room (only between ticks)."""
@@ -201,12 +207,8 @@ class Engine:
             job, work = self.joining.pop(0)
             try:
                 work.join(self.pool)
-            except StylebotError as e:  # e.g. a CLIP that cannot run the edit recipe
-                await self.s.fail(job, str(e))
-                continue
-            except Exception:  # noqa: BLE001
-                log.exception("%s job %s could not join the pool", job.op, job.job_id)
-                await self.s.fail(job, SOMETHING_WENT_WRONG)
+            except Exception as e:  # noqa: BLE001 - e.g. a CLIP that cannot run the edit recipe
+                await self._refuse(job, e, "could not join the pool")
                 continue
             self.rows[job.job_id] = (job, work)
             await self.s.queue.progress(job, 0, self.pool.rows[-1].total)  # "started": no longer "waiting"
