@@ -22,8 +22,10 @@ from storage.records import ResultEvent
 async def setup(client, tmp_path):
     prefix = f"test-{uuid.uuid4().hex[:8]}:"
     cfg = tmp_path / "config.toml"
-    # max_active fixed: these engines are killed and restarted, and timing pool sizes at each start is not under test
-    cfg.write_text(f'[engine]\ndevice = "cpu"\nmodel = "tiny"\nmax_active = 4\n\n'
+    # max_active fixed: these engines are killed and restarted, and timing pool sizes at each start is not under test;
+    # drain_s 5: a stopped engine may finish rows for drain_s, and the tests wait 30 s for it to exit (with the
+    # default 30 s, an engine that was finishing a row when told to stop could not make that wait)
+    cfg.write_text(f'[engine]\ndevice = "cpu"\nmodel = "tiny"\nmax_active = 4\ndrain_s = 5.0\n\n'
                    f'[weights]\ndir = "{tmp_path / "w"}"\n\n'
                    f'[redis]\nurl = "{REDIS_URL}"\nprefix = "{prefix}"\n\n'
                    "[queue]\nmax_deliveries = 3\nreclaim_idle_s = 1.0\nheartbeat_ttl_s = 3\n")
