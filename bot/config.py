@@ -75,7 +75,7 @@ class RedisConfig:
 
 @dataclass(frozen=True)
 class QueueConfig:
-    max_deliveries: int = 3             # a job handed out more often than this is failed with a reason
+    max_deliveries: int = 10            # a job handed out more often than this (its engines kept dying) is failed
     reclaim_idle_s: float = 30.0        # a job whose engine has not touched it for this long is taken over
     heartbeat_ttl_s: int = 15           # an engine without a heartbeat this fresh counts as offline
 

@@ -14,6 +14,10 @@ job's op). Whatever fails for one job (its photo, its latent, a loss that blows 
 reason. A job is acknowledged only after its result is stored, and `JobQueue.finish` stores it at most once, so a job
 reclaimed after a crash is posted once; every job this engine holds stays claimed (touched) until then. Several
 engines (one per GPU, any machines) share one queue through its consumer group with no other coordination.
+
+An engine that dies is charged to no job that was merely held: the jobs that were running beside others become
+suspects and each is run again alone; only a death (or a raise) while a job ran alone counts against it, and a job is
+failed after `storage.queue.FAULTS_TO_FAIL` such faults.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class Engine:
         self.s = Services(G, queue, store, vgg=vgg, clip_factory=clip_factory, settings=settings)
         self.pool = OptimisationPool(G, vgg=vgg, preview_every=settings.preview_every, precision=settings.precision)
         self.backlog: deque[Job] = deque()   # claimed, to be prepared
+        self.suspects: deque[Job] = deque()  # claimed, running when an engine died beside others: each runs alone
+        self.alone: Job | None = None        # the suspect running now, with nothing beside it
         self.preparing: dict[str, tuple[Job, asyncio.Task]] = {}  # job id -> its handler's prepare, beside the ticks
         self.joining: list[tuple[Job, Rows]] = []  # prepared optimisations waiting for room, oldest job first
         self.rows: dict[str, tuple[Job, Rows]] = {}  # job id -> the work of its row in the pool
@@ -138,7 +144,7 @@ class Engine:
     async def _claim(self) -> None:
         """Take new jobs while there is room (at most every 0.1 s while busy)."""
         s, max_active = self.s, self.s.settings.max_active
-        waiting = len(self.backlog) + len(self.preparing) + len(self.joining)
+        waiting = len(self.backlog) + len(self.suspects) + len(self.preparing) + len(self.joining)
         room = max_active - len(self.pool) - waiting
         if room <= 0:  # full: still take one at a time (up to max_active waiting), so that a stronger / weaker
             room = 1 if waiting < max_active else 0  # behind queued inversions is not stuck there
@@ -154,11 +160,33 @@ class Engine:
             self.backlog.append(job)
 
     async def _admit(self) -> None:
-        """Start preparing every claimed job (beside the ticks); take in the preparations that ended: an optimisation
-        waits to join the pool, a render at once starts, a long render waits for its parts between ticks."""
-        while self.backlog:
-            job = self.backlog.popleft()
+        """Start preparing claimed jobs (beside the ticks, up to `max_active` at once, in the order claimed); take in
+        the preparations that ended: an optimisation
+        waits to join the pool, a render at once starts, a long render waits for its parts between ticks.
+
+        A suspect (running beside others when an engine died) runs alone: once nothing else runs, it is prepared
+        and run with nothing beside it, and other jobs wait (claimed, not started) until it is answered. A job is
+        marked running from its preparation to its answer, except while it waits, prepared, for a row: an engine
+        that dies leaves the marks, and only the jobs marked are judged for it (`lua.JUDGE`)."""
+        s = self.s
+        if self.alone is not None and self.alone.job_id not in s.claimed:
+            self.alone = None  # answered, or let go: jobs run side by side again
+        for job in [j for j in self.backlog if j.suspect]:
+            self.backlog.remove(job)
+            self.suspects.append(job)
+        start: list[Job] = []
+        if self.alone is None and not self.suspects:  # at most max_active preparations at once: a job not started
+            while self.backlog and len(self.preparing) + len(start) < s.settings.max_active:  # is no suspect
+                start.append(self.backlog.popleft())
+        elif self.alone is None and self._quiet():
+            self.alone = self.suspects.popleft()
+            start = [self.alone]
+            log.info("job %s was running when an engine died: running it alone", self.alone.job_id)
+        if start:
+            await s.queue.running(start, alone=self.alone is not None)
+        for job in start:
             self.preparing[job.job_id] = (job, asyncio.create_task(self._prepare(job)))
+        held: list[Job] = []
         for job_id, (job, task) in list(self.preparing.items()):
             if not task.done():
                 continue
@@ -173,10 +201,17 @@ class Engine:
             if isinstance(work, Rows):  # a job taken over from a dead engine (older) gets the next free row
                 at = next((i for i, (j, _) in enumerate(self.joining) if j.created > job.created), len(self.joining))
                 self.joining.insert(at, (job, work))
+                if job is not self.alone:
+                    held.append(job)
             elif work.at_once:
                 self._beside(self._render_at_once(job, work))
             else:
                 self.passes[job_id] = (job, work)
+        await s.queue.idle(held)
+
+    def _quiet(self) -> bool:
+        """Nothing runs: no row, preparation, render or result being stored."""
+        return not (len(self.pool) or self.preparing or self.passes or self.storing)
 
     async def _prepare(self, job: Job) -> Work | None:
         """The job's handler's preparation; what fails there fails that job alone (Redis away: raised, to retry)."""
@@ -204,7 +239,14 @@ class Engine:
     async def _join(self) -> None:
         """Prepared optimisations into the pool while it has room (only between ticks)."""
         while self.joining and len(self.pool) < self.s.settings.max_active:
-            job, work = self.joining.pop(0)
+            if self.alone is not None or self.suspects:  # only the suspect running alone joins
+                at = next((i for i, (j, _) in enumerate(self.joining) if j is self.alone), None)
+                if at is None:
+                    return
+                job, work = self.joining.pop(at)
+            else:
+                job, work = self.joining.pop(0)
+            await self.s.queue.running([job], alone=job is self.alone)
             try:
                 work.join(self.pool)
             except Exception as e:  # noqa: BLE001 - e.g. a CLIP that cannot run the edit recipe
@@ -223,8 +265,9 @@ class Engine:
             self.pool.drop(job)
             self.rows.pop(job_id, None)
             self.passes.pop(job_id, None)
-            if job in self.backlog:
-                self.backlog.remove(job)
+            for waiting in (self.backlog, self.suspects):
+                if job in waiting:
+                    waiting.remove(job)
             if job_id in self.preparing:
                 self.preparing.pop(job_id)[1].cancel()
             self.joining = [(j, w) for j, w in self.joining if j is not job]
@@ -258,9 +301,9 @@ class Engine:
             report = await asyncio.to_thread(self.pool.tick)
         except Exception:  # noqa: BLE001 - the shared step broke (a bug, out of memory): the jobs go back
             log.exception("a tick of %d rows failed; their jobs are left for a retry", len(self.pool))
-            for row in list(self.pool.rows):
+            for row in list(self.pool.rows):  # run alone, its own fault; beside others, each a suspect to run alone
+                await s.queue.raised(row.key, alone=row.key is self.alone)
                 self._leave(row.key)  # no longer touched: reclaimed after reclaim_idle_s
-                await s.queue.strike(row.key)  # raised here: counted against it (one of them is the cause)
             return
         took = time.monotonic() - started
         self.tick_s = took if self.tick_s is None else 0.8 * self.tick_s + 0.2 * took
@@ -376,22 +419,30 @@ class Engine:
         deadline, step_s = time.monotonic() + drain_s, self.tick_s or 0.0
         for _, task in self.preparing.values():
             task.cancel()
-        for job in [*self.backlog, *(j for j, _ in self.preparing.values()), *(j for j, _ in self.joining),
-                    *(j for j, _ in self.passes.values())]:
+        left = [*self.backlog, *self.suspects, *(j for j, _ in self.preparing.values()), *(j for j, _ in self.joining),
+                *(j for j, _ in self.passes.values())]
+        for job in left:
             s.let_go(job)
         self.backlog.clear()
+        self.suspects.clear()
         self.preparing.clear()
         self.joining.clear()
         self.passes.clear()
         for row in list(self.pool.rows):
             if step_s * (row.total - row.step) > drain_s:
+                left.append(row.key)
                 self._leave(row.key)
         if len(self.pool):
             log.info("finishing %d job(s) before stopping", len(self.pool))
         while len(self.pool) and time.monotonic() < deadline:
             await self._tick()
         for row in list(self.pool.rows):
+            left.append(row.key)
             self._leave(row.key)
+        try:  # stopped, not dead: the jobs it lets go are nobody's suspects
+            await asyncio.wait_for(s.queue.idle(left), max(0.1, deadline - time.monotonic()))
+        except (redis.RedisError, asyncio.TimeoutError) as e:
+            log.warning("could not mark the jobs let go as not running (%r)", e)
 
     def _leave(self, job: Job) -> None:
         """A row out of the pool, its job let go unanswered."""
@@ -401,9 +452,11 @@ class Engine:
 
 
 def given_up(job: Job) -> str:
-    """The answer to a job handed out more than `max_deliveries` times: its own fault only if it raised."""
-    if job.strikes:
-        return "this job failed on the engine several times; try another photo or prompt"
+    """The answer to a job given up on: one that made the engine die or raise while it ran alone (its own fault),
+    else one handed out more than `max_deliveries` times (engines died holding it)."""
+    if job.faults:
+        return (f"this job made the engine fail {job.faults} times when it ran on its own; try another photo or "
+                "prompt")
     return "the engine restarted while working on this; please send it again"
 
 

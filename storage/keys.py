@@ -29,9 +29,11 @@ class Keys:
         Listed in the index of every user it names."""
         return f"{self.prefix}resultdata:{job_id}"
 
-    def strikes(self, job_id: str) -> str:
-        """Counter: times a job raised on an engine (an engine that died holding it does not count)."""
-        return f"{self.prefix}strikes:{job_id}"
+    def trial(self, job_id: str) -> str:
+        """Hash: what a job's runs showed. `running` ("alone" | "shared") while an engine runs it, left behind when
+        that engine dies; `suspect` once it was running beside others when an engine died or their shared step raised
+        (from then on it runs alone); `faults`, the times an engine died or raised while running it alone."""
+        return f"{self.prefix}trial:{job_id}"
 
     def results(self, adapter: str) -> str:
         """Stream of results for one adapter, read through its own consumer group; an entry leaves it once the

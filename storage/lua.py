@@ -146,6 +146,7 @@ FINISH = Script(
         "job_data": "the job's body",
         "result_data": "the result's body (its event and payload)",
         "epoch": "the user's epoch token",
+        "trial": "what the job's runs showed (its engines' deaths and raises)",
     },
     more_keys="per other person: their epoch token, shared flag, index, outbox; then each write's key",
     args={
@@ -170,7 +171,7 @@ FINISH = Script(
 local function ack()
   redis.call('XACK', jobs, group, entry)
   redis.call('XDEL', jobs, entry)
-  redis.call('DEL', photo, job_data)
+  redis.call('DEL', photo, job_data, trial)
   redis.call('HDEL', user_jobs, job_id)
 end
 if redis.call('EXISTS', done) == 1 then ack() return 0 end
@@ -224,6 +225,27 @@ for _, each in ipairs(outboxes) do
 end
 ack()
 return 1
+""")
+
+# A job claimed again: what its last run left. A run still marked `running` ended with its engine's death (an engine
+# that answers a job, stops or lets it go clears the mark): if the job ran alone, the death was its own fault; if it
+# ran beside others, it is a suspect, to run alone from now on. A job that was held but not running carries no mark
+# and is judged nothing. Returns {faults, suspect}.
+JUDGE = Script(
+    keys={"trial": "the job's trial hash (`Keys.trial`)"},
+    args={"ttl": "seconds the hash is kept after a change"},
+    body="""
+local running = redis.call('HGET', trial, 'running')
+if running == 'alone' then
+  redis.call('HINCRBY', trial, 'faults', 1)
+elseif running == 'shared' then
+  redis.call('HSET', trial, 'suspect', '1')
+end
+if running then
+  redis.call('HDEL', trial, 'running')
+  redis.call('EXPIRE', trial, ttl)
+end
+return {tonumber(redis.call('HGET', trial, 'faults') or '0'), tonumber(redis.call('HGET', trial, 'suspect') or '0')}
 """)
 
 # /forget in one step: the user's queued and running jobs leave the jobs stream (no engine answers them), their

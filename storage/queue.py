@@ -1,6 +1,6 @@
 """Jobs on a Redis Stream with a consumer group: admit (limits checked and the job queued in one atomic step), claim,
-acknowledge only after the result is stored, reclaim a dead engine's jobs (XAUTOCLAIM), fail a job delivered too
-often with a reason the user sees. Results go back on a stream per adapter, stored at most once per job; progress
+acknowledge only after the result is stored, reclaim a dead engine's jobs (XAUTOCLAIM), fail a job that made its
+engine die or raise on its own (`FAULTS_TO_FAIL` times, see `lua.JUDGE`) with a reason the user sees. Results go back on a stream per adapter, stored at most once per job; progress
 goes out on a pub/sub channel and is never stored.
 
 Users' data (see `storage.keys.Keys.epoch`): every job carries its user's epoch token, and everything the engine
@@ -83,11 +83,12 @@ def _stream_lost(e: ResponseError) -> bool:
 
 
 UNLIMITED = 2**31
+FAULTS_TO_FAIL = 2  # a job that made its engine die or raise this many times while running alone is failed
 TAKEOVER_MAX = 64  # jobs of dead engines taken in one claim, whatever room the engine has (they are the oldest)
 
 
 class JobQueue:
-    def __init__(self, client: redis.Redis, keys: Keys = Keys(), *, max_deliveries: int = 3,
+    def __init__(self, client: redis.Redis, keys: Keys = Keys(), *, max_deliveries: int = 10,
                  reclaim_idle_ms: int = 60_000, result_ttl_s: int = 86_400, index_ttl_s: int = 30 * 86_400):
         self.r, self.keys = client, keys
         self.max_deliveries = max_deliveries
@@ -98,6 +99,7 @@ class JobQueue:
         self._finish = lua.FINISH.register(client)
         self._forget = lua.FORGET.register(client)
         self._remember = lua.REMEMBER.register(client)
+        self._judge = lua.JUDGE.register(client)
         self._skipped: set[str] = set()  # malformed result entries already logged
         self.takeover_every_s = 5.0      # how often `claim` looks for engines whose heartbeat expired
         self._looked_for_dead = float("-inf")
@@ -189,10 +191,10 @@ class JobQueue:
                     p.xdel(self.keys.jobs, mid)
                     await p.execute()
                 continue
-            deliveries = await self._deliveries(mid)
-            job = Job.from_fields(mid, fields, deliveries)
-            if deliveries > self.max_deliveries:
-                job.strikes = int(await self.r.get(self.keys.strikes(job.job_id)) or 0)
+            job = Job.from_fields(mid, fields, await self._deliveries(mid))
+            job.faults, suspect = await self._judge(trial=self.keys.trial(job.job_id), ttl=self.result_ttl_s)
+            job.suspect = bool(suspect)
+            if job.faults >= FAULTS_TO_FAIL or job.deliveries > self.max_deliveries:
                 exhausted.append(job)
             else:
                 jobs.append(job)
@@ -249,12 +251,33 @@ class JobQueue:
                 log.warning("took over %d job(s) of engine %s, whose heartbeat has expired", len(taken), name)
         return taken
 
-    async def strike(self, job: Job) -> None:
-        """The job raised on this engine (it will be retried): counted, so that when it is given up on, the
-        user is told it was their input, not an engine that died under it."""
+    async def running(self, jobs: list[Job], *, alone: bool) -> None:
+        """Mark jobs as running on this engine, alone or beside others, until they are answered or marked `idle`: an
+        engine that dies leaves the mark, and the next claim judges it (`lua.JUDGE`)."""
+        if jobs:
+            async with self.r.pipeline(transaction=False) as p:
+                for job in jobs:
+                    p.hset(self.keys.trial(job.job_id), "running", "alone" if alone else "shared")
+                    p.expire(self.keys.trial(job.job_id), self.result_ttl_s)
+                await p.execute()
+
+    async def idle(self, jobs: list[Job]) -> None:
+        """Jobs held but not running (prepared and waiting for a row, or let go): an engine that dies now did not
+        die of them."""
+        if jobs:
+            async with self.r.pipeline(transaction=False) as p:
+                for job in jobs:
+                    p.hdel(self.keys.trial(job.job_id), "running")
+                await p.execute()
+
+    async def raised(self, job: Job, *, alone: bool) -> None:
+        """A step that ran `job` raised, and the job goes back to be retried: run alone, that is its own fault
+        (counted); run beside others, it is a suspect, retried alone."""
+        key = self.keys.trial(job.job_id)
         async with self.r.pipeline(transaction=True) as p:
-            p.incr(self.keys.strikes(job.job_id))
-            p.expire(self.keys.strikes(job.job_id), self.result_ttl_s)
+            p.hincrby(key, "faults", 1) if alone else p.hset(key, "suspect", "1")
+            p.hdel(key, "running")
+            p.expire(key, self.result_ttl_s)
             await p.execute()
 
     async def touch(self, consumer: str, jobs: list[Job]) -> None:
@@ -352,7 +375,7 @@ class JobQueue:
         return int(await self._finish(
             done=k.done(job.job_id), results=k.results(job.adapter), jobs=k.jobs, photo=k.photo(job.job_id),
             user_jobs=k.user_jobs(uid), index=k.index(uid), outbox=k.outbox(uid), job_data=k.job_data(job.job_id),
-            result_data=k.result_data(job.job_id), epoch=k.epoch(uid),
+            result_data=k.result_data(job.job_id), epoch=k.epoch(uid), trial=k.trial(job.job_id),
             ttl=self.result_ttl_s, event=event.to_json() if event else "", group=ENGINE_GROUP,
             entry=job.message_id, job_id=job.job_id, payload=event.payload if event else b"",
             refusal=ResultEvent.failed(job, refusal, engine=event.engine).to_json() if event else "",

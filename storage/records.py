@@ -54,13 +54,14 @@ class Job:
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: float = field(default_factory=time.time)
     message_id: str = ""                # stream entry id, set when claimed
-    deliveries: int = 1                 # how many times the stream has handed it out
+    deliveries: int = 1                 # how many times the stream has handed it out (a resume counts too)
     epochs: dict[str, str] = field(default_factory=dict)  # user id -> epoch token at admission (set by `admit`)
-    strikes: int = 0                    # times it raised on an engine (not counting engines that died holding it)
+    suspect: bool = False               # it was running beside others when an engine died: it runs alone
+    faults: int = 0                     # times an engine died or raised while running it alone
 
     def to_fields(self) -> dict[str, str]:
         d = asdict(self)
-        for name in ("message_id", "deliveries", "epochs", "strikes"):
+        for name in ("message_id", "deliveries", "epochs", "suspect", "faults"):
             d.pop(name)
         return {"job": json.dumps(d)}
 

@@ -108,9 +108,11 @@ async def test_the_jobs_of_an_engine_whose_heartbeat_expired_are_taken_at_once(c
         await stack.close()
 
 
-async def test_a_job_whose_engines_died_is_not_blamed_on_its_user(client):
-    """A job handed out more than max_deliveries times because its engines were killed is answered "the engine
-    restarted"; only one that raised itself is answered "try another photo"."""
+async def test_an_engine_death_is_charged_only_to_a_job_that_ran_alone(client):
+    """Engines die (no clean-up, as under SIGKILL) while one job runs beside another and a third is merely held: the
+    held job is judged nothing however often it is handed out again (a resume under the same name included), the two
+    running ones become suspects, and a suspect is failed, in one line naming its own fault, only after two deaths
+    while it ran alone."""
     from engine.loop import given_up
 
     stack = Stack(client)
@@ -118,18 +120,31 @@ async def test_a_job_whose_engines_died_is_not_blamed_on_its_user(client):
         queue = stack.queue
         queue.reclaim_idle_ms = 0
         await queue.ensure_groups()
-        for raised in (False, True):
-            job = Job(op="edit", user_id="web:alice", adapter="web")
+        jobs = [Job(op="edit", user_id=f"web:u{i}", adapter="web") for i in range(3)]
+        for job in jobs:
             await queue.enqueue(job)
-            for engine in ("e1", "e2", "e3"):  # each engine dies holding it
-                [held], _ = await queue.claim(engine, 1, block_ms=100)
-                if raised and engine == "e2":
-                    await queue.strike(held)
-            _, [exhausted] = await queue.claim("e4", 1, block_ms=100)
-            expected = ("this job failed on the engine several times; try another photo or prompt" if raised
-                        else "the engine restarted while working on this; please send it again")
-            assert given_up(exhausted) == expected
-            await queue.fail(exhausted, given_up(exhausted))
+        held, _ = await queue.claim("e1", 3, block_ms=100)
+        await queue.running(held[:2], alone=False)  # e1 dies running two; the third waits, claimed
+        for restart in range(6):  # e1 restarted under its name each time and dying again: a resume is no delivery
+            queue._resumed.discard("e1")
+            again, exhausted = await queue.claim("e1", 3, block_ms=100)
+            assert not exhausted and [j.job_id for j in again] == [j.job_id for j in jobs]
+            assert [j.suspect for j in again] == [True, True, False] and not any(j.faults for j in again)
+        bystander, culprit = again[0], again[1]
+        for death in (1, 2):  # the culprit, run alone, kills its engine twice
+            await queue.running([culprit], alone=True)
+            queue._resumed.discard("e1")
+            again, exhausted = await queue.claim("e1", 3, block_ms=100)
+            if death == 1:
+                assert not exhausted and {j.job_id: j.faults for j in again}[culprit.job_id] == 1
+        assert [j.job_id for j in exhausted] == [culprit.job_id]
+        assert given_up(exhausted[0]) == ("this job made the engine fail 2 times when it ran on its own; try "
+                                          "another photo or prompt")
+        assert {j.job_id for j in again} == {bystander.job_id, jobs[2].job_id} and not any(j.faults for j in again)
+        await queue.raised(bystander, alone=False)  # a shared step raised: a suspect again, no fault
+        await queue.raised(bystander, alone=True)   # raised alone: its own fault, once
+        again, _ = await queue.claim("e2", 3, block_ms=100)
+        assert {j.job_id: j.faults for j in again}[bystander.job_id] == 1
     finally:
         await stack.close()
 
