@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 
 import pytest
@@ -42,9 +43,9 @@ async def web(stack):
     await asyncio.wait_for(task, 10)
 
 
-async def join(browser, url: str, nickname: str, width: int = 390, height: int = 844):
+async def join(browser, url: str, nickname: str, width: int = 390, height: int = 844, **context):
     """A new visitor (its own cookie) on a phone-sized window, with a nickname."""
-    context = await browser.new_context(viewport={"width": width, "height": height})
+    context = await browser.new_context(viewport={"width": width, "height": height}, **context)
     page = await context.new_page()
     await page.goto(url)
     await expect(page.locator("#engine")).to_have_text("model: tiny", timeout=15_000)
@@ -164,6 +165,24 @@ async def test_upload_edit_stronger_and_morph_in_a_browser(web):
     await alice.set_viewport_size({"width": 1280, "height": 800})
     await alice.wait_for_function(LAST_IN_VIEW, timeout=5_000)
     await alice.screenshot(path=str(ARTIFACTS / "web-chat-desktop.png"))
+
+
+async def test_the_page_shows_your_nickname_and_copies_it(web):
+    """The intro asks a friend to /morph @me @you: the header shows who "you" is, and one tap copies it."""
+    url, browser = web
+    page = await join(browser, url, "alice", permissions=["clipboard-read", "clipboard-write"])
+    await expect(page.locator("header")).to_contain_text("@alice")
+    await page.locator("header button", has_text="copy").click()
+    await expect(page.locator("header")).to_contain_text("copied")
+    assert await page.evaluate("navigator.clipboard.readText()") == "@alice"
+
+    # where the page has no clipboard API (served over plain http to a phone, or an old browser), the name is
+    # selected, ready for the phone's own copy
+    bare = await join(browser, url, "bob")
+    await bare.evaluate("delete Navigator.prototype.clipboard")
+    await bare.locator("header button", has_text="copy").click()
+    assert await bare.evaluate("getSelection().toString()") == "@bob"
+    await expect(bare.locator("header")).to_contain_text(re.compile("copied|selected"))
 
 
 async def test_the_page_after_a_reload_keeps_the_conversation(web):
