@@ -90,7 +90,6 @@ async def test_upload_edit_stronger_and_morph_in_a_browser(web):
     banner = alice.locator("#tiny")
     await expect(banner).to_be_visible()
     await expect(banner).to_contain_text("stylebot weights download ffhq-256")
-    await expect(banner).to_contain_text("edits are random too")
     attach = alice.locator("label.attach")
     await expect(attach).to_have_text("Photo")  # a word and an inline SVG: no emoji font needed
     assert await attach.locator("svg").count() == 1
@@ -183,6 +182,28 @@ async def test_the_page_shows_your_nickname_and_copies_it(web):
     await bare.locator("header button", has_text="copy").click()
     assert await bare.evaluate("getSelection().toString()") == "@bob"
     await expect(bare.locator("header")).to_contain_text(re.compile("copied|selected"))
+
+
+async def test_the_tiny_banner_says_what_comes_back_and_folds_after_the_first_result(web):
+    url, browser = web
+    page = await join(browser, url, "dora")
+    banner = page.locator("#tiny")
+    await expect(banner).to_contain_text("blurry")  # an inverted face on tiny is a blurry likeness, not noise
+    await expect(banner).to_contain_text("stylebot weights download ffhq-256")
+    noisy = [s for s in re.split(r"(?<=\.)\s+", await banner.inner_text()) if "noise" in s]
+    assert noisy and all(s.startswith("Edits") for s in noisy)  # noise is what edits make, not faces
+    assert (await banner.bounding_box())["height"] > 60  # open on arrival: a newcomer reads it
+
+    await send(page, "", photo=OBAMA)
+    await expect(page.locator(".msg.bot:has(img.result)")).to_have_count(1, timeout=60_000)
+    await expect(page.locator("#tiny p")).to_be_hidden()
+    assert (await banner.bounding_box())["height"] < 60  # one line on a phone, not a fifth of the screen
+    await banner.locator("summary").click()
+    await expect(page.locator("#tiny p")).to_be_visible()
+    await page.reload()  # the conversation already has a result: still one line
+    await expect(page.locator(".msg.bot:has(img.result)")).to_have_count(1)
+    await expect(page.locator("#tiny p")).to_be_hidden()
+    await expect(banner).to_be_visible()
 
 
 async def test_the_page_after_a_reload_keeps_the_conversation(web):

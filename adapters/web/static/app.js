@@ -4,6 +4,7 @@
 const $ = (id) => document.getElementById(id);
 const shown = new Map();          // message id -> element
 let actions = {};                  // action -> emoji, from /info
+let folded = false;                // the tiny banner folds to one line at the first result, once
 
 function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -62,6 +63,7 @@ function figure(src, caption, cls) {
 }
 
 function show(m) {
+  if (m.media && !folded) { $("tiny").open = false; folded = true; }
   const log = $("log");
   const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 80;
   const div = render(m);
