@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 
 import pytest
@@ -42,9 +43,9 @@ async def web(stack):
     await asyncio.wait_for(task, 10)
 
 
-async def join(browser, url: str, nickname: str, width: int = 390, height: int = 844):
+async def join(browser, url: str, nickname: str, width: int = 390, height: int = 844, **context):
     """A new visitor (its own cookie) on a phone-sized window, with a nickname."""
-    context = await browser.new_context(viewport={"width": width, "height": height})
+    context = await browser.new_context(viewport={"width": width, "height": height}, **context)
     page = await context.new_page()
     await page.goto(url)
     await expect(page.locator("#engine")).to_have_text("model: tiny", timeout=15_000)
@@ -89,7 +90,6 @@ async def test_upload_edit_stronger_and_morph_in_a_browser(web):
     banner = alice.locator("#tiny")
     await expect(banner).to_be_visible()
     await expect(banner).to_contain_text("stylebot weights download ffhq-256")
-    await expect(banner).to_contain_text("edits are random too")
     attach = alice.locator("label.attach")
     await expect(attach).to_have_text("Photo")  # a word and an inline SVG: no emoji font needed
     assert await attach.locator("svg").count() == 1
@@ -164,6 +164,46 @@ async def test_upload_edit_stronger_and_morph_in_a_browser(web):
     await alice.set_viewport_size({"width": 1280, "height": 800})
     await alice.wait_for_function(LAST_IN_VIEW, timeout=5_000)
     await alice.screenshot(path=str(ARTIFACTS / "web-chat-desktop.png"))
+
+
+async def test_the_page_shows_your_nickname_and_copies_it(web):
+    """The intro asks a friend to /morph @me @you: the header shows who "you" is, and one tap copies it."""
+    url, browser = web
+    page = await join(browser, url, "alice", permissions=["clipboard-read", "clipboard-write"])
+    await expect(page.locator("header")).to_contain_text("@alice")
+    await page.locator("header button", has_text="copy").click()
+    await expect(page.locator("header")).to_contain_text("copied")
+    assert await page.evaluate("navigator.clipboard.readText()") == "@alice"
+
+    # where the page has no clipboard API (served over plain http to a phone, or an old browser), the name is
+    # selected, ready for the phone's own copy
+    bare = await join(browser, url, "bob")
+    await bare.evaluate("delete Navigator.prototype.clipboard")
+    await bare.locator("header button", has_text="copy").click()
+    assert await bare.evaluate("getSelection().toString()") == "@bob"
+    await expect(bare.locator("header")).to_contain_text(re.compile("copied|selected"))
+
+
+async def test_the_tiny_banner_says_what_comes_back_and_folds_after_the_first_result(web):
+    url, browser = web
+    page = await join(browser, url, "dora")
+    banner = page.locator("#tiny")
+    await expect(banner).to_contain_text("blurry")  # an inverted face on tiny is a blurry likeness, not noise
+    await expect(banner).to_contain_text("stylebot weights download ffhq-256")
+    noisy = [s for s in re.split(r"(?<=\.)\s+", await banner.inner_text()) if "noise" in s]
+    assert noisy and all(s.startswith("Edits") for s in noisy)  # noise is what edits make, not faces
+    assert (await banner.bounding_box())["height"] > 60  # open on arrival: a newcomer reads it
+
+    await send(page, "", photo=OBAMA)
+    await expect(page.locator(".msg.bot:has(img.result)")).to_have_count(1, timeout=60_000)
+    await expect(page.locator("#tiny p")).to_be_hidden()
+    assert (await banner.bounding_box())["height"] < 60  # one line on a phone, not a fifth of the screen
+    await banner.locator("summary").click()
+    await expect(page.locator("#tiny p")).to_be_visible()
+    await page.reload()  # the conversation already has a result: still one line
+    await expect(page.locator(".msg.bot:has(img.result)")).to_have_count(1)
+    await expect(page.locator("#tiny p")).to_be_hidden()
+    await expect(banner).to_be_visible()
 
 
 async def test_the_page_after_a_reload_keeps_the_conversation(web):

@@ -178,8 +178,8 @@ class WebChat:
         return resp
 
     async def info(self, request: web.Request) -> web.Response:
-        """Which model the engine runs (and whether it has random weights: its faces look like nothing), whether it
-        is online, who you are."""
+        """Which model the engine runs (and whether it has random weights: blurry faces, edits that ignore their
+        words), whether it is online, who you are."""
         v, new = await self.visitor(request)
         engines = await self.core.queue.engines_online()
         engine, model = next(iter(engines.items()), (None, None))

@@ -4,6 +4,7 @@
 const $ = (id) => document.getElementById(id);
 const shown = new Map();          // message id -> element
 let actions = {};                  // action -> emoji, from /info
+let folded = false;                // the tiny banner folds to one line at the first result, once
 
 function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -62,6 +63,7 @@ function figure(src, caption, cls) {
 }
 
 function show(m) {
+  if (m.media && !folded) { $("tiny").open = false; folded = true; }
   const log = $("log");
   const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 80;
   const div = render(m);
@@ -86,6 +88,23 @@ async function post(url, body) {
   return data;
 }
 
+// One tap copies "@name" for a friend's /morph. Without the clipboard API (a page served over plain http to
+// another machine, an old browser) the name is selected instead, ready for the device's own copy.
+async function copyNickname() {
+  const handle = $("handle"), button = $("copy");
+  let copied = false;
+  try {
+    await navigator.clipboard.writeText(handle.textContent);
+    copied = true;
+  } catch (e) {
+    getSelection().selectAllChildren(handle);
+    try { copied = document.execCommand("copy"); } catch (e2) { copied = false; }
+  }
+  button.textContent = copied ? "copied" : "selected: copy it";
+  clearTimeout(copyNickname.timer);
+  copyNickname.timer = setTimeout(() => { button.textContent = "copy"; }, 2000);
+}
+
 async function react(messageId, action) {
   await post("/react", { message: messageId, action });
 }
@@ -101,6 +120,9 @@ async function refreshInfo() {
     $("download").textContent = info.download;
     $("join").hidden = !!info.nickname;
     $("composer").hidden = !info.nickname;
+    $("me").hidden = !info.nickname;
+    const handle = info.nickname ? "@" + info.nickname : "";
+    if ($("handle").textContent !== handle) $("handle").textContent = handle;  // rewriting it drops a selection
     if (info.nickname) document.title = "stylebot: @" + info.nickname;
     return info;
   } catch (e) {
@@ -119,6 +141,7 @@ function listen() {
 }
 
 function setup() {
+  $("copy").addEventListener("click", copyNickname);
   $("join").addEventListener("submit", async (e) => {
     e.preventDefault();
     const data = await post("/nickname", { nickname: $("nickname").value });
