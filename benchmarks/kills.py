@@ -135,7 +135,7 @@ async def main() -> None:
         waits += times
         print(f"kill {i}: the dead engine held {len(held)} job(s); kill to answer "
               + ", ".join(f"{t:.1f} s" for t in sorted(times)))
-    blamed = [j for j, (_, e) in answered.items() if "try another photo" in e.get("error", "")]
+    blamed = [j for j, (_, e) in answered.items() if "try another photo" in e.error]
     print(f"an engine process starts in {startup_s:.1f} s (until its first heartbeat)"
           + ("; a spare engine that is never killed takes over" if args.spare else
              "; the only engine is the restarted one, so every takeover waits for it to start too")
@@ -146,8 +146,8 @@ async def main() -> None:
           f"job's time, {TTL + pool_s:.1f} s with a full pool's")
     print(f"{len([j for j in jobs if j.job_id in answered])} of {len(jobs)} answered, "
           f"{sum(1 for j in jobs if counts[j.job_id] > 1)} twice, {len(blamed)} blamed on their user, "
-          f"{sum(1 for j in jobs if answered.get(j.job_id, (0, {}))[1].get('type') == 'failed')} failed")
-    reasons = collections.Counter(e.get("error") for _, e in answered.values() if e.get("type") == "failed")
+          f"{sum(1 for j in jobs if j.job_id in answered and answered[j.job_id][1].type == 'failed')} failed")
+    reasons = collections.Counter(e.error for _, e in answered.values() if e.type == "failed")
     for reason, n in reasons.items():
         print(f"  {n} x {reason!r}")
 

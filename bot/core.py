@@ -374,7 +374,8 @@ class BotCore:
             return Reply(refused[admitted.status])
         ahead = admitted.position - 1
         if not await self.queue.engines_online():
-            when = "waiting for the engine, which is offline right now" + (f" ({ahead} jobs ahead)" if ahead else "")
+            when = ("queued; the engine is restarting" if await self.queue.restarting() else
+                    "waiting for the engine, which is offline right now") + (f" ({ahead} jobs ahead)" if ahead else "")
         else:
             when = f"waiting behind {ahead} job{'s' * (ahead > 1)}" if ahead else "starting now"
         return Reply(f"{job_words(op, params)}: {when}" + await self._notice(), job_id=job.job_id)

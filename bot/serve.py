@@ -329,7 +329,8 @@ class EngineSupervisor:
             if up >= self.steady_s:
                 delay = self.first_delay_s
             log.warning("the engine stopped (exit %d); restarting it in %s s", code, f"{delay:g}")
-            await self._tell_redis(lambda r: JobQueue(r, self.keys).leave(self.name))
+            # struck off at once, and said to be restarting until it is up again (or surely should be)
+            await self._tell_redis(lambda r: JobQueue(r, self.keys).leave(self.name, delay + self.STARTUP_S))
             if await _stopped(stop, delay):
                 return
             self.start()

@@ -74,6 +74,11 @@ class Keys:
         return f"{self.prefix}engines:random"
 
     @property
+    def restarting(self) -> str:
+        """String, with a TTL: set by `stylebot run`'s supervisor when its engine died and is being started again."""
+        return f"{self.prefix}engines:restarting"
+
+    @property
     def notice(self) -> str:
         """String: a short notice for every user (e.g. "the engine restarted at 14:03"), with a TTL."""
         return f"{self.prefix}notice"

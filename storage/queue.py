@@ -316,13 +316,20 @@ class JobQueue:
                     p.hdel(info, *gone)
             await p.execute()
 
-    async def leave(self, engine: str) -> None:
-        """An engine that stops says so at once (no waiting for its heartbeat to expire)."""
+    async def leave(self, engine: str, restarting_s: float = 0) -> None:
+        """An engine that stops says so at once (no waiting for its heartbeat to expire); with `restarting_s`, its
+        supervisor also says, for that long, that it is starting it again."""
         async with self.r.pipeline(transaction=True) as p:
             p.zrem(self.keys.engines, engine)
             for info in (self.keys.engine_models, self.keys.engine_holders, self.keys.engine_random):
                 p.hdel(info, engine)
+            if restarting_s:
+                p.set(self.keys.restarting, engine, ex=max(1, round(restarting_s)))
             await p.execute()
+
+    async def restarting(self) -> bool:
+        """Whether a supervisor is starting a dead engine again (`leave`); read when no engine is online."""
+        return bool(await self.r.exists(self.keys.restarting))
 
     async def engines_online(self) -> dict[str, str]:
         """Engines whose heartbeat is fresh: name -> model. One sorted-set read, whatever the number of keys."""

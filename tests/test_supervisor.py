@@ -33,14 +33,15 @@ class Run:
                 return m
 
 
-async def answer_with_a_face(http, url: str) -> dict:
-    """Send a photo with /invert; the message with the result the chat shows."""
+async def answer_with_a_face(http, url: str, said: str = "finding your face: ") -> dict:
+    """Send a photo with /invert (the bot's reply starting with `said`); the message with the result the chat
+    shows."""
     form = aiohttp.FormData()
     form.add_field("text", "/invert")
     form.add_field("photo", (FIXTURES / "faces" / "obama.jpg").read_bytes(), filename="me.jpg")
     async with http.get(url + "events") as events:
         sent = await http.post(url + "command", data=form)
-        assert sent.status == 200 and (await sent.json())["reply"].startswith("finding your face: ")
+        assert sent.status == 200 and (await sent.json())["reply"].startswith(said), await sent.json()
         async for raw in events.content:
             if raw.startswith(b"data: "):
                 ev = json.loads(raw[6:])
@@ -80,10 +81,14 @@ async def test_a_killed_engine_is_restarted_and_the_web_chat_stays_up(tmp_path, 
             assert page.status == 200 and page.content_type == "text/html"
             info = await http.get(url + "info")
             assert info.status == 200 and (await info.json())["nickname"] == "survivor"
-
+            for _ in range(100):  # struck off at once (not after its heartbeat's 15 s): no "1 engine" for a dead one
+                if (await (await http.get(url + "info")).json())["engines"] == 0:
+                    break
+                await asyncio.sleep(0.02)
+            # a photo sent while it restarts is told so, and the new engine takes it
+            result = await answer_with_a_face(http, url, said="finding your face: queued; the engine is restarting")
             second = int((await run.line(r"the engine is starting \(pid (\d+)\)")).group(1))
             assert second != first
-            result = await answer_with_a_face(http, url)  # the new engine takes the next photo
             assert result["text"].startswith("your face as the tiny model draws it"), result
             image = await http.get(url + result["media"].lstrip("/"))
             assert image.status == 200 and image.content_type == "image/png"
@@ -130,8 +135,9 @@ async def test_restarts_back_off_and_a_dead_engine_is_struck_off_at_once(client,
     assert delays[:4] == ["0.01", "0.02", "0.04", "0.04"]  # doubling, up to the most
     assert not sup.failed
     assert await queue.engines_online() == {}  # /status says offline, not "engines online: 1"
+    assert await queue.restarting()  # and new jobs are told it is restarting
     assert "after it stopped unexpectedly (exit -9)" in (await client.get(keys.notice)).decode()
-    await client.delete(keys.notice, keys.engines, keys.engine_models)
+    await client.delete(keys.notice, keys.engines, keys.engine_models, keys.restarting)
 
 
 async def test_an_engine_that_cannot_start_stops_run_instead_of_restarting(client, caplog, capsys):
