@@ -194,6 +194,8 @@ class Engine:
             if task.exception() is not None:  # Redis away: prepared again once it answers
                 log.warning("job %s could not be prepared (%s); trying again", job_id, task.exception())
                 self.backlog.append(job)
+                if job is self.alone:  # a suspect: it waits to run alone again
+                    self.alone = None
                 continue
             work = task.result()
             if work is None or job_id not in self.s.claimed:  # answered with a refusal, or let go meanwhile
