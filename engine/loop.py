@@ -16,8 +16,8 @@ reclaimed after a crash is posted once; every job this engine holds stays claime
 engines (one per GPU, any machines) share one queue through its consumer group with no other coordination.
 
 An engine that dies is charged to no job that was merely held: the jobs that were running beside others become
-suspects and each is run again alone; only a death (or a raise) while a job ran alone counts against it, and a job is
-failed after `storage.queue.FAULTS_TO_FAIL` such faults.
+suspects, run again together with nothing else beside them, and each alone if they die again; only a death (or a
+raise) while a job ran alone counts against it, and a job is failed after `storage.queue.FAULTS_TO_FAIL` such faults.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ class Engine:
         self.s = Services(G, queue, store, vgg=vgg, clip_factory=clip_factory, settings=settings)
         self.pool = OptimisationPool(G, vgg=vgg, preview_every=settings.preview_every, precision=settings.precision)
         self.backlog: deque[Job] = deque()   # claimed, to be prepared
-        self.suspects: deque[Job] = deque()  # claimed, running when an engine died beside others: each runs alone
-        self.alone: Job | None = None        # the suspect running now, with nothing beside it
+        self.suspects: deque[Job] = deque()  # claimed, running beside others when an engine died: run apart
+        self.isolated: dict[str, Job] = {}   # the suspects running now, with nothing else beside them
         self.preparing: dict[str, tuple[Job, asyncio.Task]] = {}  # job id -> its handler's prepare, beside the ticks
         self.joining: list[tuple[Job, Rows]] = []  # prepared optimisations waiting for room, oldest job first
         self.rows: dict[str, tuple[Job, Rows]] = {}  # job id -> the work of its row in the pool
@@ -164,26 +164,31 @@ class Engine:
         the preparations that ended: an optimisation
         waits to join the pool, a render at once starts, a long render waits for its parts between ticks.
 
-        A suspect (running beside others when an engine died) runs alone: once nothing else runs, it is prepared
-        and run with nothing beside it, and other jobs wait (claimed, not started) until it is answered. A job is
-        marked running from its preparation to its answer, except while it waits, prepared, for a row: an engine
-        that dies leaves the marks, and only the jobs marked are judged for it (`lua.JUDGE`)."""
+        Suspects (jobs running beside others when an engine died) run apart: once nothing else runs, those suspected
+        once run together (a kill from outside costs one pool's time), a job suspected again runs alone, and other
+        jobs wait, claimed but not started, until they are answered. A job is marked running from its preparation to
+        its answer, except while it waits, prepared, for a row: an engine that dies leaves the marks, and only the
+        jobs marked are judged for it (`lua.JUDGE`)."""
         s = self.s
-        if self.alone is not None and self.alone.job_id not in s.claimed:
-            self.alone = None  # answered, or let go: jobs run side by side again
+        self.isolated = {k: j for k, j in self.isolated.items() if k in s.claimed}  # answered or let go: done
         for job in [j for j in self.backlog if j.suspect]:
             self.backlog.remove(job)
             self.suspects.append(job)
         start: list[Job] = []
-        if self.alone is None and not self.suspects:  # at most max_active preparations at once: a job not started
+        if not self.isolated and not self.suspects:  # at most max_active preparations at once: a job not started
             while self.backlog and len(self.preparing) + len(start) < s.settings.max_active:  # is no suspect
                 start.append(self.backlog.popleft())
-        elif self.alone is None and self._quiet():
-            self.alone = self.suspects.popleft()
-            start = [self.alone]
-            log.info("job %s was running when an engine died: running it alone", self.alone.job_id)
+        elif not self.isolated and self._quiet():
+            if self.suspects[0].suspect > 1:
+                start = [self.suspects.popleft()]
+            else:
+                start = [j for j in self.suspects if j.suspect == 1][:s.settings.max_active]
+                self.suspects = deque(j for j in self.suspects if j.suspect != 1 or j not in start)
+            self.isolated = {j.job_id: j for j in start}
+            log.info("%d job(s) running when an engine died: running %s", len(start),
+                     "it alone" if len(start) == 1 else "them with nothing else beside them")
         if start:
-            await s.queue.running(start, alone=self.alone is not None)
+            await s.queue.running(start, alone=self._alone(start[0]))
         for job in start:
             self.preparing[job.job_id] = (job, asyncio.create_task(self._prepare(job)))
         held: list[Job] = []
@@ -194,8 +199,7 @@ class Engine:
             if task.exception() is not None:  # Redis away: prepared again once it answers
                 log.warning("job %s could not be prepared (%s); trying again", job_id, task.exception())
                 self.backlog.append(job)
-                if job is self.alone:  # a suspect: it waits to run alone again
-                    self.alone = None
+                self.isolated.pop(job_id, None)  # a suspect: it waits to run apart again
                 continue
             work = task.result()
             if work is None or job_id not in self.s.claimed:  # answered with a refusal, or let go meanwhile
@@ -203,13 +207,17 @@ class Engine:
             if isinstance(work, Rows):  # a job taken over from a dead engine (older) gets the next free row
                 at = next((i for i, (j, _) in enumerate(self.joining) if j.created > job.created), len(self.joining))
                 self.joining.insert(at, (job, work))
-                if job is not self.alone:
+                if job_id not in self.isolated:
                     held.append(job)
             elif work.at_once:
                 self._beside(self._render_at_once(job, work))
             else:
                 self.passes[job_id] = (job, work)
         await s.queue.idle(held)
+
+    def _alone(self, job: Job) -> bool:
+        """Whether `job` runs with nothing beside it: the only suspect running apart."""
+        return list(self.isolated) == [job.job_id]
 
     def _quiet(self) -> bool:
         """Nothing runs: no row, preparation, render or result being stored."""
@@ -241,14 +249,14 @@ class Engine:
     async def _join(self) -> None:
         """Prepared optimisations into the pool while it has room (only between ticks)."""
         while self.joining and len(self.pool) < self.s.settings.max_active:
-            if self.alone is not None or self.suspects:  # only the suspect running alone joins
-                at = next((i for i, (j, _) in enumerate(self.joining) if j is self.alone), None)
+            if self.isolated or self.suspects:  # only the suspects running apart join
+                at = next((i for i, (j, _) in enumerate(self.joining) if j.job_id in self.isolated), None)
                 if at is None:
                     return
                 job, work = self.joining.pop(at)
             else:
                 job, work = self.joining.pop(0)
-            await self.s.queue.running([job], alone=job is self.alone)
+            await self.s.queue.running([job], alone=self._alone(job))
             try:
                 work.join(self.pool)
             except Exception as e:  # noqa: BLE001 - e.g. a CLIP that cannot run the edit recipe
@@ -303,8 +311,8 @@ class Engine:
             report = await asyncio.to_thread(self.pool.tick)
         except Exception:  # noqa: BLE001 - the shared step broke (a bug, out of memory): the jobs go back
             log.exception("a tick of %d rows failed; their jobs are left for a retry", len(self.pool))
-            for row in list(self.pool.rows):  # run alone, its own fault; beside others, each a suspect to run alone
-                await s.queue.raised(row.key, alone=row.key is self.alone)
+            for row in list(self.pool.rows):  # run alone, its own fault; beside others, each a suspect, run apart
+                await s.queue.raised(row.key, alone=self._alone(row.key))
                 self._leave(row.key)  # no longer touched: reclaimed after reclaim_idle_s
             return
         took = time.monotonic() - started

@@ -31,8 +31,8 @@ class Keys:
 
     def trial(self, job_id: str) -> str:
         """Hash: what a job's runs showed. `running` ("alone" | "shared") while an engine runs it, left behind when
-        that engine dies; `suspect` once it was running beside others when an engine died or their shared step raised
-        (from then on it runs alone); `faults`, the times an engine died or raised while running it alone."""
+        that engine dies; `suspect`, the times it was running beside others when an engine died or their shared step
+        raised; `faults`, the times an engine died or raised while running it alone."""
         return f"{self.prefix}trial:{job_id}"
 
     def results(self, adapter: str) -> str:

@@ -229,8 +229,8 @@ return 1
 
 # A job claimed again: what its last run left. A run still marked `running` ended with its engine's death (an engine
 # that answers a job, stops or lets it go clears the mark): if the job ran alone, the death was its own fault; if it
-# ran beside others, it is a suspect, to run alone from now on. A job that was held but not running carries no mark
-# and is judged nothing. Returns {faults, suspect}.
+# ran beside others, it is a suspect once more (the engine runs suspects apart from other jobs, see `engine.loop`).
+# A job that was held but not running carries no mark and is judged nothing. Returns {faults, suspect}.
 JUDGE = Script(
     keys={"trial": "the job's trial hash (`Keys.trial`)"},
     args={"ttl": "seconds the hash is kept after a change"},
@@ -239,7 +239,7 @@ local running = redis.call('HGET', trial, 'running')
 if running == 'alone' then
   redis.call('HINCRBY', trial, 'faults', 1)
 elseif running == 'shared' then
-  redis.call('HSET', trial, 'suspect', '1')
+  redis.call('HINCRBY', trial, 'suspect', 1)
 end
 if running then
   redis.call('HDEL', trial, 'running')

@@ -193,7 +193,7 @@ class JobQueue:
                 continue
             job = Job.from_fields(mid, fields, await self._deliveries(mid))
             job.faults, suspect = await self._judge(trial=self.keys.trial(job.job_id), ttl=self.result_ttl_s)
-            job.suspect = bool(suspect)
+            job.suspect = int(suspect)
             if job.faults >= FAULTS_TO_FAIL or job.deliveries > self.max_deliveries:
                 exhausted.append(job)
             else:
@@ -272,10 +272,10 @@ class JobQueue:
 
     async def raised(self, job: Job, *, alone: bool) -> None:
         """A step that ran `job` raised, and the job goes back to be retried: run alone, that is its own fault
-        (counted); run beside others, it is a suspect, retried alone."""
+        (counted); run beside others, it is a suspect once more (as after an engine's death)."""
         key = self.keys.trial(job.job_id)
         async with self.r.pipeline(transaction=True) as p:
-            p.hincrby(key, "faults", 1) if alone else p.hset(key, "suspect", "1")
+            p.hincrby(key, "faults" if alone else "suspect", 1)
             p.hdel(key, "running")
             p.expire(key, self.result_ttl_s)
             await p.execute()

@@ -56,7 +56,7 @@ class Job:
     message_id: str = ""                # stream entry id, set when claimed
     deliveries: int = 1                 # how many times the stream has handed it out (a resume counts too)
     epochs: dict[str, str] = field(default_factory=dict)  # user id -> epoch token at admission (set by `admit`)
-    suspect: bool = False               # it was running beside others when an engine died: it runs alone
+    suspect: int = 0                    # times it was running beside others when an engine died (or a step raised)
     faults: int = 0                     # times an engine died or raised while running it alone
 
     def to_fields(self) -> dict[str, str]:

@@ -111,8 +111,8 @@ async def test_the_jobs_of_an_engine_whose_heartbeat_expired_are_taken_at_once(c
 async def test_an_engine_death_is_charged_only_to_a_job_that_ran_alone(client):
     """Engines die (no clean-up, as under SIGKILL) while one job runs beside another and a third is merely held: the
     held job is judged nothing however often it is handed out again (a resume under the same name included), the two
-    running ones become suspects, and a suspect is failed, in one line naming its own fault, only after two deaths
-    while it ran alone."""
+    running ones become suspects (each death beside others counted once), and a suspect is failed, in one line
+    naming its own fault, only after two deaths while it ran alone."""
     from engine.loop import given_up
 
     stack = Stack(client)
@@ -129,7 +129,7 @@ async def test_an_engine_death_is_charged_only_to_a_job_that_ran_alone(client):
             queue._resumed.discard("e1")
             again, exhausted = await queue.claim("e1", 3, block_ms=100)
             assert not exhausted and [j.job_id for j in again] == [j.job_id for j in jobs]
-            assert [j.suspect for j in again] == [True, True, False] and not any(j.faults for j in again)
+            assert [j.suspect for j in again] == [1, 1, 0] and not any(j.faults for j in again)
         bystander, culprit = again[0], again[1]
         for death in (1, 2):  # the culprit, run alone, kills its engine twice
             await queue.running([culprit], alone=True)
@@ -144,7 +144,7 @@ async def test_an_engine_death_is_charged_only_to_a_job_that_ran_alone(client):
         await queue.raised(bystander, alone=False)  # a shared step raised: a suspect again, no fault
         await queue.raised(bystander, alone=True)   # raised alone: its own fault, once
         again, _ = await queue.claim("e2", 3, block_ms=100)
-        assert {j.job_id: j.faults for j in again}[bystander.job_id] == 1
+        assert {j.job_id: (j.suspect, j.faults) for j in again}[bystander.job_id] == (2, 1)
     finally:
         await stack.close()
 

@@ -159,10 +159,11 @@ async def test_engines_killed_at_random_moments_every_job_answered_once_and_none
 
 
 async def test_a_job_that_kills_its_engine_fails_after_two_deaths_alone_and_no_bystander_does(setup):
-    """One photo kills the engine's process whenever it is aligned (an injected fault). It is queued among seven
-    good jobs, and the engine is restarted under its name after each death, as `stylebot run` does: the jobs that
-    were running beside it at the first death are run again, each alone; the bad job fails in one line after its
-    two deaths alone (three deaths in all), and every other job is answered."""
+    """One photo kills the engine's process whenever it is aligned (an injected fault). It is queued third among
+    eight, and the engine (4 rows) is restarted under its name after each death, as `stylebot run` does. The first
+    death catches the four jobs claimed first, all running; those four are run again together with nothing beside
+    them (the second death), then each alone: the bad job fails in one line after its two deaths alone (four deaths
+    in all), and every other job is answered."""
     cfg, queue = setup
     photo = (FIXTURES / "faces" / "obama.jpg").read_bytes()
     poison = FIXTURES / "faces" / "biden.jpg"
@@ -190,4 +191,4 @@ async def test_a_job_that_kills_its_engine_fails_after_two_deaths_alone_and_no_b
     assert by_job[bad.job_id].error == ("this job made the engine fail 2 times when it ran on its own; try another "
                                         "photo or prompt")
     assert [by_job[j.job_id].type for j in jobs] == ["done"] * 7
-    assert deaths == 3
+    assert deaths == 4
