@@ -161,8 +161,8 @@ class Engine:
 
     async def _admit(self) -> None:
         """Start preparing claimed jobs (beside the ticks, up to `max_active` at once, in the order claimed); take in
-        the preparations that ended: an optimisation
-        waits to join the pool, a render at once starts, a long render waits for its parts between ticks.
+        the preparations that ended: an optimisation waits to join the pool, a render at once starts, a long render
+        waits for its parts between ticks.
 
         Suspects (jobs running beside others when an engine died) run apart: once nothing else runs, those suspected
         once run together (a kill from outside costs one pool's time), a job suspected again runs alone, and other
