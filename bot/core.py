@@ -321,8 +321,11 @@ class BotCore:
 
     async def cmd_forget(self, cmd: Command, rest: str) -> Reply:
         """/forget: delete your face, your results and everything else I keep about you"""
-        n = await self.queue.forget(cmd.user_id, cmd.adapter)
-        return Reply(f"done: deleted everything I kept about you ({n} items), and stopped your jobs", forgotten=True)
+        went, stopped = await self.queue.forget(cmd.user_id, cmd.adapter)
+        if not went:
+            return Reply("done: I kept nothing about you", forgotten=True)
+        jobs = f", and stopped your {stopped} unfinished job{'s' * (stopped > 1)}" if stopped else ""
+        return Reply(f"done: deleted everything I kept about you ({went} items){jobs}", forgotten=True)
 
     async def cmd_status(self, cmd: Command, rest: str) -> Reply:
         """/status: the queue, the engine, and your face"""
