@@ -389,7 +389,7 @@ end
 local over = redis.call('LLEN', log) - tonumber(cap)
 if over > 0 then
   for _, item in ipairs(redis.call('LRANGE', log, 0, over - 1)) do
-    for id in string.gmatch(item, '"/media/(%x+)"') do
+    for id in string.gmatch(item, '"/media/(%x+)[.gif]*"') do  -- a GIF's link ends in .gif
       redis.call('DEL', key_for(media_template, id))
       redis.call('ZREM', index, key_for(media_template, id))
     end

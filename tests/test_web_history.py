@@ -174,9 +174,10 @@ async def test_a_long_conversation_keeps_the_newest_messages_and_their_images(cl
         async with browser(chat, WANDA) as http:
             assert (await http.post("/nickname", json={"nickname": "wanda"})).status == 200
             [visitor] = chat.visitors.values()
-            old = {"id": "a" * 12, "by": "bot", "text": "an old result", "media": "/media/" + "b" * 32}
-            await chat.history.write(visitor.user_id, [old], media={"b" * 32: b"GIF89a old"})
-            assert (await http.get(old["media"])).status == 200
+            old = {"id": "a" * 12, "by": "bot", "text": "an old result", "media": "/media/" + "b" * 32 + ".gif",
+                   "aligned": "/media/" + "c" * 32}  # a GIF's link ends in .gif, an image's in its id
+            await chat.history.write(visitor.user_id, [old], media={"b" * 32: b"GIF89a old", "c" * 32: b"\x89PNG"})
+            assert (await http.get(old["media"])).status == 200 and (await http.get(old["aligned"])).status == 200
             for i in range(LOG_SIZE // 2):
                 await send(http, f"/unknown{i}")  # each one: what wanda typed and the bot's answer
         async with browser(WebChat(stack.core), WANDA) as http:
@@ -184,7 +185,36 @@ async def test_a_long_conversation_keeps_the_newest_messages_and_their_images(cl
             assert len(messages) == LOG_SIZE
             assert messages[0]["text"] == "/unknown0"
             assert messages[-1]["text"].startswith("unknown command '/unknown99'")
-            assert (await http.get(old["media"])).status == 404
+            assert (await http.get(old["media"])).status == 404 and (await http.get(old["aligned"])).status == 404
             assert not [k for k in await user_keys(stack, visitor.user_id) if b":web:media:" in k]
+    finally:
+        await stack.close()
+
+
+async def test_a_gone_link_says_whether_it_was_an_animation_and_why_it_can_be_gone(client):
+    """A morph's GIF link after /forget answered "that image has expired": neither word was true."""
+    stack = Stack(client)
+    try:
+        chat = WebChat(stack.core)
+        async with browser(chat, WANDA) as http:
+            assert (await http.post("/nickname", json={"nickname": "wanda"})).status == 200
+            job_id = (await send(http, "/invert", OBAMA))["job_id"]
+            [visitor] = chat.visitors.values()
+            origin = await stack.core.origin(visitor.user_id, job_id)
+            gif = io.BytesIO()
+            Image.new("RGB", (32, 32)).save(gif, "GIF", save_all=True, append_images=[Image.new("RGB", (32, 32), "red")])
+            morph = Result(job_id, visitor.user_id, True, "morph, 2 frames", media="animation",
+                           payload=gif.getvalue(), result_id=job_id, model="tiny", actions=("redo",), shows="morph")
+            assert await chat.show_result(origin, morph)
+            [shown] = [m for m in await page(http) if m.get("media")]
+            assert shown["media"].endswith(".gif")
+            assert (await http.get(shown["media"])).content_type == "image/gif"
+            assert (await send(http, "/forget"))["reply"].startswith("done: deleted everything")
+            gone = await http.get(shown["media"])
+            assert gone.status == 404 and await gone.text() == (
+                "that animation is not here: I keep results for 7 days (/forget deletes them at once), and only the "
+                "browser they were shown in can open them")
+            image = await http.get(shown["media"].removesuffix(".gif"))
+            assert (await image.text()).startswith("that image is not here: ")
     finally:
         await stack.close()
