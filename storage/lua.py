@@ -349,7 +349,8 @@ WEB_WRITE = Script(
     keys={
         "log": "the visitor's chat log",
         "index": "the user's index",
-        "guard": "the key that must exist when `guarded` (the job's origin, which /forget deletes)",
+        "guard": "the key that must exist when `guarded` (the job's origin, or the user's shared flag: /forget "
+                 "deletes both)",
     },
     more_keys="the key of each image",
     args={

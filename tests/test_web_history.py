@@ -9,6 +9,7 @@ import asyncio
 import io
 import json
 
+import numpy as np
 from aiohttp import FormData
 from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
@@ -16,6 +17,8 @@ from PIL import Image
 from adapters.base import EventPump, Result
 from adapters.web import COOKIE, LOG_SIZE, WebChat
 from conftest import FIXTURES, Stack
+from storage.latents import StoredLatent
+from storage.records import Origin
 
 OBAMA = (FIXTURES / "faces" / "obama.jpg").read_bytes()
 WANDA = "wanda-" + "w" * 24
@@ -218,3 +221,37 @@ async def test_a_gone_link_says_whether_it_was_an_animation_and_why_it_can_be_go
             assert (await image.text()).startswith("that image is not here: ")
     finally:
         await stack.close()
+
+
+async def test_the_person_whose_face_was_morphed_is_told_who_did_it_in_their_own_chat(stack):
+    """Faces are biometric data: bob shares, wanda morphs with his face, and bob's chat (not only wanda's) says so,
+    with how to stop it. After /unshare, nobody is told anything more."""
+    chat = WebChat(stack.core)
+    stop = asyncio.Event()
+    pump = asyncio.create_task(EventPump(stack.core, chat).run(stop))
+    try:
+        async with browser(chat, WANDA) as wanda, browser(chat, "bob-" + "b" * 24) as bob:
+            for http, name in ((wanda, "wanda"), (bob, "bob")):
+                assert (await http.post("/nickname", json={"nickname": name})).status == 200
+                await send(http, "/status")
+                user_id = next(v.user_id for v in chat.visitors.values() if v.nickname == name)
+                await stack.store.set_face(user_id, StoredLatent(np.zeros((8, 64), np.float32), "tiny"))
+            assert "I will tell you here when someone does" in (await send(bob, "/share"))["reply"]
+            assert (await send(wanda, "/morph @me @bob 4"))["job_id"]
+
+            async def told() -> bool:
+                return any("made a morph" in m["text"] for m in await page(bob))
+            await until(told, 120)
+            notices = [m["text"] for m in await page(bob) if "made a morph" in m["text"]]
+            assert notices == ["@wanda made a morph with @bob's face; /unshare stops others from using it, "
+                               "/forget deletes everything I keep about you"]
+            assert not [m for m in await page(wanda) if "made a morph" in m["text"]]
+            assert any(m.get("media", "").endswith(".gif") for m in await page(wanda))  # wanda got her GIF
+
+            await send(bob, "/unshare")  # a notice that would arrive now is not written
+            [bob_visitor] = [v for v in chat.visitors.values() if v.nickname == "bob"]
+            await chat.show_notice(Origin(user=bob_visitor.user_id), "@wanda made a morph with @bob's face")
+            assert len([m for m in await page(bob) if "made a morph" in m["text"]]) == 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(pump, 10)

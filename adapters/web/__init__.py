@@ -331,6 +331,13 @@ class WebChat:
             changes["preview"] = "data:image/jpeg;base64," + base64.b64encode(preview).decode()
         v.update(origin.status, **changes)
 
+    async def show_notice(self, origin: Origin, text: str) -> None:
+        """A line in the visitor's chat, kept in their history while they share (not after /unshare or /forget)."""
+        v = await self._visitor(origin.user)
+        msg = v.new("bot", text)
+        if await self.history.write(v.user_id, [msg], while_sharing=True):
+            v.show(msg)
+
     async def show_result(self, origin: Origin, result: Result) -> str | None:
         """Store the result in the visitor's history, then show it: a result is acknowledged only once kept (a
         failed write raises, and the pump tries again). Nothing is written for a user who said /forget meanwhile."""
