@@ -3,7 +3,8 @@
 An adapter does two things and decides nothing:
 1. platform event -> `bot.core.Command` / reaction -> `BotCore.handle` / `BotCore.react_emoji`, then posts the
    `Reply` (and tells the core which message acknowledged the job: `BotCore.set_status_message`);
-2. implements `Platform` (two methods) so that `EventPump` can show progress and post results.
+2. implements `Platform` (three methods) so that `EventPump` can show progress, post results, and tell the other
+   people in a morph that it was made.
 
 `EventPump` reads the adapter's results stream through its consumer group, so results that finished while the
 adapter was down are posted when it comes back. A result is acknowledged (and leaves the stream) only after the
@@ -68,6 +69,10 @@ class Platform(Protocol):
 
     async def show_result(self, origin: Origin, result: Result) -> str | None:
         """Post a result (or its failure) where `origin` says; return the posted message's ref for reactions."""
+
+    async def show_notice(self, origin: Origin, text: str) -> None:
+        """Post a line to someone where `origin` says (where they said /share), not as an answer to a job of theirs;
+        on the web chat only while they still share."""
 
 
 def progress_text(doing: str, step: int, total: int, eta_s: float | None = None) -> str:
@@ -233,4 +238,16 @@ class EventPump:
         self._attempts.pop(job_id, None)
         if ref is not None and result.result_id:
             await self.core.remember_result(self.platform.name, ref, result.user_id, result.result_id, event.epoch)
+        if result.ok:
+            await self._tell_others(event)
         return True
+
+    async def _tell_others(self, event: ResultEvent) -> None:
+        """The other people in a morph just posted are told who used their face. Best effort: a notice that fails is
+        logged, not tried again, since trying again would post the asker's result twice."""
+        try:
+            for origin, text in await self.core.morph_notices(self.platform.name, event):
+                await self.platform.show_notice(origin, text)
+        except Exception:  # noqa: BLE001 - Redis or the platform failed: the morph itself was posted
+            log.warning("%s: could not tell the other people in morph %s", self.platform.name, event.job_id,
+                        exc_info=True)

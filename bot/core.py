@@ -251,6 +251,25 @@ class BotCore:
                 return "the other person no longer allows morphs with their face, so the morph was not kept"
         return None
 
+    async def morph_notices(self, adapter: str, event: ResultEvent) -> list[tuple[Origin, str]]:
+        """For a morph just posted to the person who asked: a line for each other person in it, to post where they
+        said /share (faces are biometric data: whoever's face was used is told by whom). None for someone who no
+        longer shares, or shared before where they did was kept."""
+        if event.type != "done" or not event.others:
+            return []
+        asker = await self.store.name_of(adapter, event.user_id)
+        who = f"@{asker}" if asker else "someone"
+        notices = []
+        for uid in event.others:
+            where = await self.store.shared_where(uid)
+            if where is None:
+                continue
+            name = await self.store.name_of(adapter, uid)  # in a group chat, "your face" would be nobody's
+            whose = f"@{name}'s" if name else "your"
+            notices.append((where, f"{who} made a morph with {whose} face; /unshare stops others from using it, "
+                                   "/forget deletes everything I keep about you"))
+        return notices
+
     async def aligned_crop(self, user_id: str, result_id: str | None) -> bytes | None:
         """The aligned face crop behind a face result (kept with it for refines; JPEG, PNG before), or None."""
         return await self.store.aligned_crop(user_id, result_id) if result_id else None
@@ -310,9 +329,13 @@ class BotCore:
         return await self._enqueue(cmd, "edit", {"prompt": prompt})
 
     async def cmd_share(self, cmd: Command, rest: str) -> Reply:
-        """/share: allow others to /morph with your face"""
-        await self.store.share(cmd.user_id, True)
-        return Reply("others can now /morph with your face; /unshare stops it")
+        """/share: allow others to /morph with your face (you are told here when someone does)"""
+        o = cmd.origin  # only the place: no message to reply to, no Discord token (it lasts 15 minutes)
+        where = Origin(chat_id=o.chat_id, channel_id=o.channel_id, mention=o.mention, upload_limit=o.upload_limit,
+                       user=o.user)
+        await self.store.share(cmd.user_id, True, where)
+        return Reply("others can now /morph with your face, and I will tell you here when someone does; /unshare "
+                     "stops it")
 
     async def cmd_unshare(self, cmd: Command, rest: str) -> Reply:
         """/unshare: stop others from using your face"""
@@ -321,8 +344,11 @@ class BotCore:
 
     async def cmd_forget(self, cmd: Command, rest: str) -> Reply:
         """/forget: delete your face, your results and everything else I keep about you"""
-        n = await self.queue.forget(cmd.user_id, cmd.adapter)
-        return Reply(f"done: deleted everything I kept about you ({n} items), and stopped your jobs", forgotten=True)
+        went, stopped = await self.queue.forget(cmd.user_id, cmd.adapter)
+        if not went:
+            return Reply("done: I kept nothing about you", forgotten=True)
+        jobs = f", and stopped your {stopped} unfinished job{'s' * (stopped > 1)}" if stopped else ""
+        return Reply(f"done: deleted everything I kept about you ({went} items){jobs}", forgotten=True)
 
     async def cmd_status(self, cmd: Command, rest: str) -> Reply:
         """/status: the queue, the engine, and your face"""

@@ -33,6 +33,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--class-idx", type=int, default=None, help="class label for conditional models")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
     p.add_argument("--out", required=True, type=Path, help="output PNG")
+    p.add_argument("--size", type=display_size, metavar="PX", help=SIZE_HELP)
     p.set_defaults(handler=cmd_generate)
 
     p = sub.add_parser("invert", help="find the W+ latent of the face in a photo (Image2StyleGAN)",
@@ -41,6 +42,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="latent file to write (.npz)")
     p.add_argument("--image", type=Path, help="also write the reconstruction (PNG)")
     p.add_argument("--aligned", type=Path, help="also write the aligned input face (PNG)")
+    p.add_argument("--size", type=display_size, metavar="PX", help=SIZE_HELP + " (both images)")
     p.add_argument("--recipe", choices=["seed", "projector", "projector-w+", "lpips-like"], default="seed",
                    help="seed (default): the seed notebook's Image2StyleGAN recipe (1500 steps; 750 on a CPU); "
                         "projector: NVIDIA's projector.py (W + noise maps, LPIPS, 1000 steps); projector-w+: the same "
@@ -71,6 +73,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model name; default: the latents' model")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
     p.add_argument("--out", required=True, type=Path, help="output .gif or .mp4")
+    p.add_argument("--size", type=display_size, metavar="PX", help=SIZE_HELP + " (every frame; --max-mib still "
+                   "applies)")
     p.set_defaults(handler=cmd_morph)
 
     p = sub.add_parser("edit", help="move a latent toward a text prompt with CLIP (StyleCLIP)",
@@ -78,6 +82,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("latent", type=Path, help="start latent (.npz)")
     p.add_argument("prompt", help='what to change, e.g. "really angry face"')
     p.add_argument("--out", required=True, type=Path, help="edited image (PNG)")
+    p.add_argument("--size", type=display_size, metavar="PX", help=SIZE_HELP)
     p.add_argument("--save", type=Path, help="also write the edited latent (.npz, keeps the start latent)")
     p.add_argument("--strength", type=finite_float, default=1.0,
                    help="scale the edit afterwards: w0 + k (w - w0) (1.5 = stronger, 0.67 = weaker)")
@@ -133,6 +138,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     li.add_argument("--model", required=True, help="the model it was made with (e.g. stylegan1-ffhq)")
     li.add_argument("--out", required=True, type=Path, help="output .npz")
     li.add_argument("--image", type=Path, help="also render it to this PNG")
+    li.add_argument("--size", type=display_size, metavar="PX", help=SIZE_HELP)
     li.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: config [engine] device")
     li.set_defaults(handler=cmd_latent_import)
 
@@ -218,6 +224,50 @@ def frame_rate(text: str) -> float:
     return x
 
 
+MAX_SIZE = 4096
+SPECK = 128  # a face written smaller than this without --size gets a note: most viewers show it as a speck
+SIZE_HELP = ("write each face PX pixels wide (default: the model's own size, e.g. 32 on tiny); enlarged with nearest "
+             "neighbour, so that each pixel the model drew becomes a sharp block and nothing is invented; reduced "
+             "with Lanczos")
+
+
+def display_size(text: str) -> int:
+    """argparse type for --size: how many pixels wide a face is written, 16 to MAX_SIZE."""
+    n = positive_int(text)
+    if not 16 <= n <= MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"a size goes from 16 to {MAX_SIZE} pixels, got {n}")
+    return n
+
+
+def at_size(images, resolution: int, size: int | None):
+    """uint8 RGB images [..., H, W, 3] made of faces `resolution` px wide (one face, a grid, frames), scaled so that
+    a face is `size` px wide (unchanged when None): nearest neighbour to enlarge, Lanczos to reduce."""
+    import numpy as np
+    from PIL import Image
+
+    if size is None or size == resolution:
+        return images
+    a = np.asarray(images)
+    h, w = (round(d * size / resolution) for d in a.shape[-3:-1])
+    how = Image.NEAREST if size > resolution else Image.LANCZOS
+    frames = [np.asarray(Image.fromarray(f, "RGB").resize((w, h), how)) for f in a.reshape(-1, *a.shape[-3:])]
+    return np.stack(frames).reshape(*a.shape[:-3], h, w, 3)
+
+
+def save_image(path: Path, image, resolution: int, size: int | None) -> None:
+    """Write a uint8 RGB image of faces `resolution` px wide, at `size` (see `at_size`)."""
+    from PIL import Image
+
+    Image.fromarray(at_size(image, resolution, size), "RGB").save(path)
+
+
+def speck_note(G, size: int | None) -> None:
+    """Say, once, that the images written are tiny and how to get bigger ones (on stderr)."""
+    if size is None and G.img_resolution < SPECK:
+        print(f"note: the {G.model_id} model draws faces {G.img_resolution} x {G.img_resolution} px, a speck in "
+              f"most viewers; --size 256 writes them larger", file=sys.stderr)
+
+
 def check_writable(path: Path | None, suffixes: tuple[str, ...] = (), hint: str = "") -> None:
     """Refuse, before any work, an output path that cannot be written, a missing folder included (a typo in a path
     makes no folders). `suffixes`: the endings allowed (any when empty), `hint`: what to say about another ending."""
@@ -283,7 +333,6 @@ def open_model(cfg: Config, name: str | None, device: str | None):
 def cmd_generate(args: argparse.Namespace, cfg: Config) -> int:
     import numpy as np
     import torch
-    from PIL import Image
 
     from engine.images import grid, to_uint8
     from engine.stylegan2 import z_from_seed
@@ -311,8 +360,10 @@ def cmd_generate(args: argparse.Namespace, cfg: Config) -> int:
             ws = G.mapping(z, c, truncation_psi=psi, truncation_cutoff=cutoff)
             images.append(to_uint8(G.synthesis(ws, noise_mode=args.noise_mode))[0])
     out = images[0] if len(images) == 1 else grid(np.stack(images))
-    Image.fromarray(out, "RGB").save(args.out)
-    print(f"{args.out}: {len(seeds)} image(s) from {G.model_id} ({G.img_resolution} px) on {dev}")
+    save_image(args.out, out, G.img_resolution, args.size)
+    speck_note(G, args.size)
+    shown = f", written {args.size} px wide" if args.size and args.size != G.img_resolution else ""
+    print(f"{args.out}: {len(seeds)} image(s) from {G.model_id} ({G.img_resolution} px{shown}) on {dev}")
     return 0
 
 
@@ -343,11 +394,10 @@ def open_photo(path: Path, limits: LimitsConfig):
 def cmd_invert(args: argparse.Namespace, cfg: Config) -> int:
     import numpy as np
     import torch
-    from PIL import Image
     from tqdm import tqdm
 
     from engine.align import align, likeness
-    from engine.invert import RECIPES, invert
+    from engine.invert import RECIPES, invert, psnr_scale
     from engine.latent_files import Latent, load_latent, save_latent
     from engine.registry import load_vgg
 
@@ -391,14 +441,17 @@ def cmd_invert(args: argparse.Namespace, cfg: Config) -> int:
                                  settings=settings))
     for path, img in ((args.image, result.images[0]), (args.aligned, face.image)):
         if path:
-            Image.fromarray(np.asarray(img), "RGB").save(path)
+            save_image(path, np.asarray(img), G.img_resolution, args.size)
+    if args.image or args.aligned:
+        speck_note(G, args.size)
     if distance is None:  # dlib's detector needs a face of about 80 px that looks like one
         close = (f"likeness not checked: dlib finds no face in the {G.img_resolution} px reconstruction"
                  + (f" ({G.model_id} has random weights)" if _builtin(cfg, G) else ""))
     else:
         verdict = "the same person" if distance < 0.6 else "not yet the same person"
         close = f"likeness: {verdict} by dlib's face check (distance {distance:.2f}, under 0.6 is a match)"
-    print(f"{args.out}: {G.model_id}, {steps} steps, {result.psnr[0]:.1f} dB PSNR against the aligned photo; {close}")
+    print(f"{args.out}: {G.model_id}, {steps} steps, {result.psnr[0]:.1f} dB PSNR against the aligned photo (higher "
+          f"is closer; {psnr_scale(face.image)}); {close}")
     return 0
 
 
@@ -422,6 +475,8 @@ def cmd_morph(args: argparse.Namespace, cfg: Config) -> int:
         video = morph(G, torch.from_numpy(la.ws), torch.from_numpy(lb.ws), frames=args.frames, easing=args.easing,
                       pingpong=not args.no_pingpong, layers=args.layers,
                       progress=lambda done, total: bar.update(done - bar.n))
+    video = at_size(video, G.img_resolution, args.size)
+    speck_note(G, args.size)
     budget = int(args.max_mib * 2**20)
     encode = encode_gif if args.out.suffix.lower() == ".gif" else encode_mp4
     try:
@@ -435,10 +490,9 @@ def cmd_morph(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_edit(args: argparse.Namespace, cfg: Config) -> int:
     import torch
-    from PIL import Image
     from tqdm import tqdm
 
-    from engine.edit import EDIT_RECIPES, TINY_CLIP, ClipScorer, check_prompt, edit, restyle
+    from engine.edit import EDIT_RECIPES, TINY_CLIP, ClipScorer, EditLoss, check_prompt, edit, restyle
     from engine.latent_files import Latent, check_finite, load_latent, save_latent
 
     prompt = check_prompt(args.prompt, cfg.edit.max_prompt_chars)
@@ -464,10 +518,24 @@ def cmd_edit(args: argparse.Namespace, cfg: Config) -> int:
                     "strength": args.strength, "clip": f"{clip_name}/{clip.pretrained}"}
         save_latent(args.save, Latent(ws=ws[0].numpy(), model_id=G.model_id, family=G.cfg.family,
                                       settings=settings, w0=start.ws))
-    Image.fromarray(images[0], "RGB").save(args.out)
-    print(f"{args.out}: {G.model_id}, {steps} steps, CLIP similarity {result.similarity[0]:.3f}, "
-          f"strength {args.strength}")
+    save_image(args.out, images[0], G.img_resolution, args.size)
+    speck_note(G, args.size)
+    text, loss = clip.encode_text([prompt]), EditLoss(EDIT_RECIPES[args.recipe], clip, G.img_resolution)
+    with torch.no_grad():
+        before, after = (loss.similarity(G.synthesis(w.to(dev), noise_mode="const"), text, "fp32").item()
+                         for w in (w0, ws))
+    print(f"{args.out}: {G.model_id}, {steps} steps, strength {args.strength}; {clip_match(before, after, clip_name)}")
     return 0
+
+
+def clip_match(before: float, after: float, clip_name: str) -> str:
+    """How well the image fits the prompt before and after an edit, in words: CLIP's cosine means little bare."""
+    from engine.edit import TINY_CLIP
+
+    text = f"CLIP's match between the image and the prompt went from {before:.3f} to {after:.3f}"
+    if clip_name == TINY_CLIP:
+        return text + " (the tiny CLIP has random weights, so these numbers mean nothing)"
+    return text + " (a cosine from -1 to 1; with trained CLIP models a caption that fits a photo scores about 0.3)"
 
 
 def cmd_engine(args: argparse.Namespace, cfg: Config) -> int:
@@ -567,7 +635,6 @@ def cmd_weights_download(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_latent_import(args: argparse.Namespace, cfg: Config) -> int:
     import torch
-    from PIL import Image
 
     from engine.images import to_uint8
     from engine.latent_files import Latent, LatentError, read_raw_latent, save_latent
@@ -583,7 +650,8 @@ def cmd_latent_import(args: argparse.Namespace, cfg: Config) -> int:
     if args.image:
         with torch.no_grad():
             img = to_uint8(G.synthesis(torch.from_numpy(ws)[None].to(G.mapping.w_avg.device), noise_mode="const"))
-        Image.fromarray(img[0], "RGB").save(args.image)
+        save_image(args.image, img[0], G.img_resolution, args.size)
+        speck_note(G, args.size)
     print(f"{args.out}: {G.model_id} latent from {args.file}" + (f", rendered to {args.image}" if args.image else ""))
     return 0
 

@@ -15,6 +15,7 @@ stronger or weaker afterwards: w0 + k (w - w0), one synthesis pass, no new optim
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import socket
@@ -129,6 +130,7 @@ class ClipScorer:
         _register_tiny()
         if name == TINY_CLIP:
             pretrained = None
+        _check_known(name)
         _check_reachable(name, pretrained)
         try:
             with torch.random.fork_rng(devices=[]):
@@ -185,6 +187,23 @@ def _trained_with_quick_gelu(name: str, pretrained: str | None) -> bool:
     import open_clip
 
     return bool(pretrained and (open_clip.get_pretrained_cfg(name, pretrained) or {}).get("quick_gelu"))
+
+
+def _check_known(name: str) -> None:
+    """Refuse in one line, with a few close names, a CLIP model that open_clip does not know (open_clip's own error
+    lists every one of its configurations, 100 and more, cut off by our one-line message)."""
+    import open_clip
+
+    if ":" in name:  # hf-hub:org/repo, local-dir:path: open_clip looks those up itself
+        return
+    known = open_clip.list_models()
+    if name.replace("/", "-") in known:  # open_clip reads OpenAI's "ViT-B/32" as "ViT-B-32"
+        return
+    by_lower = {k.lower(): k for k in known}
+    close = [by_lower[k] for k in difflib.get_close_matches(name.replace("/", "-").lower(), by_lower, n=3, cutoff=0.6)]
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise EditError(f"CLIP model {name!r} is not one open_clip knows: {hint}ViT-B-32 is StyleCLIP's, and tiny the "
+                    "built-in one with random weights")
 
 
 def _check_reachable(name: str, pretrained: str | None, timeout: float = 3.0) -> None:

@@ -102,7 +102,8 @@ class Keys:
         return f"{self.prefix}morph:{result_id}"
 
     def shared(self, user_id: str) -> str:
-        """String present while the user allows others to /morph with their face."""
+        """String present while the user allows others to /morph with their face: where they said /share (an
+        `Origin` as JSON, only its place), so that they are told there when someone does ("1" before)."""
         return f"{self.user(user_id)}shared"
 
     def display_name(self, user_id: str) -> str:

@@ -19,6 +19,7 @@ from storage import lua
 from storage.errors import StylebotError
 from storage.keys import Keys, as_str
 from storage.queue import Write
+from storage.records import Origin
 
 
 @dataclass
@@ -144,14 +145,24 @@ class LatentStore:
                 return None
         return found
 
-    async def share(self, user_id: str, on: bool) -> None:
+    async def share(self, user_id: str, on: bool, where: Origin | None = None) -> None:
+        """Allow others to /morph with the user's face (`where`: the chat to tell them in when someone does), or
+        stop it."""
         if on:
-            await self.r.set(self.keys.shared(user_id), "1", ex=self.latent_ttl_s)
+            await self.r.set(self.keys.shared(user_id), where.to_json() if where else "1", ex=self.latent_ttl_s)
         else:
             await self.r.delete(self.keys.shared(user_id))
 
     async def is_shared(self, user_id: str) -> bool:
         return bool(await self.r.exists(self.keys.shared(user_id)))
+
+    async def shared_where(self, user_id: str) -> Origin | None:
+        """Where the user said /share, while they share (None: they do not, or shared before it was kept)."""
+        raw = await self.r.get(self.keys.shared(user_id))
+        try:
+            return Origin.from_json(raw) if raw and raw != b"1" else None
+        except (TypeError, ValueError):
+            return None
 
     async def claim_name(self, adapter: str, user_id: str, name: str) -> str:
         """Make @name on `adapter` name this user, unless it names someone else (never taken from its holder); a new

@@ -252,7 +252,7 @@ return {tonumber(redis.call('HGET', trial, 'faults') or '0'), tonumber(redis.cal
 # photos go, their unposted results leave the adapter's stream, every key in their index and every fixed one goes,
 # and their @name is freed if it is still theirs. A morph someone else queued with this user's face is taken off the
 # queue too and its asker answered with `stopped` (the job's body names the asker and their results stream).
-# Returns how many keys and entries went.
+# Returns {how many keys and entries went, how many of the user's own jobs (queued or running) were stopped}.
 FORGET = Script(
     keys={
         "jobs": "the jobs stream",
@@ -278,12 +278,13 @@ FORGET = Script(
     },
     templates=True,
     body="""
-local n = 0
+local n, mine_stopped = 0, 0
 local mine = redis.call('HGETALL', user_jobs)
 for i = 1, #mine, 2 do
   redis.call('XACK', jobs, engines_group, mine[i + 1])
-  n = n + redis.call('XDEL', jobs, mine[i + 1])
-  n = n + redis.call('DEL', key_for(photo_template, mine[i]))
+  local gone = redis.call('XDEL', jobs, mine[i + 1])
+  mine_stopped = mine_stopped + gone
+  n = n + gone + redis.call('DEL', key_for(photo_template, mine[i]))
 end
 for _, id in ipairs(redis.call('SMEMBERS', outbox)) do
   redis.call('XACK', results, adapters_group, id)
@@ -311,7 +312,7 @@ end
 local name = redis.call('GET', name_key)
 if name and redis.call('GET', name) == user_id then n = n + redis.call('DEL', name) end
 for i = first_more_key, #KEYS do n = n + redis.call('DEL', KEYS[i]) end
-return n
+return {n, mine_stopped}
 """)
 
 # A platform message now shows a result: remember it (for reactions) while the user's epoch is the result's.
@@ -370,7 +371,8 @@ WEB_WRITE = Script(
     keys={
         "log": "the visitor's chat log",
         "index": "the user's index",
-        "guard": "the key that must exist when `guarded` (the job's origin, which /forget deletes)",
+        "guard": "the key that must exist when `guarded` (the job's origin, or the user's shared flag: /forget "
+                 "deletes both)",
     },
     more_keys="the key of each image",
     args={
@@ -410,7 +412,7 @@ end
 local over = redis.call('LLEN', log) - tonumber(cap)
 if over > 0 then
   for _, item in ipairs(redis.call('LRANGE', log, 0, over - 1)) do
-    for id in string.gmatch(item, '"/media/(%x+)"') do
+    for id in string.gmatch(item, '"/media/(%x+)[.gif]*"') do  -- a GIF's link ends in .gif
       redis.call('DEL', key_for(media_template, id))
       redis.call('ZREM', index, key_for(media_template, id))
     end

@@ -507,16 +507,18 @@ class JobQueue:
 
     # -- users -----------------------------------------------------------------------------------------------
 
-    async def forget(self, user_id: str, adapter: str) -> int:
+    async def forget(self, user_id: str, adapter: str) -> tuple[int, int]:
         """Delete everything kept about a user, their queued and running jobs and unposted results included;
-        returns how many keys and entries went. Nothing is scanned: the user's keys are listed in their index."""
+        returns (how many keys and entries went, how many of their jobs were stopped). Nothing is scanned: the
+        user's keys are listed in their index."""
         k, any_id = self.keys, lua.ANY_ID
         stopped = ResultEvent("", "", "failed", error="the other person is no longer available for morphs, so this one "
                                                       "was stopped")  # the script fills in the job and its asker
-        return int(await self._forget(
+        went, stopped = await self._forget(
             jobs=k.jobs, results=k.results(adapter), user_jobs=k.user_jobs(user_id), index=k.index(user_id),
             outbox=k.outbox(user_id), name_key=k.name_key(user_id), more_keys=k.fixed(user_id),
             engines_group=ENGINE_GROUP, adapters_group=ADAPTER_GROUP, user_id=user_id, ttl=self.result_ttl_s,
             stopped=stopped.to_json(), photo_template=k.photo(any_id), job_data_template=k.job_data(any_id),
             user_jobs_template=k.user_jobs(any_id), result_data_template=k.result_data(any_id),
-            outbox_template=k.outbox(any_id), done_template=k.done(any_id)))
+            outbox_template=k.outbox(any_id), done_template=k.done(any_id))
+        return int(went), int(stopped)

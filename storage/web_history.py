@@ -32,22 +32,25 @@ class WebHistory:
         return out
 
     async def write(self, user_id: str, add: list[dict] = (), replace: list[dict] = (), *,
-                    media: dict[str, bytes] | None = None, answering: str | None = None) -> bool:
+                    media: dict[str, bytes] | None = None, answering: str | None = None,
+                    while_sharing: bool = False) -> bool:
         """Store messages (`add`: appended unless their id is there already, then replaced; `replace`: only
         replaced) and images (media id -> bytes), all or nothing. `answering`: the job they answer; nothing is
-        written (False) once its origin is gone (the user said /forget since). Raises when Redis does."""
+        written (False) once its origin is gone (the user said /forget since). `while_sharing`: nothing is written
+        unless the user shares their face (a notice that someone used it). Raises when Redis does."""
         media = media or {}
         specs: list = []
         for flag, messages in (("1", add), ("0", replace)):
             for m in messages:
                 specs += [m["id"], flag, json.dumps({"id": m["id"], **m})]  # the id first: the script finds it there
         log_key = self.keys.web_log(user_id)
+        guard = (self.keys.origin(user_id, answering) if answering else self.keys.shared(user_id) if while_sharing
+                 else None)
         return bool(await self._write(
-            log=log_key, index=self.keys.index(user_id),
-            guard=self.keys.origin(user_id, answering) if answering else log_key,
+            log=log_key, index=self.keys.index(user_id), guard=guard or log_key,
             more_keys=[self.keys.web_media(user_id, i) for i in media],
             ttl=self.ttl_s, now=time.time(), index_ttl=self.index_ttl_s, cap=self.size,
-            guarded=int(answering is not None), media_template=self.keys.web_media(user_id, lua.ANY_ID),
+            guarded=int(guard is not None), media_template=self.keys.web_media(user_id, lua.ANY_ID),
             n_messages=len(specs) // 3, more_args=[*specs, *media.values()]))
 
     async def media(self, user_id: str, media_id: str) -> bytes | None:

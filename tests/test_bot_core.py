@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import struct
 import uuid
 import zlib
@@ -115,13 +116,24 @@ async def test_morph_needs_the_other_persons_consent(bot):
     assert "has not allowed" in (await bot.handle(say("/morph @me @bob"))).text
 
 
+async def test_forget_says_it_stopped_jobs_only_when_it_did(bot):
+    await give_face(bot, "alice")
+    reply = await bot.handle(say("/forget"))
+    assert re.fullmatch(r"done: deleted everything I kept about you \(\d+ items\)", reply.text), reply.text
+    assert (await bot.handle(say("/forget"))).text == "done: I kept nothing about you"
+    for _ in range(2):
+        assert (await bot.handle(say("/invert", photo=OBAMA))).job_id
+    assert (await bot.handle(say("/forget"))).text.endswith(", and stopped your 2 unfinished jobs")
+
+
 async def test_forget_leaves_nothing_of_the_user(bot):
     queued = await bot.handle(say("/invert", photo=OBAMA))
     await give_face(bot, "alice")
     await bot.handle(say("/share"))
     await bot.store.set_result("web:alice", "r1", StoredLatent(np.zeros((8, 64), np.float32), "tiny"))
     reply = await bot.handle(say("/forget"))
-    assert reply.text.startswith("done: deleted everything")
+    assert re.fullmatch(r"done: deleted everything I kept about you \(\d+ items\), and stopped your 1 unfinished job",
+                        reply.text), reply.text
     left = [k async for k in bot.queue.r.scan_iter(match=f"{bot.keys.prefix}*alice*")]
     assert left == []
     assert not await bot.queue.r.exists(bot.keys.photo(queued.job_id))  # the queued photo went too

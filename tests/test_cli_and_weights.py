@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import http.server
 import subprocess
 import sys
@@ -41,6 +42,23 @@ def test_generate_tiny_writes_the_same_png_for_the_same_seed(tmp_path, config_fi
     assert a.read_bytes() == b.read_bytes()
     assert a.read_bytes() != c.read_bytes()
     assert np.asarray(img).std() > 5  # an image, not a flat colour
+
+
+def test_tiny_faces_are_written_at_a_size_a_viewer_shows(tmp_path, config_file, capsys):
+    """32 px is a speck in an image viewer: without --size the command says so; --size enlarges with nearest
+    neighbour (each pixel the model drew a sharp block), as --help says."""
+    small, big, grid = tmp_path / "small.png", tmp_path / "big.png", tmp_path / "grid.png"
+    cfg = ["--config", str(config_file), "generate", "--model", "tiny", "--seed", "1"]
+    assert main([*cfg, "--out", str(small)]) == 0
+    assert "the tiny model draws faces 32 x 32 px, a speck in most viewers; --size 256" in capsys.readouterr().err
+    assert main([*cfg, "--size", "256", "--out", str(big)]) == 0
+    assert "speck" not in capsys.readouterr().err
+    a, b = np.asarray(Image.open(small)), np.asarray(Image.open(big))
+    assert b.shape == (256, 256, 3) and np.array_equal(b, a.repeat(8, axis=0).repeat(8, axis=1))
+    assert main([*cfg[:-2], "--seeds", "1-4", "--size", "100", "--out", str(grid)]) == 0
+    assert Image.open(grid).size == (200, 200)  # each face 100 px wide
+    rc, out, _ = run("generate", "--help")
+    assert rc == 0 and "--size PX" in out and "nearest" in " ".join(out.split())
 
 
 def test_generate_grid_and_truncation(tmp_path, config_file):
@@ -213,7 +231,9 @@ def test_invert_cli_writes_latent_and_images(tmp_path, config_file, capsys):
     assert lat.settings["steps"] == 30 and lat.settings["recipe"] == "seed"
     assert Image.open(img).size == (32, 32) and Image.open(aligned).size == (32, 32)
     said = capsys.readouterr().out
-    assert "dB PSNR against the aligned photo" in said
+    assert "dB PSNR against the aligned photo (higher is closer; for scale, your photo at a quarter of its size " in said
+    quarter, jpeg = map(float, re.search(r"size scores ([\d.]+) dB and as a JPEG ([\d.]+) dB", said).groups())
+    assert 15 < quarter < jpeg < 40  # the photo's own copies: a blurry one scores less than a JPEG
     # a 32 px render of random weights has no face for dlib: said as what it is, not as an error
     assert "likeness not checked: dlib finds no face in the 32 px reconstruction (tiny has random weights)" in said
 
@@ -301,6 +321,9 @@ def test_edit_cli_writes_image_and_a_latent_that_remembers_its_start(tmp_path, c
     rc = main([*cfg, "edit", str(start), "really angry face", "--steps", "5", "--strength", "1.5",
                "--out", str(tmp_path / "angry.png"), "--save", str(tmp_path / "angry.npz")])
     assert rc == 0 and Image.open(tmp_path / "angry.png").size == (32, 32)
+    said = capsys.readouterr().out  # a bare "CLIP similarity -0.006" looked broken: it is said what it means
+    assert re.search(r"CLIP's match between the image and the prompt went from -?0\.\d{3} to -?0\.\d{3} \(the tiny "
+                     r"CLIP has random weights, so these numbers mean nothing\)", said), said
     edited = load_latent(tmp_path / "angry.npz")
     assert np.array_equal(edited.w0, ws) and edited.settings["prompt"] == "really angry face"
     capsys.readouterr()

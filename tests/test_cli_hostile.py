@@ -322,3 +322,15 @@ def test_random_noise_with_a_projector_recipe_is_refused_before_any_work(tmp_pat
                   "--out", tmp_path / "me.npz")
     assert rc == 1 and one_line(err) == "error: --noise-mode random: recipe projector-w+ optimises its own noise maps"
     assert files(tmp_path) == {"config.toml"}
+
+
+@pytest.mark.parametrize("name, said", [
+    ("nonsense", "error: CLIP model 'nonsense' is not one open_clip knows: ViT-B-32 is StyleCLIP's, and tiny the "
+                 "built-in one with random weights"),
+    ("vit-b-32", "error: CLIP model 'vit-b-32' is not one open_clip knows: did you mean ViT-B-32, "),
+])
+def test_an_unknown_clip_model_is_one_short_line_with_close_names(tmp_path, cli, name, said):
+    """open_clip's own error lists all of its 100+ configurations (cut off mid-name by the one-line rule)."""
+    rc, err = cli("edit", latent(tmp_path / "me.npz"), "smile", "--clip", name, "--out", tmp_path / "x.png")
+    assert rc == 1 and one_line(err).startswith(said) and len(err) < 200, err
+    assert not (tmp_path / "x.png").exists()

@@ -138,6 +138,11 @@ async def test_invert_edit_a_reaction_and_a_button(discord_api, stack):
     assert gif.content.startswith("<@11> morph, 4 frames")
     assert [c.status for c in fake.calls[seen:] if followup(ix)(c)] == [401]  # the follow-up Discord refused
     assert image(gif).format == "GIF" and image(gif).n_frames > 1 and gif.files[0][0].endswith(".gif")
+    # dave is told in the channel where he said /share, mentioning him (and only him), who used his face
+    told = await fake.wait_for(channel_post(fake, "made a morph"), after=seen)
+    assert told.content == ("<@14> @alice made a morph with @dave's face; /unshare stops others from using it, "
+                            "/forget deletes everything I keep about you")
+    assert told.json["allowed_mentions"]["users"] == [14]
 
     # reactions that are not reruns: on a message of ours that is no result, by a stranger, with other emoji
     seen = len(fake.calls)

@@ -45,7 +45,7 @@ async def test_share_and_forget_everything(store):
     await store.set_face("bob", StoredLatent(np.zeros((8, 64), np.float32), "tiny"))
     assert await store.is_shared("alice") and not await store.is_shared("bob")
     queue = JobQueue(store.r, store.keys)
-    assert await queue.forget("alice", "web") == 4  # face, result, consent, the index of her keys
+    assert await queue.forget("alice", "web") == (4, 0)  # face, result, consent, the index of her keys; no jobs
     left = [k async for k in store.r.scan_iter(match=f"{store.keys.prefix}*alice*")]
     assert left == []
     assert await store.face("bob") is not None  # only alice's keys went

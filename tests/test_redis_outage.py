@@ -8,8 +8,9 @@ import time
 
 from aiohttp import FormData
 from aiohttp.test_utils import TestClient, TestServer
+from playwright.async_api import async_playwright, expect
 
-from adapters.web import COOKIE, WebChat
+from adapters.web import COOKIE, WebChat, serve
 from bot.core import OUTAGE, BotCore, Command
 from conftest import FIXTURES
 from engine.loop import Engine
@@ -21,6 +22,7 @@ from storage.keys import Keys
 from storage.latents import LatentStore
 from storage.queue import JobQueue
 from test_redis_restart import _free_port, _start_redis, pytestmark  # noqa: F401 - skipped without redis-server
+from test_web import BROWSER_ARGS, CHROMIUM
 
 
 async def test_front_ends_say_within_seconds_that_redis_is_away(tmp_path):
@@ -90,5 +92,38 @@ async def test_a_stopping_engine_does_not_wait_on_a_dead_redis(tmp_path):
         assert time.monotonic() - start < 2.0 + 0.5, time.monotonic() - start
     finally:
         task.cancel()
+        await client.aclose()
+        server.terminate()
+
+
+async def test_the_page_says_the_storage_is_away_not_that_the_engine_is_offline(tmp_path):
+    """With Redis stopped, /info answers 503 with the outage line; the page's badge said "engine offline: jobs
+    wait" then, while the engine ran on. It says what is known: the storage is not answering."""
+    port = _free_port()
+    server = _start_redis(port, tmp_path)
+    client = connect(f"redis://127.0.0.1:{port}/0", patient=False)
+    keys = Keys("outage-page:")
+    queue = JobQueue(client, keys)
+    await queue.ensure_groups(adapters=("web",))
+    await queue.beat("engine-1", "tiny", ttl_s=600)  # an engine online, as its heartbeat says
+    stop = asyncio.Event()
+    started = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(BotCore(queue, LatentStore(client, keys)), "127.0.0.1", 0, stop, started))
+    try:
+        url = await asyncio.wait_for(started, 10)
+        async with async_playwright() as p:
+            browser = await p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+            page = await browser.new_page()
+            await page.goto(url)
+            badge = page.locator("#engine")
+            await expect(badge).to_have_text("model: tiny", timeout=15_000)
+            server.terminate()
+            server.wait(10)
+            await expect(badge).to_have_text("the bot's storage is not answering", timeout=15_000)  # polled every 5 s
+            assert await badge.get_attribute("title") == OUTAGE
+            await browser.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
         await client.aclose()
         server.terminate()

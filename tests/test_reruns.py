@@ -61,6 +61,9 @@ async def _reruns(stack) -> None:
     assert ack.job_id and ack.text.startswith("finding your face: ")
     [(origin, face, face_ref)] = await answer(pump, rec, 1)
     assert origin.user == "c1" and face.ok and "how close to your photo: " in face.text
+    # PSNR with a scale taken on the same photo: bare, "25.8 dB" says nothing to most people
+    assert re.search(r"dB PSNR \(higher is closer\); for scale, your photo at a quarter of its size scores [\d.]+ dB "
+                     r"and as a JPEG [\d.]+ dB", face.text), face.text
     # dlib finds no face in a 32 px reconstruction from random weights: no likeness is claimed
     assert "dlib" not in face.text and "note: small face" in face.text
     assert rec.progress and re.match(r"finding your face: (started|step \d+ of 20)", rec.progress[-1][1])

@@ -116,6 +116,11 @@ async def test_invert_as_a_reply_to_a_photo_and_morph_by_replying(telegram):
     _, gif = await fake.wait_for(lambda m, p: m == "sendAnimation")
     assert gif["caption"].startswith("morph, 4 frames")
     assert Image.open(io.BytesIO(gif["animation"]["bytes"])).format == "GIF"
+    # dave is told, in the chat where he said /share, who used his face (he has no @name: "your face")
+    _, told = await fake.wait_for(lambda m, p: m == "sendMessage" and "made a morph" in p["text"])
+    assert told["chat_id"] == dave["id"] and told["text"] == (
+        "@carol made a morph with your face; /unshare stops others from using it, /forget deletes everything I keep "
+        "about you")
 
 
 async def test_an_album_with_invert_gets_one_line_and_nothing_is_queued(telegram):

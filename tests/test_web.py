@@ -106,7 +106,7 @@ async def test_upload_edit_stronger_and_morph_in_a_browser(web):
     assert previews and all(p == "data:image/jpeg;base64," for p in previews)  # the face took shape on screen
     face = results.last
     await expect(face).to_contain_text("your face as the tiny model draws it")
-    await expect(face).to_contain_text("dB PSNR (higher is closer)")
+    await expect(face).to_contain_text("dB PSNR (higher is closer); for scale, your photo at a quarter of its size")
     await expect(face).not_to_contain_text("made by")  # no host names or process ids
     await expect(face.locator(".meta")).to_have_text("made with the tiny model")
     size = await face.locator("img.result").evaluate("i => [i.naturalWidth, i.naturalHeight]")
@@ -155,6 +155,11 @@ async def test_upload_edit_stronger_and_morph_in_a_browser(web):
     frames = await results.last.locator("img.result").evaluate(
         "async i => (await fetch(i.src)).headers.get('content-type')")
     assert frames == "image/gif"
+
+    # bob's own chat says who used his face, and how to stop it
+    await expect(bob.locator(".msg.bot").last).to_have_text(
+        "@alice made a morph with @bob's face; /unshare stops others from using it, /forget deletes everything I keep "
+        "about you")
 
     # bob cannot see alice's results, nor rerun them
     media = await results.last.locator("img.result").get_attribute("src")

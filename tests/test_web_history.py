@@ -9,6 +9,7 @@ import asyncio
 import io
 import json
 
+import numpy as np
 from aiohttp import FormData
 from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
@@ -16,6 +17,8 @@ from PIL import Image
 from adapters.base import EventPump, Result
 from adapters.web import COOKIE, LOG_SIZE, WebChat
 from conftest import FIXTURES, Stack
+from storage.latents import StoredLatent
+from storage.records import Origin
 
 OBAMA = (FIXTURES / "faces" / "obama.jpg").read_bytes()
 WANDA = "wanda-" + "w" * 24
@@ -174,9 +177,10 @@ async def test_a_long_conversation_keeps_the_newest_messages_and_their_images(cl
         async with browser(chat, WANDA) as http:
             assert (await http.post("/nickname", json={"nickname": "wanda"})).status == 200
             [visitor] = chat.visitors.values()
-            old = {"id": "a" * 12, "by": "bot", "text": "an old result", "media": "/media/" + "b" * 32}
-            await chat.history.write(visitor.user_id, [old], media={"b" * 32: b"GIF89a old"})
-            assert (await http.get(old["media"])).status == 200
+            old = {"id": "a" * 12, "by": "bot", "text": "an old result", "media": "/media/" + "b" * 32 + ".gif",
+                   "aligned": "/media/" + "c" * 32}  # a GIF's link ends in .gif, an image's in its id
+            await chat.history.write(visitor.user_id, [old], media={"b" * 32: b"GIF89a old", "c" * 32: b"\x89PNG"})
+            assert (await http.get(old["media"])).status == 200 and (await http.get(old["aligned"])).status == 200
             for i in range(LOG_SIZE // 2):
                 await send(http, f"/unknown{i}")  # each one: what wanda typed and the bot's answer
         async with browser(WebChat(stack.core), WANDA) as http:
@@ -184,7 +188,70 @@ async def test_a_long_conversation_keeps_the_newest_messages_and_their_images(cl
             assert len(messages) == LOG_SIZE
             assert messages[0]["text"] == "/unknown0"
             assert messages[-1]["text"].startswith("unknown command '/unknown99'")
-            assert (await http.get(old["media"])).status == 404
+            assert (await http.get(old["media"])).status == 404 and (await http.get(old["aligned"])).status == 404
             assert not [k for k in await user_keys(stack, visitor.user_id) if b":web:media:" in k]
     finally:
         await stack.close()
+
+
+async def test_a_gone_link_says_whether_it_was_an_animation_and_why_it_can_be_gone(client):
+    """A morph's GIF link after /forget answered "that image has expired": neither word was true."""
+    stack = Stack(client)
+    try:
+        chat = WebChat(stack.core)
+        async with browser(chat, WANDA) as http:
+            assert (await http.post("/nickname", json={"nickname": "wanda"})).status == 200
+            job_id = (await send(http, "/invert", OBAMA))["job_id"]
+            [visitor] = chat.visitors.values()
+            origin = await stack.core.origin(visitor.user_id, job_id)
+            gif = io.BytesIO()
+            Image.new("RGB", (32, 32)).save(gif, "GIF", save_all=True, append_images=[Image.new("RGB", (32, 32), "red")])
+            morph = Result(job_id, visitor.user_id, True, "morph, 2 frames", media="animation",
+                           payload=gif.getvalue(), result_id=job_id, model="tiny", actions=("redo",), shows="morph")
+            assert await chat.show_result(origin, morph)
+            [shown] = [m for m in await page(http) if m.get("media")]
+            assert shown["media"].endswith(".gif")
+            assert (await http.get(shown["media"])).content_type == "image/gif"
+            assert (await send(http, "/forget"))["reply"].startswith("done: deleted everything")
+            gone = await http.get(shown["media"])
+            assert gone.status == 404 and await gone.text() == (
+                "that animation is not here: I keep results for 7 days (/forget deletes them at once), and only the "
+                "browser they were shown in can open them")
+            image = await http.get(shown["media"].removesuffix(".gif"))
+            assert (await image.text()).startswith("that image is not here: ")
+    finally:
+        await stack.close()
+
+
+async def test_the_person_whose_face_was_morphed_is_told_who_did_it_in_their_own_chat(stack):
+    """Faces are biometric data: bob shares, wanda morphs with his face, and bob's chat (not only wanda's) says so,
+    with how to stop it. After /unshare, nobody is told anything more."""
+    chat = WebChat(stack.core)
+    stop = asyncio.Event()
+    pump = asyncio.create_task(EventPump(stack.core, chat).run(stop))
+    try:
+        async with browser(chat, WANDA) as wanda, browser(chat, "bob-" + "b" * 24) as bob:
+            for http, name in ((wanda, "wanda"), (bob, "bob")):
+                assert (await http.post("/nickname", json={"nickname": name})).status == 200
+                await send(http, "/status")
+                user_id = next(v.user_id for v in chat.visitors.values() if v.nickname == name)
+                await stack.store.set_face(user_id, StoredLatent(np.zeros((8, 64), np.float32), "tiny"))
+            assert "I will tell you here when someone does" in (await send(bob, "/share"))["reply"]
+            assert (await send(wanda, "/morph @me @bob 4"))["job_id"]
+
+            async def told() -> bool:
+                return any("made a morph" in m["text"] for m in await page(bob))
+            await until(told, 120)
+            notices = [m["text"] for m in await page(bob) if "made a morph" in m["text"]]
+            assert notices == ["@wanda made a morph with @bob's face; /unshare stops others from using it, "
+                               "/forget deletes everything I keep about you"]
+            assert not [m for m in await page(wanda) if "made a morph" in m["text"]]
+            assert any(m.get("media", "").endswith(".gif") for m in await page(wanda))  # wanda got her GIF
+
+            await send(bob, "/unshare")  # a notice that would arrive now is not written
+            [bob_visitor] = [v for v in chat.visitors.values() if v.nickname == "bob"]
+            await chat.show_notice(Origin(user=bob_visitor.user_id), "@wanda made a morph with @bob's face")
+            assert len([m for m in await page(bob) if "made a morph" in m["text"]]) == 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(pump, 10)

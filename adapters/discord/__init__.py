@@ -273,6 +273,13 @@ class StyleBot(discord.AutoShardedClient):
         except discord.HTTPException as e:  # deleted, or the token expired: progress is best effort
             log.debug("discord: progress edit refused: %s", e)
 
+    async def show_notice(self, origin: Origin, text: str) -> None:
+        """In the channel where the person said /share, mentioning them."""
+        mention = origin.mention
+        content = f"<@{mention}> {text}" if mention else text
+        await self.get_partial_messageable(int(origin.channel_id)).send(
+            content[:2000], allowed_mentions=_only(mention) if mention else None)
+
     async def show_result(self, origin: Origin, result: Result) -> str | None:
         text, upload = f"couldn't do that: {result.text}", False
         if result.ok:

@@ -210,6 +210,9 @@ class TelegramBot:
         except BadRequest as e:  # "message is not modified", or deleted by the user
             log.debug("progress edit refused: %s", e)
 
+    async def show_notice(self, origin: Origin, text: str) -> None:
+        await self.app.bot.send_message(origin.chat_id, text)
+
     async def show_result(self, origin: Origin, result: Result) -> str | None:
         bot, chat = self.app.bot, origin.chat_id
         reply_to = ReplyParameters(origin.reply_to, allow_sending_without_reply=True) if origin.reply_to else None

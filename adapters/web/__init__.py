@@ -305,12 +305,15 @@ class WebChat:
         return resp
 
     async def media(self, request: web.Request) -> web.Response:
-        """A result's image or GIF (or the aligned crop beside it); only its owner's cookie sees it."""
+        """A result's image or GIF (or the aligned crop beside it); only its owner's cookie sees it. A GIF's link
+        ends in .gif, so that a link whose GIF is gone says what it was."""
         v, _ = await self.visitor(request)
-        media_id = request.match_info["media_id"]
-        data = await self.history.media(v.user_id, media_id) if re.fullmatch(r"[0-9a-f]{32}", media_id) else None
+        m = re.fullmatch(r"([0-9a-f]{32})(\.gif)?", request.match_info["media_id"])
+        data = await self.history.media(v.user_id, m.group(1)) if m else None
         if data is None:
-            raise web.HTTPNotFound(text="that image has expired")
+            what, kept = "animation" if m and m.group(2) else "image", _duration(self.core.chat.result_ttl_s)
+            raise web.HTTPNotFound(text=f"that {what} is not here: I keep results for {kept} (/forget deletes them at "
+                                        "once), and only the browser they were shown in can open them")
         return web.Response(body=data, content_type=media_type(data),
                             headers={"Cache-Control": "private, max-age=86400"})
 
@@ -327,6 +330,13 @@ class WebChat:
         if preview:
             changes["preview"] = "data:image/jpeg;base64," + base64.b64encode(preview).decode()
         v.update(origin.status, **changes)
+
+    async def show_notice(self, origin: Origin, text: str) -> None:
+        """A line in the visitor's chat, kept in their history while they share (not after /unshare or /forget)."""
+        v = await self._visitor(origin.user)
+        msg = v.new("bot", text)
+        if await self.history.write(v.user_id, [msg], while_sharing=True):
+            v.show(msg)
 
     async def show_result(self, origin: Origin, result: Result) -> str | None:
         """Store the result in the visitor's history, then show it: a result is acknowledged only once kept (a
@@ -346,7 +356,8 @@ class WebChat:
             extra = {}
             if result.payload:
                 media[derived_id(result.job_id, "result", 32)] = result.payload
-                extra["media"] = f"/media/{derived_id(result.job_id, 'result', 32)}"
+                gif = ".gif" if result.media == "animation" else ""
+                extra["media"] = f"/media/{derived_id(result.job_id, 'result', 32)}{gif}"
                 extra["filename"] = result.filename
             crop = (await self.core.aligned_crop(result.user_id, result.result_id)
                     if result.shows == "face" else None)
@@ -373,6 +384,14 @@ async def _security_headers(request: web.Request, handler):
     if not isinstance(resp, web.StreamResponse) or not resp.prepared:
         resp.headers.update(HEADERS)
     return resp
+
+
+def _duration(seconds: int) -> str:
+    """'7 days', '1 hour', '90 minutes': how long something is kept, in words."""
+    for unit, size in (("day", 86400), ("hour", 3600)):
+        if seconds % size == 0:
+            return f"{seconds // size} {unit}{'s' * (seconds != size)}"
+    return f"{round(seconds / 60)} minutes"
 
 
 async def _json_object(request: web.Request) -> dict | None:

@@ -15,6 +15,7 @@ from engine.align import align, likeness
 from storage.errors import StylebotError
 from engine.handlers.base import Rows
 from engine.images import jpeg_bytes, png_bytes
+from engine.invert import psnr_scale
 from engine.pool import Finished
 from engine.services import Services
 from storage.latents import StoredLatent
@@ -40,6 +41,7 @@ async def store_face(s: Services, job: Job, target: np.ndarray, ws: torch.Tensor
     if await s.diverged(job, ws):
         return
     distance = await asyncio.to_thread(likeness, target, image)
+    scale = await asyncio.to_thread(psnr_scale, target)
     meta = {"op": "invert", "psnr": round(psnr, 2), "steps": steps, "refined": refined, "warnings": warnings,
             "likeness": None if distance is None else round(distance, 3), "redo": {"op": "invert", "params": {}}}
     latent = StoredLatent(ws.numpy(), s.G.model_id, meta=meta)
@@ -48,7 +50,7 @@ async def store_face(s: Services, job: Job, target: np.ndarray, ws: torch.Tensor
     text = f"your face as the {s.G.model_id} model draws it"
     if refined:
         text += f", refined {refined}x"
-    text += f"\nhow close to your photo: {psnr:.1f} dB PSNR (higher is closer)"
+    text += f"\nhow close to your photo: {psnr:.1f} dB PSNR (higher is closer); {scale}"
     if distance is not None:  # dlib finds no face in a reconstruction that is not one (random models, 32 px)
         verdict = "the same person" if distance < 0.6 else "not quite you yet"
         text += f"; dlib's face check: {verdict} (distance {distance:.2f}, under 0.6 is a match)"

@@ -111,10 +111,18 @@ async function react(messageId, action) {
 
 async function refreshInfo() {
   try {
-    const info = await (await fetch("/info")).json();
-    actions = info.actions;
+    const resp = await fetch("/info");
+    const info = await resp.json();
     const badge = $("engine");
+    if (!resp.ok) {  // the storage is away or busy: say so; whether the engine runs is not known then
+      badge.textContent = (info.error || "the server answered " + resp.status).split(/[;:]/)[0];
+      badge.title = info.error || "";
+      badge.classList.add("offline");
+      return info;
+    }
+    actions = info.actions;
     badge.textContent = info.model ? "model: " + info.model : "engine offline: jobs wait";
+    badge.title = "the model the engine runs";
     badge.classList.toggle("offline", !info.model);
     $("tiny").hidden = !info.tiny;
     $("download").textContent = info.download;
