@@ -282,7 +282,7 @@ class Engine:
                 self.preparing.pop(job_id)[1].cancel()
             self.joining = [(j, w) for j, w in self.joining if j is not job]
             await self.s.queue.drop(job)
-            log.info("job %s: its user said /forget; stopped", job_id)
+            log.info("job %s: its user's data is gone (they said /forget, or Redis lost its data); stopped", job_id)
 
     # -- tick and retire -----------------------------------------------------------------------------------------
 

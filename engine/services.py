@@ -79,7 +79,8 @@ class Services:
         event = ResultEvent.done(job, text, media=media, shows=shows, result_id=job.job_id, model=self.G.model_id,
                                  engine=self.name, payload=payload)
         if await self.queue.finish(job, event, writes=writes, refusal=refusal) < 0:
-            log.info("job %s: its user said /forget while it ran; nothing stored", job.job_id)
+            log.info("job %s: its user's data went while it ran (they said /forget, or Redis lost its data); nothing "
+                     "stored", job.job_id)
         self.claimed.pop(job.job_id, None)
 
     async def fail(self, job: Job, reason: str) -> None:

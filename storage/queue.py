@@ -185,7 +185,8 @@ class JobQueue:
             fields = {as_str(k): v for k, v in fields.items()}
             if "id" in fields:  # the body lives in its own key (an entry before that carries it)
                 fields = {as_str(k): v for k, v in (await self.r.hgetall(self.keys.job_data(as_str(fields["id"])))).items()}
-            if "job" not in fields:  # its user said /forget (the body went with their keys)
+            if "job" not in fields:  # its user said /forget (the body went with their keys), or Redis lost it
+                log.info("job entry %s has no body (its user said /forget, or Redis lost its data); dropped", mid)
                 async with self.r.pipeline(transaction=True) as p:
                     p.xack(self.keys.jobs, ENGINE_GROUP, mid)
                     p.xdel(self.keys.jobs, mid)

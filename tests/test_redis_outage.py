@@ -127,3 +127,31 @@ async def test_the_page_says_the_storage_is_away_not_that_the_engine_is_offline(
         await asyncio.wait_for(task, 15)
         await client.aclose()
         server.terminate()
+
+
+async def test_a_job_lost_with_redis_data_is_not_logged_as_forgotten(client, caplog):
+    """Redis loses this deployment's data while an inversion runs (a restart without its data): the engine stops the
+    job and its log says what may have happened, not that the user said /forget."""
+    from conftest import FIXTURES, Stack
+    from bot.core import Command
+
+    caplog.set_level("INFO", logger="stylebot")
+    stack = Stack(client, invert_steps=400)
+    await stack.start_engine()
+    try:
+        photo = (FIXTURES / "faces" / "obama.jpg").read_bytes()
+        ack = await stack.core.handle(Command("web", "web:lost", "lost", "/invert", photo=photo))
+        while ack.job_id not in stack.engine.rows:  # running in the pool
+            await asyncio.sleep(0.05)
+        async for key in client.scan_iter(match=f"{stack.keys.prefix}*"):
+            await client.delete(key)
+        for _ in range(200):
+            if ack.job_id not in stack.engine.rows:
+                break
+            await asyncio.sleep(0.05)
+        assert ack.job_id not in stack.engine.rows
+        lines = [r.getMessage() for r in caplog.records if ack.job_id in r.getMessage()]
+        assert any("Redis lost its data" in line for line in lines), lines
+        assert not any("said /forget;" in line or "said /forget while" in line for line in lines), lines
+    finally:
+        await stack.close()
