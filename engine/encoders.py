@@ -316,8 +316,8 @@ def check_generator(enc: EncoderCheckpoint, G: nn.Module) -> None:
     """Refuse (one line) an encoder whose decoder is not generator G: its ws would mean nothing to G."""
     name = getattr(G, "model_id", None) or type(G).__name__
     if getattr(G, "num_ws", enc.cfg.n_styles) != enc.cfg.n_styles or not holds_decoder(G, enc.decoder_fingerprint):
-        raise CheckpointError(enc.path, f"this encoder was trained with another generator (its decoder, "
-                                        f"{enc.decoder_resolution} px, is not the weights of {name})")
+        raise CheckpointError(enc.path, f"this encoder was trained with another generator: {name} does not hold "
+                                        f"the weights of its decoder ({enc.decoder_resolution} px)")
 
 
 def _decoder(path: Path, state: Mapping[str, torch.Tensor], opts: dict) -> tuple[str, int]:
