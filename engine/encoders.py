@@ -48,14 +48,16 @@ class EncoderConfig:
     input_size: int = 256               # the face size the heads are built for: they stride the pyramid's levels
                                         # (input_size / 16, / 8, / 4 px) down to 1 x 1
     coarse: int = 3                     # ws [0, coarse) come from the top level (c3)
-    middle: int = 7                     # ws [coarse, middle) from the middle level (p2), the rest from the fine one (p1)
+    middle: int = 7                     # ws [coarse, middle) from the middle level (p2), the rest from the fine
+                                        # one (p1)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(tuple(s) for s in self.stages))
         if self.kind not in KINDS:
             raise ValueError(f"encoder kind must be one of {KINDS}, got {self.kind!r}")
         if len(self.stages) != 4 or any(c < 1 or u < 1 for c, u in self.stages):
-            raise ValueError(f"the pyramid taps the ends of four stages: need four (channels, units), got {self.stages}")
+            raise ValueError(f"the pyramid taps the ends of four stages: need four (channels, units), "
+                             f"got {self.stages}")
         if self.input_size < 16 or self.input_size & (self.input_size - 1):
             raise ValueError(f"input_size must be a power of two >= 16, got {self.input_size}")
         if self.n_styles < 1 or not 0 < self.coarse <= self.middle:
@@ -78,7 +80,7 @@ class EncoderConfig:
 # -- layers ------------------------------------------------------------------------------------------------------
 
 class EqualLinear(nn.Module):
-    """Dense layer with an equalised learning rate (rosinality's `EqualLinear`, lr_mul 1): y = x W^T / sqrt(in) + b."""
+    """Dense layer with an equalised learning rate (rosinality's `EqualLinear`, lr_mul 1): x W^T / sqrt(in) + b."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -186,7 +188,7 @@ class PyramidEncoder(nn.Module):
 
     def backbone(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(c1, c2, c3): the ends of stages 2, 3 and 4 (input/4, /8, /16 px)."""
-        if x.ndim != 4 or x.shape[1] != self.cfg.in_channels or x.shape[-1] > self.cfg.input_size:
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_channels or max(x.shape[-2:]) > self.cfg.input_size:
             raise ValueError(f"expected faces [N, {self.cfg.in_channels}, H, W] of at most {self.cfg.input_size} px, "
                              f"got {tuple(x.shape)}")
         x = self.input_layer(x)
@@ -332,10 +334,10 @@ def _decoder(path: Path, state: Mapping[str, torch.Tensor], opts: dict) -> tuple
                                         "it belongs to")
         return fingerprint, resolution
     try:
-        _, ours = rosinality_to_ours(decoder)
+        cfg, ours = rosinality_to_ours(decoder)
     except (KeyError, ValueError) as e:
         raise CheckpointError(path, f"its decoder is not a rosinality StyleGAN2 generator ({e})") from None
-    return weights_fingerprint(_learned(ours)), 4 * 2 ** len({k.split(".")[1] for k in decoder if k.startswith("to_rgbs.")})
+    return weights_fingerprint(_learned(ours)), cfg.img_resolution
 
 
 def _learned(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
