@@ -170,15 +170,31 @@ def _config_from_init_kwargs(path: Path, kw: dict) -> StyleGAN2Config:
 
 # -- rosinality stylegan2-pytorch checkpoint ----------------------------------------------------------------------
 
-def _read_torch(path: Path):
+def read_torch_file(path: Path, *, mmap: bool = False):
+    """A `torch.save` file read by torch's restricted unpickler (`weights_only=True`): tensors and plain containers,
+    plus argparse.Namespace (rosinality's training checkpoints hold their options as one: plain attributes, harmless
+    to rebuild); any other global (say `os.system`) is refused before anything is called. `mmap`: map a zip-format
+    file's tensors instead of reading them (for files of a gigabyte whose larger part is dropped after loading)."""
     try:
-        # rosinality's training checkpoints also hold its argparse options: plain attributes, harmless to rebuild.
+        with path.open("rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
         with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipped)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(path, f"refused by torch.load(weights_only=True): {_first_line(e)}") from None
+        raise CheckpointError(path, f"refused by torch.load(weights_only=True), nothing was run: {_refusal(e)}") from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise CheckpointError(path, f"corrupt or truncated PyTorch checkpoint ({_first_line(e)})") from None
+
+
+def _refusal(e: pickle.UnpicklingError) -> str:
+    """The line of torch's refusal that names what was refused (its first line only says that the load failed)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or line.startswith("Unsupported")]
+    return (named or lines or [type(e).__name__])[0][:300]
+
+
+def _read_torch(path: Path):
+    ckpt = read_torch_file(path)
     if _is_tf_names_list(ckpt):
         raise CheckpointError(path, "this is the intermediate file of lernapparat's StyleGAN1 notebook, a [G, D, Gs] "
                                     "list under TensorFlow's names; load the file the notebook writes next, "
@@ -193,7 +209,7 @@ def _read_torch(path: Path):
                                     "(g_mapping.*, g_synthesis.*)")
     src = ckpt["g_ema"]
     try:
-        cfg, state = _rosinality_to_ours(src)
+        cfg, state = rosinality_to_ours(src)
     except KeyError as e:
         raise CheckpointError(path, f"rosinality checkpoint is missing {e.args[0]!r}") from None
     except ValueError as e:
@@ -210,7 +226,7 @@ def _is_tf_names_list(ckpt) -> bool:
             and any(str(k).startswith(("G_mapping/", "G_synthesis/")) for k in ckpt[2]))
 
 
-def _rosinality_to_ours(src: dict[str, torch.Tensor]) -> tuple[StyleGAN2Config, dict[str, torch.Tensor]]:
+def rosinality_to_ours(src: dict[str, torch.Tensor]) -> tuple[StyleGAN2Config, dict[str, torch.Tensor]]:
     """Map rosinality's names (style.N, conv1, convs.N, to_rgb1, to_rgbs.N, noises.noise_N) onto the official ones."""
     n_mlp = len([k for k in src if re.fullmatch(r"style\.\d+\.weight", k)])
     n_up = len({k.split(".")[1] for k in src if k.startswith("to_rgbs.")})

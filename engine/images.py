@@ -30,6 +30,18 @@ def from_uint8(images: np.ndarray, device: str | torch.device = "cpu") -> torch.
     return t.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1
 
 
+def encoder_input(images: np.ndarray, size: int = 256, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Aligned faces, uint8 [H, W, 3] or [N, H, W, 3] -> what e4e and pSp are fed: [N, 3, size, size] in [-1, 1],
+    as their transforms make it (PIL bilinear resize to size x size, ToTensor, Normalize(0.5, 0.5))."""
+    a = np.asarray(images)
+    if a.dtype != np.uint8 or a.ndim not in (3, 4) or a.shape[-1] != 3:
+        raise ValueError(f"expected uint8 RGB [H, W, 3] or [N, H, W, 3], got {a.dtype} {a.shape}")
+    faces = [np.asarray(Image.fromarray(im, "RGB").resize((size, size), Image.BILINEAR))
+             for im in a.reshape(-1, *a.shape[-3:])]
+    t = torch.from_numpy(np.stack(faces)).to(device).permute(0, 3, 1, 2).to(torch.float32).div(255)
+    return t.sub(0.5).div(0.5)
+
+
 def grid(images: np.ndarray, cols: int | None = None) -> np.ndarray:
     """Tile uint8 images [N, H, W, C] into one image, `cols` wide (default: as square as possible)."""
     n, h, w, c = images.shape
