@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from bot.config import load_config
-from storage.errors import StylebotError, set_prog
+# Before torch loads its OpenMP runtime: threads that wait at the end of a parallel region sleep instead of spinning.
+# Spinning, torch's threads took the cores from each other and from other processes: on 2 busy cores, an inversion
+# on tiny had 40-60 steps of up to 3.7 s (about 50 s for 300 steps); with threads that sleep, none over 0.2 s after
+# the first, and 17-22 s (`docs/benchmarks.md#cpu-threads`). Set OMP_WAIT_POLICY yourself to choose otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from bot.config import load_config  # noqa: E402
+from storage.errors import StylebotError, set_prog  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

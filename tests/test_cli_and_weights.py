@@ -329,3 +329,19 @@ def test_edit_cli_writes_image_and_a_latent_that_remembers_its_start(tmp_path, c
     capsys.readouterr()
     assert main([*cfg, "edit", str(start), "", "--out", str(tmp_path / "x.png")]) == 1
     assert "prompt is empty" in capsys.readouterr().err
+
+
+def test_stylebot_sets_openmp_threads_to_sleep_unless_told_otherwise():
+    """torch's OpenMP threads spinning at each step's barriers made a CLI inversion on 2 busy cores crawl (steps of up
+    to 3.7 s, `benchmarks/cpu_threads.py`): the console script asks for sleeping threads before torch loads, and
+    keeps a policy the user set."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "import bot.cli, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    ours = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    theirs = subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                            capture_output=True, text=True, check=True)
+    assert (ours.stdout.strip(), theirs.stdout.strip()) == ("PASSIVE", "ACTIVE")
