@@ -16,7 +16,9 @@ import socket
 import tempfile
 import tomllib
 import urllib.error
+import urllib.parse
 import urllib.request
+from html.parser import HTMLParser
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,6 +31,7 @@ from engine.stylegan2 import Generator
 
 REGISTRY_FILE = Path(__file__).with_name("models.toml")
 CHUNK = 1 << 20
+DRIVE_DOWNLOAD = "https://drive.usercontent.google.com/download"  # where Google Drive serves a file's bytes
 
 
 class WeightsError(StylebotError):
@@ -49,6 +52,7 @@ class ModelEntry:
     source: str = ""
     filename: str = ""
     sha256: str = ""
+    generator: str = ""                 # an encoder's: the registry generator it was trained with (its decoder)
 
 
 def registry_entries(path: Path = REGISTRY_FILE) -> dict[str, ModelEntry]:
@@ -130,7 +134,7 @@ def load_model(name: str, cache: WeightsCache, *, device: str | torch.device = "
     """The generator called `name`: built in, or loaded from the cache (never downloaded implicitly)."""
     entry = cache.entry(name)
     if entry.family not in FAMILIES:
-        raise WeightsError(f"{name!r} is a {entry.family} network, not a generator")
+        raise WeightsError(f"{name!r} is not a generator (it is a {entry.family} network)")
     if entry.builtin:
         return build_builtin(entry).to(device)
     path = cache.path(entry)
@@ -212,17 +216,22 @@ def download(name: str, cache: WeightsCache, *, timeout: float = 15.0,
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "stylebot", **({"Range": f"bytes={offset}-"} if offset else {})}
     try:
-        resp = urllib.request.urlopen(urllib.request.Request(entry.url, headers=headers), timeout=timeout)
+        url = _direct_url(entry, timeout)
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:  # the .part file is already whole
             resp = None
         else:
-            raise WeightsError(f"downloading {name}: {entry.url} answered HTTP {e.code}") from None
+            raise WeightsError(f"downloading {name}: {e.url or entry.url} answered HTTP {e.code}") from None
     except (urllib.error.URLError, socket.timeout, OSError) as e:
         reason = getattr(e, "reason", e)
         raise WeightsError(f"cannot reach {entry.url} ({reason}). Offline? Fetch that file on a machine with "
                            f"internet and run `{command(f'weights import FILE --name {name}')}`, or put it at {dest}") \
             from None
+    if resp is not None and resp.headers.get_content_type() == "text/html":  # a page, not the file
+        resp.close()
+        raise WeightsError(f"downloading {name}: {entry.url} sent a web page instead of the file (a download quota, "
+                           f"or a sign-in?); {import_hint(entry).removeprefix('it has no direct download link; ')}")
     if resp is not None:
         with resp:
             if offset and resp.status != 206:
@@ -243,6 +252,55 @@ def download(name: str, cache: WeightsCache, *, timeout: float = 15.0,
     return dest
 
 
+def drive_file_id(url: str) -> str | None:
+    """The file id of a Google Drive link (`/file/d/ID/view`, `uc?id=ID`, `open?id=ID`), else None."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname not in ("drive.google.com", "drive.usercontent.google.com"):
+        return None
+    if "/file/d/" in parts.path:
+        return parts.path.split("/file/d/")[1].split("/")[0] or None
+    return urllib.parse.parse_qs(parts.query).get("id", [None])[0]
+
+
+def _direct_url(entry: ModelEntry, timeout: float) -> str:
+    """Where the file's bytes are. A Google Drive file is served from `DRIVE_DOWNLOAD`; for a large file Drive first
+    answers a page that asks to confirm (it cannot scan it for viruses) with a form whose fields make the link that
+    serves the file: that form is read and followed, as a browser would."""
+    file_id = drive_file_id(entry.url)
+    if file_id is None:
+        return entry.url
+    url = f"{DRIVE_DOWNLOAD}?{urllib.parse.urlencode({'id': file_id, 'export': 'download'})}"
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "stylebot"}),
+                                timeout=timeout) as resp:
+        if resp.headers.get_content_type() != "text/html":
+            return url  # a small file: served at once
+        form = _ConfirmForm()
+        form.feed(resp.read(1 << 20).decode("utf-8", "replace"))
+    if not form.action or "id" not in form.fields:
+        raise WeightsError(f"downloading {entry.name}: Google Drive answered a page without the download form (a "
+                           f"quota, or the file moved?); {import_hint(entry).removeprefix('it has no direct download link; ')}")
+    return urllib.parse.urljoin(url, form.action) + "?" + urllib.parse.urlencode(form.fields)
+
+
+class _ConfirmForm(HTMLParser):
+    """Google Drive's "download anyway" form: its action and hidden fields (id, export, confirm, uuid)."""
+
+    def __init__(self):
+        super().__init__()
+        self.action, self.fields, self._in_form = "", {}, False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "form" and (a.get("id") == "download-form" or "download" in (a.get("action") or "")):
+            self.action, self._in_form = a.get("action") or "", True
+        elif tag == "input" and self._in_form and a.get("name") and a.get("type", "hidden") == "hidden":
+            self.fields[a["name"]] = a.get("value") or ""
+
+    def handle_endtag(self, tag):
+        if tag == "form":
+            self._in_form = False
+
+
 def _read(resp, name: str) -> bytes:
     """The next chunk of a download; a stalled or broken connection is one line (the .part file is kept)."""
     try:
@@ -256,6 +314,14 @@ def import_file(src: str | Path, name: str, cache: WeightsCache) -> Path:
     """Copy a weights file the user got elsewhere into the cache under `name`, after loading it successfully."""
     src = Path(src)
     entries = cache.entries()
+    if name in entries and entries[name].family == "encoder":  # a registry encoder (e4e, pSp) fetched by hand
+        entry = entries[name]
+        validate(entry, src)  # raises CheckpointError with the reason
+        cache.ensure_root()
+        part = cache.path(entry).with_name(entry.filename + ".part")
+        shutil.copyfile(src, part)
+        _accept(part, cache.path(entry), entry, cache, loaded=True)
+        return cache.path(entry)
     G = load_generator(src)  # raises CheckpointError with the reason
     if name in entries and entries[name].builtin:
         raise WeightsError(f"{name!r} is a built-in model; import under another name")
@@ -316,6 +382,13 @@ def validate(entry: ModelEntry, path: Path) -> None:
             load_vgg16(path)
         except Exception as e:  # noqa: BLE001 - any failure means the file is not the VGG16 we need
             raise CheckpointError(path, f"not torchvision VGG16 weights ({type(e).__name__})") from None
+    elif entry.family == "encoder":
+        from engine.encoders import load_encoder
+
+        enc = load_encoder(path)
+        if entry.resolution and enc.decoder_resolution != entry.resolution:
+            raise CheckpointError(path, f"an encoder for a {enc.decoder_resolution} px generator, but {entry.name!r} "
+                                        f"is for {entry.resolution} px")
     else:
         load_generator(path)
 

@@ -196,3 +196,94 @@ def test_encoder_input_is_what_their_transforms_make():
     assert x.shape == (2, 3, 256, 256) and -1 <= x.min() and x.max() <= 1
     assert torch.equal(x[0], theirs(Image.fromarray(face)))
     assert torch.equal(x[1], theirs(Image.fromarray(np.ascontiguousarray(face[::-1]))))
+
+
+# -- the published encoders in the registry, fetched where their authors publish them -------------------------------
+
+def test_the_registry_names_each_published_encoder_and_its_generator():
+    from engine.registry import drive_file_id, registry_entries
+
+    entries = registry_entries()
+    for name, fmt in (("e4e-ffhq", "e4e"), ("psp-ffhq", "psp")):
+        e = entries[name]
+        assert (e.family, e.format, e.generator, e.resolution) == ("encoder", fmt, "ffhq-config-f", 1024)
+        assert drive_file_id(e.url) and e.sha256 == ""  # the authors publish no hash: none is made up
+    assert entries["ffhq-config-f"].format == "rosinality"
+
+
+class _Drive:
+    """Google Drive as `stylebot weights download` meets it for a large file: the download link first answers a page
+    asking to confirm, whose form's fields make the link that serves the file."""
+
+    def __init__(self, body: bytes):
+        import http.server
+        import threading
+        import urllib.parse
+
+        drive = self
+        self.body, self.asked = body, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                url = urllib.parse.urlsplit(self.path)
+                q = dict(urllib.parse.parse_qsl(url.query))
+                drive.asked.append(q)
+                if url.path != "/download" or q.get("id") != "FILEID":
+                    self.send_error(404)
+                    return
+                if q.get("confirm") != "t" or q.get("uuid") != "u-1":
+                    page = ('<html><body><p>Google Drive can\'t scan this file for viruses.</p>'
+                            '<form id="download-form" action="/download" method="get">'
+                            '<input type="submit" value="Download anyway"/>'
+                            '<input type="hidden" name="id" value="FILEID">'
+                            '<input type="hidden" name="export" value="download">'
+                            '<input type="hidden" name="confirm" value="t">'
+                            '<input type="hidden" name="uuid" value="u-1"></form></body></html>').encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html; charset=utf-8")
+                    self.send_header("Content-Length", str(len(page)))
+                    self.end_headers()
+                    self.wfile.write(page)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(drive.body)))
+                self.end_headers()
+                self.wfile.write(drive.body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+
+def test_an_encoder_is_downloaded_through_drives_confirmation_and_checked_before_it_is_kept(
+        tmp_path, generator, monkeypatch):
+    import engine.registry as registry
+
+    _, state = generator
+    write_checkpoint(tmp_path / "e4e.pt", state)
+    drive = _Drive((tmp_path / "e4e.pt").read_bytes())
+    monkeypatch.setattr(registry, "DRIVE_DOWNLOAD", drive.base + "/download")
+    toml = tmp_path / "models.toml"
+    toml.write_text('[e4e-mini]\nfamily = "encoder"\nresolution = 32\nformat = "e4e"\ngenerator = "mini"\n'
+                    'url = "https://drive.google.com/file/d/FILEID/view?usp=sharing"\nsource = "a test"\n'
+                    'filename = "e4e_mini.pt"\nsha256 = ""\n')
+    try:
+        cache = registry.WeightsCache(tmp_path / "w", registry=toml)
+        path = registry.download("e4e-mini", cache)
+        assert path.read_bytes() == drive.body
+        assert [q.get("confirm") for q in drive.asked] == [None, "t"]  # the page first, then the file
+        assert load_encoder(path, generator=generator[0]).decoder_resolution == 32
+        with pytest.raises(registry.WeightsError, match="not a generator"):
+            registry.load_model("e4e-mini", cache)
+
+        drive.body = b"<html>quota exceeded</html>"  # served as a file that is not one: nothing is kept
+        cache = registry.WeightsCache(tmp_path / "w2", registry=toml)
+        with pytest.raises(registry.WeightsError, match="does not load"):
+            registry.download("e4e-mini", cache)
+        assert list(cache.root.iterdir()) == []
+    finally:
+        drive.httpd.shutdown()
