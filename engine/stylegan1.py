@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.stylegan2 import NOISE_MODES, GeneratorConfig, _check_shape
+from engine.stylegan2 import NOISE_MODES, GeneratorConfig, _check_shape, _check_styles
 
 FUSED_UPSCALE_MIN = 128     # from this output size the upscale + conv is one transposed conv, as in the original
 NOISE_SEED = 1              # seed of the constant noise (the port has none stored)
@@ -150,10 +150,14 @@ class Epilogue(nn.Module):
         self.style_mod.lin = Dense(w_dim, 2 * channels, gain=1.0)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str) -> torch.Tensor:
+        return self.render(x, self.style_mod.lin(w), noise_mode)
+
+    def render(self, x: torch.Tensor, style: torch.Tensor, noise_mode: str) -> torch.Tensor:
+        """The epilogue from its style [N, 2 * channels] (the affine's output: AdaIN scales, then biases)."""
         x = self.top_epi["noise"](x, noise_mode)
         x = F.leaky_relu(x, LRELU_SLOPE)
         x = F.instance_norm(x, eps=INSTANCE_NORM_EPS)
-        style = self.style_mod.lin(w).view(-1, 2, x.shape[1], 1, 1)
+        style = style.view(-1, 2, x.shape[1], 1, 1)
         return x * (style[:, 0] + 1) + style[:, 1]
 
 
@@ -169,9 +173,12 @@ class InputBlock(nn.Module):
         self.epi2 = Epilogue(channels, w_dim, 4)
 
     def forward(self, ws: torch.Tensor, noise_mode: str) -> torch.Tensor:
-        x = self.const.expand(ws.shape[0], -1, -1, -1) + self.bias.view(1, -1, 1, 1)
-        x = self.epi1(x, ws[:, 0], noise_mode)
-        return self.epi2(self.conv(x), ws[:, 1], noise_mode)
+        return self.render([self.epi1.style_mod.lin(ws[:, 0]), self.epi2.style_mod.lin(ws[:, 1])], noise_mode)
+
+    def render(self, styles: list[torch.Tensor], noise_mode: str) -> torch.Tensor:
+        x = self.const.expand(styles[0].shape[0], -1, -1, -1) + self.bias.view(1, -1, 1, 1)
+        x = self.epi1.render(x, styles[0], noise_mode)
+        return self.epi2.render(self.conv(x), styles[1], noise_mode)
 
 
 class UpBlock(nn.Module):
@@ -185,8 +192,11 @@ class UpBlock(nn.Module):
         self.epi2 = Epilogue(out_channels, w_dim, resolution)
 
     def forward(self, x: torch.Tensor, ws: torch.Tensor, noise_mode: str) -> torch.Tensor:
-        x = self.epi1(self.conv0_up(x), ws[:, 0], noise_mode)
-        return self.epi2(self.conv1(x), ws[:, 1], noise_mode)
+        return self.render(x, [self.epi1.style_mod.lin(ws[:, 0]), self.epi2.style_mod.lin(ws[:, 1])], noise_mode)
+
+    def render(self, x: torch.Tensor, styles: list[torch.Tensor], noise_mode: str) -> torch.Tensor:
+        x = self.epi1.render(self.conv0_up(x), styles[0], noise_mode)
+        return self.epi2.render(self.conv1(x), styles[1], noise_mode)
 
 
 class MappingNetwork(nn.Module):
@@ -230,16 +240,44 @@ class SynthesisNetwork(nn.Module):
         self.blocks = nn.ModuleDict(blocks)
         self.torgb = Conv(cfg.channels(cfg.img_resolution), cfg.img_channels, 1, gain=1.0)
 
-    def forward(self, ws: torch.Tensor, noise_mode: str = "const", **_unused) -> torch.Tensor:
+    def forward(self, ws: torch.Tensor | None = None, noise_mode: str = "const", *,
+                styles: dict[str, torch.Tensor] | None = None, **_unused) -> torch.Tensor:
+        """The image from ws [N, num_ws, w_dim], or from the style space: `styles` as `styles(ws)` returns it."""
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        if (ws is None) == (styles is None):
+            raise ValueError("synthesis takes ws or styles, one of the two")
+        x = None
+        if styles is None:
+            _check_shape(ws, [None, self.num_ws, self.w_dim], "ws")
+            ws = ws.to(torch.float32)
+            for i, block in enumerate(self.blocks.values()):
+                pair = ws[:, 2 * i:2 * i + 2]
+                x = block(pair, noise_mode) if i == 0 else block(x, pair, noise_mode)
+            return self.torgb(x)
+        styles = _check_styles(styles, self.style_channels())
+        for i, (res, block) in enumerate(self.blocks.items()):
+            pair = [styles[f"{res}.epi1"], styles[f"{res}.epi2"]]
+            x = block.render(pair, noise_mode) if i == 0 else block.render(x, pair, noise_mode)
+        return self.torgb(x)
+
+    # The style space S: each AdaIN's style, the output of its affine layer (`style_mod.lin`), 2 x channels wide:
+    # the channels' scales (applied as 1 + scale) and then their biases. The toRGB has no style.
+
+    def style_layers(self) -> list[tuple[str, Epilogue]]:
+        """(name, epilogue) of every AdaIN in S's order: `4x4.epi1`, `4x4.epi2`, `8x8.epi1`, ... (one per w)."""
+        return [(f"{res}.{epi}", getattr(block, epi)) for res, block in self.blocks.items() for epi in ("epi1", "epi2")]
+
+    def style_channels(self, *, torgb: bool = True) -> dict[str, int]:
+        """{layer name: width of its style (2 x the layer's channels)} in S's order; `torgb` is accepted for the
+        StyleGAN2 interface and changes nothing (StyleGAN1's toRGB is unstyled)."""
+        return {name: epi.style_mod.lin.weight.shape[0] for name, epi in self.style_layers()}
+
+    def styles(self, ws: torch.Tensor) -> dict[str, torch.Tensor]:
+        """ws [N, num_ws, w_dim] -> S: {layer name: style [N, 2 * channels]} in `style_layers` order."""
         _check_shape(ws, [None, self.num_ws, self.w_dim], "ws")
         ws = ws.to(torch.float32)
-        x = None
-        for i, block in enumerate(self.blocks.values()):
-            pair = ws[:, 2 * i:2 * i + 2]
-            x = block(pair, noise_mode) if i == 0 else block(x, pair, noise_mode)
-        return self.torgb(x)
+        return {name: epi.style_mod.lin(ws[:, i]) for i, (name, epi) in enumerate(self.style_layers())}
 
 
 class Generator(nn.Module):

@@ -174,7 +174,11 @@ class SynthesisLayer(nn.Module):
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "const",
                 fused_modconv: bool | None = None, gain: float = 1.0) -> torch.Tensor:
         """`gain` scales the activation and the clamp (sqrt(1/2) in a resnet block's second conv)."""
-        styles = self.affine(w)
+        return self.render(x, self.affine(w), noise_mode, fused_modconv, gain)
+
+    def render(self, x: torch.Tensor, styles: torch.Tensor, noise_mode: str = "const",
+               fused_modconv: bool | None = None, gain: float = 1.0) -> torch.Tensor:
+        """The layer from its style `styles` [N, in_channels] (the affine's output A(w)) instead of from w."""
         x = modulated_conv2d(x, self.weight, styles, up=self.up, resample_kernel=self.resample_filter,
                              fused=fused_modconv)
         if noise_mode == "random":
@@ -197,7 +201,12 @@ class ToRGBLayer(nn.Module):
         self.weight_gain = 1 / math.sqrt(in_channels)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, fused_modconv: bool | None = None) -> torch.Tensor:
-        styles = self.affine(w) * self.weight_gain
+        return self.render(x, self.affine(w), fused_modconv)
+
+    def render(self, x: torch.Tensor, styles: torch.Tensor, fused_modconv: bool | None = None) -> torch.Tensor:
+        """The layer from its style [N, in_channels]: the affine's output A(w), before `weight_gain` (StyleCLIP's
+        S for toRGB is this raw output too)."""
+        styles = styles * self.weight_gain
         x = modulated_conv2d(x, self.weight, styles, demodulate=False, fused=fused_modconv)
         return bias_act(x, self.bias, clamp=self.conv_clamp)
 
@@ -246,23 +255,42 @@ class SynthesisBlock(nn.Module):
             self.skip = SkipLayer(in_channels, out_channels, resample_taps=resample_taps)
         self.num_conv = 1 if in_channels == 0 else 2
 
+    def style_layers(self) -> list[tuple[str, SynthesisLayer | ToRGBLayer]]:
+        """(name, layer) of the block's styled layers in the order they read its ws: conv0, conv1, toRGB; the names
+        are StyleCLIP's (`conv0_resolution_8`, `toRGB_resolution_8`)."""
+        r = self.resolution
+        layers = [] if self.in_channels == 0 else [(f"conv0_resolution_{r}", self.conv0)]
+        layers.append((f"conv1_resolution_{r}", self.conv1))
+        if self.num_torgb:
+            layers.append((f"toRGB_resolution_{r}", self.torgb))
+        return layers
+
+    def styles(self, ws: torch.Tensor) -> list[torch.Tensor]:
+        """Each styled layer's style A(w) [N, in_channels] from the block's ws [N, num_conv + num_torgb, w_dim]."""
+        return [layer.affine(w) for (_, layer), w in zip(self.style_layers(), ws.unbind(dim=1), strict=True)]
+
     def forward(self, x: torch.Tensor | None, img: torch.Tensor | None, ws: torch.Tensor, noise_mode: str = "const",
                 fused_modconv: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        w_iter = iter(ws.unbind(dim=1))
+        return self.render(x, img, self.styles(ws), noise_mode, fused_modconv)
+
+    def render(self, x: torch.Tensor | None, img: torch.Tensor | None, styles: list[torch.Tensor],
+               noise_mode: str = "const", fused_modconv: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block from its layers' styles, in `style_layers` order."""
+        s_iter = iter(styles)
         if self.in_channels == 0:
-            x = self.const.unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
-            x = self.conv1(x, next(w_iter), noise_mode, fused_modconv)
+            x = self.const.unsqueeze(0).repeat([styles[0].shape[0], 1, 1, 1])
+            x = self.conv1.render(x, next(s_iter), noise_mode, fused_modconv)
         elif self.architecture == "resnet":
             y = self.skip(x, gain=SQRT_HALF)
-            x = self.conv0(x, next(w_iter), noise_mode, fused_modconv)
-            x = y + self.conv1(x, next(w_iter), noise_mode, fused_modconv, gain=SQRT_HALF)
+            x = self.conv0.render(x, next(s_iter), noise_mode, fused_modconv)
+            x = y + self.conv1.render(x, next(s_iter), noise_mode, fused_modconv, gain=SQRT_HALF)
         else:
-            x = self.conv0(x, next(w_iter), noise_mode, fused_modconv)
-            x = self.conv1(x, next(w_iter), noise_mode, fused_modconv)
+            x = self.conv0.render(x, next(s_iter), noise_mode, fused_modconv)
+            x = self.conv1.render(x, next(s_iter), noise_mode, fused_modconv)
         if img is not None:
             img = upsample2d(img, self.resample_filter)
         if self.num_torgb:
-            y = self.torgb(x, next(w_iter), fused_modconv).to(torch.float32)
+            y = self.torgb.render(x, next(s_iter), fused_modconv).to(torch.float32)
             img = y if img is None else img + y
         return x, img
 
@@ -287,19 +315,54 @@ class SynthesisNetwork(nn.Module):
     def blocks(self) -> list[SynthesisBlock]:
         return [getattr(self, f"b{res}") for res in self.block_resolutions]
 
-    def forward(self, ws: torch.Tensor, noise_mode: str = "const", fused_modconv: bool | None = None) -> torch.Tensor:
-        if noise_mode not in NOISE_MODES:
-            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+    def block_ws(self, ws: torch.Tensor) -> list[torch.Tensor]:
+        """Each block's slice of ws [N, num_ws, w_dim]: its convs' ws and the next one for its toRGB (shared with
+        the next block's conv0)."""
         _check_shape(ws, [None, self.num_ws, self.w_dim], "ws")
         ws = ws.to(torch.float32)
-        x = img = None
-        w_idx = 0
+        out, w_idx = [], 0
         for block in self.blocks():
-            # Each block reads its convs' ws and the next one for its toRGB (shared with the next block's conv0).
-            block_ws = ws.narrow(1, w_idx, block.num_conv + block.num_torgb)
-            x, img = block(x, img, block_ws, noise_mode, fused_modconv)
+            out.append(ws.narrow(1, w_idx, block.num_conv + block.num_torgb))
             w_idx += block.num_conv
+        return out
+
+    def forward(self, ws: torch.Tensor | None = None, noise_mode: str = "const", fused_modconv: bool | None = None,
+                *, styles: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The image from ws [N, num_ws, w_dim], or from the style space: `styles` as `styles(ws)` returns it."""
+        if noise_mode not in NOISE_MODES:
+            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        if (ws is None) == (styles is None):
+            raise ValueError("synthesis takes ws or styles, one of the two")
+        x = img = None
+        if styles is None:
+            for block, block_ws in zip(self.blocks(), self.block_ws(ws)):
+                x, img = block(x, img, block_ws, noise_mode, fused_modconv)
+            return img
+        styles = _check_styles(styles, self.style_channels())
+        for block in self.blocks():
+            x, img = block.render(x, img, [styles[name] for name, _ in block.style_layers()], noise_mode, fused_modconv)
         return img
+
+    # The style space S (Wu et al. 2021, StyleSpace; StyleCLIP's global directions edit in it): each modulated
+    # layer's style A(w), the output of its affine layer, before the toRGB's weight gain.
+
+    def style_layers(self) -> list[tuple[str, SynthesisLayer | ToRGBLayer]]:
+        """(name, layer) of every styled layer, in StyleCLIP's order and names: per block conv0, conv1, toRGB
+        (`conv1_resolution_4`, `toRGB_resolution_4`, `conv0_resolution_8`, ...)."""
+        return [pair for block in self.blocks() for pair in block.style_layers()]
+
+    def style_channels(self, *, torgb: bool = True) -> dict[str, int]:
+        """{layer name: channels of its style} in S's order (26 layers, 9,088 channels at 1024 px; without toRGB
+        17 layers, 6,048). Read off the affines' shapes, so it works on a generator built on the meta device."""
+        return {name: layer.affine.weight.shape[0] for name, layer in self.style_layers()
+                if torgb or not isinstance(layer, ToRGBLayer)}
+
+    def styles(self, ws: torch.Tensor) -> dict[str, torch.Tensor]:
+        """ws [N, num_ws, w_dim] -> S: {layer name: style [N, channels]} in `style_layers` order."""
+        out = {}
+        for block, block_ws in zip(self.blocks(), self.block_ws(ws)):
+            out.update(zip([name for name, _ in block.style_layers()], block.styles(block_ws), strict=True))
+        return out
 
 
 class Generator(nn.Module):
@@ -325,6 +388,17 @@ class Generator(nn.Module):
 def z_from_seed(seed: int, z_dim: int) -> torch.Tensor:
     """The official generate.py's latent for a seed: `RandomState(seed).randn(1, z_dim)`."""
     return torch.from_numpy(np.random.RandomState(seed).randn(1, z_dim)).float()
+
+
+def _check_styles(styles: dict[str, torch.Tensor], channels: dict[str, int]) -> dict[str, torch.Tensor]:
+    """`styles` as float32 after checking that it names every styled layer, each [N, channels] with one N."""
+    if set(styles) != set(channels):
+        missing, extra = sorted(set(channels) - set(styles)), sorted(set(styles) - set(channels))
+        raise ValueError(f"styles must name this generator's styled layers: missing {missing}, unknown {extra}")
+    n = next(iter(styles.values())).shape[0]
+    for name, c in channels.items():
+        _check_shape(styles[name], [n, c], f"styles[{name!r}]")
+    return {name: s.to(torch.float32) for name, s in styles.items()}
 
 
 def _check_shape(t: torch.Tensor | None, shape: list[int | None], name: str) -> None:
