@@ -11,6 +11,9 @@ The architecture of Karras et al. 2019 as the widely used PyTorch port of the of
 - truncation as in the original: psi 0.7 for the first 8 of the 18 ws (the config's default, used by
   `stylebot generate` when no --truncation is given).
 
+The style space S is each AdaIN's affine output (scales then biases, 2 x channels): `G.synthesis.styles(ws)` and
+`G.synthesis(styles=S, noise_mode)`, as engine/stylegan2.py.
+
 Parameter names are the port's with `g_mapping.` / `g_synthesis.` spelled `mapping.` / `synthesis.`, so a port
 file loads with `strict=True` after that rename. The port keeps no fixed noise and no average w: our constant
 noise is drawn from a fixed seed (so `noise_mode='const'` is deterministic, which inversion needs), and

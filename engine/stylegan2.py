@@ -3,7 +3,8 @@
 Parameter and buffer names equal those of the official StyleGAN2-ADA `G_ema`, so an official state dict loads with
 `strict=True`; the maths follows the paper and the official reference ops (conv_clamp included). The API is the one
 the StyleGAN2 community knows: `G.mapping(z, c, truncation_psi, truncation_cutoff) -> ws [N, num_ws, w_dim]` and
-`G.synthesis(ws, noise_mode) -> img [N, C, H, W]` in [-1, 1].
+`G.synthesis(ws, noise_mode) -> img [N, C, H, W]` in [-1, 1]. The style space too: `G.synthesis.styles(ws)` gives
+each modulated layer's style A(w) under StyleCLIP's names, and `G.synthesis(styles=S, noise_mode)` renders from it.
 """
 
 from __future__ import annotations

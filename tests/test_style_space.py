@@ -25,6 +25,10 @@ def generators(parity) -> dict:
         G = Generator(StyleGAN2Config(**parity.cases[case])).eval().requires_grad_(False)
         G.load_state_dict(parity.state(case), strict=True)
         out[f"parity-{case}"] = G
+    for arch in ("orig", "resnet"):  # a toRGB in the last block only; resnet adds the skip path
+        torch.manual_seed(3)
+        G = Generator(StyleGAN2Config(**dict(parity.cases["a"], architecture=arch))).eval().requires_grad_(False)
+        out[arch] = G
     return out
 
 
@@ -36,7 +40,7 @@ def _ws(G, n: int = 3) -> torch.Tensor:
     return ws + 0.5 * torch.randn(ws.shape, generator=gen)
 
 
-@pytest.mark.parametrize("name", ["tiny", "stylegan1-tiny", "parity-a", "parity-b"])
+@pytest.mark.parametrize("name", ["tiny", "stylegan1-tiny", "parity-a", "parity-b", "orig", "resnet"])
 @pytest.mark.parametrize("fused", [False, True])
 def test_rendering_from_styles_equals_rendering_from_ws(generators, name, fused):
     """Exactly equal (max abs difference 0): the ws path computes each layer's style with the same affine and renders
@@ -124,6 +128,12 @@ def test_ffhq_1024_style_space_is_the_one_styleclip_indexes():
         G1 = StyleGAN1(StyleGAN1Config())
     S1 = G1.synthesis.style_channels()  # 18 AdaINs, each 2 x its channels (scales, biases)
     assert (len(S1), sum(S1.values())) == (18, 2 * (4 * 2 * 512 + 2 * (256 + 128 + 64 + 32 + 16)))
+
+
+@pytest.mark.parametrize("arch", ["orig", "resnet"])
+def test_orig_and_resnet_have_one_torgb_style(generators, arch):
+    names = list(generators[arch].synthesis.style_channels())
+    assert [n for n in names if n.startswith("toRGB")] == ["toRGB_resolution_32"] and names[-1] == "toRGB_resolution_32"
 
 
 def test_synthesis_takes_ws_or_styles(generators):
