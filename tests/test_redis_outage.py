@@ -25,13 +25,19 @@ from test_redis_restart import _free_port, _start_redis, pytestmark  # noqa: F40
 from test_web import BROWSER_ARGS, CHROMIUM
 
 
-async def test_front_ends_say_within_seconds_that_redis_is_away(tmp_path):
-    port = _free_port()
-    server = _start_redis(port, tmp_path)
-    client = connect(f"redis://127.0.0.1:{port}/0", patient=False)
-    keys = Keys("outage:")
+async def redis_of_our_own(tmp_path, prefix: str, patient: bool = False):
+    """A redis-server of this test's own (to stop under the bot), a client (a front end's impatient one, or the
+    engine's patient one: 20 retries, about 80 s), the queue on it."""
+    server = _start_redis(port := _free_port(), tmp_path)
+    client = connect(f"redis://127.0.0.1:{port}/0", patient=patient)
+    keys = Keys(prefix)
     queue = JobQueue(client, keys)
     await queue.ensure_groups(adapters=("web",))
+    return server, client, keys, queue
+
+
+async def test_front_ends_say_within_seconds_that_redis_is_away(tmp_path):
+    server, client, keys, queue = await redis_of_our_own(tmp_path, "outage:")
     core = BotCore(queue, LatentStore(client, keys))
     web = TestClient(TestServer(WebChat(core).app))
     await web.start_server()
@@ -64,12 +70,7 @@ async def test_front_ends_say_within_seconds_that_redis_is_away(tmp_path):
 
 async def test_a_stopping_engine_does_not_wait_on_a_dead_redis(tmp_path):
     """SIGTERM's stop with Redis gone mid-job: the engine returns within drain_s."""
-    port = _free_port()
-    server = _start_redis(port, tmp_path)
-    client = connect(f"redis://127.0.0.1:{port}/0")  # the engine's patient client: 20 retries, about 80 s
-    keys = Keys("outage-engine:")
-    queue = JobQueue(client, keys)
-    await queue.ensure_groups(adapters=("web",))
+    server, client, keys, queue = await redis_of_our_own(tmp_path, "outage-engine:", patient=True)
     store = LatentStore(client, keys)
     photo = (FIXTURES / "faces" / "obama.jpg").read_bytes()
     assert (await BotCore(queue, store).handle(Command("web", "web:u1", "u1", "/invert", photo=photo))).job_id
@@ -99,12 +100,7 @@ async def test_a_stopping_engine_does_not_wait_on_a_dead_redis(tmp_path):
 async def test_the_page_says_the_storage_is_away_not_that_the_engine_is_offline(tmp_path):
     """With Redis stopped, /info answers 503 with the outage line; the page's badge said "engine offline: jobs
     wait" then, while the engine ran on. It says what is known: the storage is not answering."""
-    port = _free_port()
-    server = _start_redis(port, tmp_path)
-    client = connect(f"redis://127.0.0.1:{port}/0", patient=False)
-    keys = Keys("outage-page:")
-    queue = JobQueue(client, keys)
-    await queue.ensure_groups(adapters=("web",))
+    server, client, keys, queue = await redis_of_our_own(tmp_path, "outage-page:")
     await queue.beat("engine-1", "tiny", ttl_s=600)  # an engine online, as its heartbeat says
     stop = asyncio.Event()
     started = asyncio.get_running_loop().create_future()

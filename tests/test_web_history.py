@@ -114,6 +114,14 @@ async def test_a_result_posted_while_away_survives_two_restarts_and_forget_remov
         assert await page(http) == []
 
 
+async def wanda_sends_a_photo(stack, chat, http):
+    """Wanda joins and sends /invert: the job's id, her visitor and where its answer goes."""
+    assert (await http.post("/nickname", json={"nickname": "wanda"})).status == 200
+    job_id = (await send(http, "/invert", OBAMA))["job_id"]
+    [visitor] = chat.visitors.values()
+    return job_id, visitor, await stack.core.origin(visitor.user_id, job_id)
+
+
 async def test_a_result_that_arrives_just_after_forget_does_not_bring_the_history_back(client):
     """The event pump read where a result goes just before its visitor said /forget: posting it then writes
     nothing, and the visitor's page and Redis stay empty."""
@@ -121,10 +129,7 @@ async def test_a_result_that_arrives_just_after_forget_does_not_bring_the_histor
     try:
         chat = WebChat(stack.core)
         async with browser(chat, WANDA) as http:
-            assert (await http.post("/nickname", json={"nickname": "wanda"})).status == 200
-            job_id = (await send(http, "/invert", OBAMA))["job_id"]
-            [visitor] = chat.visitors.values()
-            origin = await stack.core.origin(visitor.user_id, job_id)
+            job_id, visitor, origin = await wanda_sends_a_photo(stack, chat, http)
             assert origin is not None
             assert (await send(http, "/forget"))["reply"].startswith("done: deleted everything")
             png = io.BytesIO()
@@ -200,10 +205,7 @@ async def test_a_gone_link_says_whether_it_was_an_animation_and_why_it_can_be_go
     try:
         chat = WebChat(stack.core)
         async with browser(chat, WANDA) as http:
-            assert (await http.post("/nickname", json={"nickname": "wanda"})).status == 200
-            job_id = (await send(http, "/invert", OBAMA))["job_id"]
-            [visitor] = chat.visitors.values()
-            origin = await stack.core.origin(visitor.user_id, job_id)
+            job_id, visitor, origin = await wanda_sends_a_photo(stack, chat, http)
             gif = io.BytesIO()
             Image.new("RGB", (32, 32)).save(gif, "GIF", save_all=True, append_images=[Image.new("RGB", (32, 32), "red")])
             morph = Result(job_id, visitor.user_id, True, "morph, 2 frames", media="animation",
