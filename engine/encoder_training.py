@@ -27,8 +27,8 @@ network and rendered, so the answer to each image is known. `EncoderTrainer` tea
   nothing to bootstrap.
 - **Schedule**: the latent loss alone for the first `latent_warmup` steps, then the image losses ramp in over
   `image_ramp` steps. A step with them costs about 6x one without on tiny (LPIPS's VGG16 at full width is most
-  of it), and in the first minutes on a CPU the cheap steps gain more PSNR per second; later the image losses
-  add what the eye sees. Measured on tiny, docs/models.md.
+  of it), and in the first minutes on a CPU the cheap steps gain as much PSNR per second; per step the image
+  losses are the stronger signal, which longer runs can afford. Measured on tiny: docs/models.md.
 - **Optimiser**: Adam, lr 1e-3 (e4e uses Ranger, Adam with lookahead, at 1e-4 for 200,000 steps of batch 8; on
   tiny 3e-4 and 1e-3 ended 2 minutes within 0.3 dB of each other).
 - **Validation**: a fixed held-out set (`VAL_SEED`, drawn as the training samples, never trained on); its mean
