@@ -3,12 +3,19 @@ the authors' layout that `load_encoder` reads, tied to its generator, resumable,
 
 from __future__ import annotations
 
+import os
 import re
+import select
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from bot.cli import main
+from conftest import ROOT
 from engine.checkpoints import CheckpointError
 from engine.encoder_training import EncoderTrainer, TrainSettings, sample_ws
 from engine.encoders import load_encoder
@@ -152,3 +159,25 @@ def test_bad_files_and_models_are_one_line(tmp_path, train):
         rc, _, err = train("--steps", "1", *(["--model", "tiny"] if "--model" not in args else []), *args)
         lines = [line for line in err.splitlines() if line.strip()]
         assert rc == 1 and len(lines) == 1 and lines[0].startswith("error: ") and said in lines[0], err
+
+
+def test_ctrl_c_saves_the_step_reached_and_says_how_to_go_on(tmp_path, config_file):
+    """SIGINT (Ctrl-C) during `--minutes 10`: the step in progress ends, the file is saved at the step reached, the
+    command exits 130 and says that the same command goes on."""
+    out = tmp_path / "e.pt"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "bot.cli", "--config", str(config_file), "encoder", "train",
+                          "--model", "tiny", "--minutes", "10", "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    err, deadline = b"", time.monotonic() + 90
+    while b"training tiny's encoder: " not in err and time.monotonic() < deadline:  # the bar: signals are handled
+        if select.select([p.stderr], [], [], 1)[0]:
+            err += os.read(p.stderr.fileno(), 4096)
+    time.sleep(1)
+    p.send_signal(signal.SIGINT)
+    stdout, rest = p.communicate(timeout=60)
+    err = (err + rest).decode()
+    assert p.returncode == 130, err
+    step = torch.load(out, weights_only=True)["global_step"]
+    assert step > 0 and f"stopped: saved at step {step:,}; run the same command to go on" in err
+    assert f"{step:,} steps in all" in stdout.decode() and "Traceback" not in err
