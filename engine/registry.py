@@ -30,6 +30,7 @@ from engine.checkpoints import FAMILIES, CheckpointError, estimate_w_avg, load_g
 from engine.stylegan2 import Generator
 
 REGISTRY_FILE = Path(__file__).with_name("models.toml")
+ENCODERS_DIR = "encoders"  # in the weights cache: the encoders trained for its models, one file per model name
 CHUNK = 1 << 20
 DRIVE_DOWNLOAD = "https://drive.usercontent.google.com/download"  # where Google Drive serves a file's bytes
 
@@ -93,6 +94,11 @@ class WeightsCache:
     def path(self, entry: ModelEntry) -> Path:
         return self.root / entry.filename
 
+    def encoder_path(self, model: str) -> Path:
+        """Where the encoder trained for `model` lives (`stylebot encoder train` writes it, the engine reads it):
+        <weights dir>/encoders/<model>.pt."""
+        return self.root / ENCODERS_DIR / f"{model}.pt"
+
     def is_cached(self, entry: ModelEntry) -> bool:
         return entry.builtin or self.path(entry).is_file()
 
@@ -141,6 +147,19 @@ def load_model(name: str, cache: WeightsCache, *, device: str | torch.device = "
     if not path.is_file():
         raise WeightsError(f"model {name!r} is not downloaded: {fetch_hint(entry)}")
     return load_generator(path, model_id=name, device=device)
+
+
+def find_encoder(G: Generator, cache: WeightsCache, *, device: str | torch.device | None = None):
+    """The encoder trained for generator G (`stylebot encoder train --model G.model_id`), loaded and checked
+    against G's weights (an `EncoderCheckpoint`: `.encode(faces)`, faces at `.cfg.input_size` px from
+    `engine.images.encoder_input`), or None when none was trained. A file that is there but does not load, or
+    belongs to another generator (its fingerprint is not G's weights), raises a one-line CheckpointError."""
+    from engine.encoders import load_encoder
+
+    path = cache.encoder_path(G.model_id)
+    if not path.is_file():
+        return None
+    return load_encoder(path, device=device or G.mapping.w_avg.device, generator=G)
 
 
 def fetch_hint(entry: ModelEntry) -> str:
