@@ -5,7 +5,10 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
+# As `stylebot` does (bot/cli.py): torch's threads sleep at barriers instead of spinning, before torch loads OpenMP
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 import pytest_asyncio
 import redis.asyncio as redis
 import torch
