@@ -109,7 +109,8 @@ def main() -> None:
     layers = G.synthesis.style_channels(torgb=True)
     names = list(layers)
     rng = np.random.RandomState(SEED)
-    covered = sum(w for n, w in layers.items() if "RGB" not in n and not n.endswith("_32"))
+    top = f"_{G.img_resolution}"                                            # the block fs3 leaves out
+    covered = sum(w for n, w in layers.items() if "RGB" not in n and not n.endswith(top))
     fs3 = rng.randn(covered, dt.shape[0]).astype(np.float32)
     fs3 /= np.linalg.norm(fs3, axis=1, keepdims=True)
     code_std = [(0.2 + rng.rand(w)).astype(np.float32) for w in layers.values()]
@@ -130,7 +131,7 @@ def main() -> None:
     codes = ns["MSCode"](M, dlatents, boundary)                              # per layer [N, steps, channels]
     with np.errstate(all="ignore"):
         above, _ = ns["GetBoundary"](fs3, dt, M, float(r.max()) * 1.01)
-    nan_above = all(np.isnan(b).all() for b, n in zip(above, names) if "RGB" not in n and not n.endswith("_32"))
+    nan_above = all(np.isnan(b).all() for b, n in zip(above, names) if "RGB" not in n and not n.endswith(top))
 
     tensors = {"dt": torch.from_numpy(dt), "fs3": torch.from_numpy(fs3)}
     for n, b, c, s, sd in zip(names, boundary, codes, dlatents, code_std, strict=True):
@@ -139,7 +140,7 @@ def main() -> None:
     meta = {"source": f"orpatashnik/StyleCLIP {source_commit(args.styleclip)} global_torch/StyleCLIP.py "
                       "(imagenet_templates, zeroshot_classifier, GetDt, GetBoundary, SplitS), "
                       "global_torch/manipulate.py (Manipulator.MSCode)",
-            "target": TEXTS[0], "neutral": TEXTS[1], "beta": repr(beta), "alphas": repr(list(ALPHAS)),
+            "target": TEXTS[0], "neutral": TEXTS[1], "beta": repr(beta), "alphas": ",".join(map(repr, ALPHAS)),
             "num_c": str(int(num_c)), "layers": ",".join(names), "clip": TINY_CLIP,
             "clip_fingerprint": fingerprint(scorer.model), "generator_fingerprint": fingerprint(G),
             "theirs_nan_when_beta_above_max": str(nan_above)}
