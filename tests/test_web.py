@@ -188,6 +188,13 @@ async def test_the_page_shows_your_nickname_and_copies_it(web):
     assert await bare.evaluate("getSelection().toString()") == "@bob"
     await expect(bare.locator("header")).to_contain_text(re.compile("copied|selected"))
 
+    # the widest name allowed: cut short on a phone, never the page pushed sideways or the button off screen
+    wide = await join(browser, url, "W" * 23 + "p")
+    await expect(wide.locator("header")).to_contain_text("copy")
+    page_width, view_width, button_right = await wide.evaluate(
+        "[document.documentElement.scrollWidth, innerWidth, document.querySelector('#copy').getBoundingClientRect().right]")
+    assert view_width == 390 and page_width <= view_width and button_right <= view_width
+
 
 async def test_the_tiny_banner_says_what_comes_back_and_folds_after_the_first_result(web):
     url, browser = web
