@@ -354,7 +354,8 @@ class BotCore:
         """/status: the queue, the engine, and your face"""
         engines = await self.queue.engines_online()
         face = await self.store.face(cmd.user_id)
-        text = (f"engines online: {len(engines)}; jobs in the queue: {await self.queue.pending_count()}; "
+        restarting = " (the engine is restarting)" if not engines and await self.queue.restarting() else ""
+        text = (f"engines online: {len(engines)}{restarting}; jobs in the queue: {await self.queue.pending_count()}; "
                 + (f"your face: kept, made with the {face.model_id} model" if face else "no face for you yet"))
         return Reply(text + await self._notice())
 

@@ -285,7 +285,8 @@ class EngineSupervisor:
     Restarts wait `first_delay_s`, doubling up to `max_delay_s`, back to `first_delay_s` once an engine has stayed
     up `steady_s`. A dead engine is struck off the engines online at once (the chats say "offline", not "1 engine"),
     and each restart leaves a notice (`Keys.notice`, for `NOTICE_TTL_S`) that the chats show; the dead engine's jobs
-    are taken up at once by the next one, which runs under the same name. The first engine exiting with an error of
+    are taken up at once by the next one, which runs under the same name. Until it is up, it is said to be
+    restarting (`JobQueue.leave`), and the notice of an earlier restart goes. The first engine exiting with an error of
     its own before `STARTUP_S` (an unknown model, weights missing) is not retried: `run` stops, and the engine's own
     message says why.
     """
@@ -315,7 +316,7 @@ class EngineSupervisor:
     async def supervise(self, stop: asyncio.Event) -> None:
         """Watch the engine until `stop` is set; restart it when it exits (not when we stop it)."""
         delay = self.first_delay_s
-        while not await _stopped(stop, 0.5):
+        while not await _stopped(stop, 0.1):  # a dead engine is struck off within 0.1 s
             code = self.proc.poll()
             if code is None:
                 continue

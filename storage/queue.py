@@ -324,8 +324,9 @@ class JobQueue:
             p.zrem(self.keys.engines, engine)
             for info in (self.keys.engine_models, self.keys.engine_holders, self.keys.engine_random):
                 p.hdel(info, engine)
-            if restarting_s:
+            if restarting_s:  # and the notice of an earlier restart ("restarted at ...") is no longer true
                 p.set(self.keys.restarting, engine, ex=max(1, round(restarting_s)))
+                p.delete(self.keys.notice)
             await p.execute()
 
     async def restarting(self) -> bool:

@@ -82,9 +82,11 @@ async def test_a_killed_engine_is_restarted_and_the_web_chat_stays_up(tmp_path, 
             info = await http.get(url + "info")
             assert info.status == 200 and (await info.json())["nickname"] == "survivor"
             for _ in range(100):  # struck off at once (not after its heartbeat's 15 s): no "1 engine" for a dead one
-                if (await (await http.get(url + "info")).json())["engines"] == 0:
+                info = await (await http.get(url + "info")).json()
+                if info["engines"] == 0:
                     break
                 await asyncio.sleep(0.02)
+            assert info["restarting"]  # the page's badge says "engine restarting", not "offline"
             # a photo sent while it restarts is told so, and the new engine takes it
             result = await answer_with_a_face(http, url, said="finding your face: queued; the engine is restarting")
             second = int((await run.line(r"the engine is starting \(pid (\d+)\)")).group(1))
@@ -151,3 +153,26 @@ async def test_an_engine_that_cannot_start_stops_run_instead_of_restarting(clien
     assert sup.failed and stop.is_set() and sup.starts == 1
     assert capsys.readouterr().err == "error: the engine stopped (exit 1) before it came up; see its log above\n"
     assert await client.get(keys.notice) is None
+
+
+async def test_while_the_engine_restarts_the_chat_says_so_and_not_an_earlier_restart(client):
+    """A second death: the notice of the first restart ("restarted at ...") goes, /status and new jobs say the engine
+    is restarting."""
+    from bot.core import Command
+    from conftest import FIXTURES, Stack
+
+    stack = Stack(client)
+    try:
+        queue = stack.queue
+        await queue.ensure_groups(adapters=("web",))
+        await queue.post_notice("the engine restarted at 10:00 after it stopped unexpectedly (exit -9); jobs in "
+                                "flight are picked up again", 600)
+        await queue.beat("e", "tiny", 15)
+        await queue.leave("e", restarting_s=60)  # what the supervisor does when it finds it dead again
+        status = (await stack.core.handle(Command("web", "web:u1", "u1", "/status"))).text
+        photo = (FIXTURES / "faces" / "obama.jpg").read_bytes()
+        sent = (await stack.core.handle(Command("web", "web:u1", "u1", "/invert", photo=photo))).text
+        assert status.startswith("engines online: 0 (the engine is restarting);") and "restarted at" not in status
+        assert sent == "finding your face: queued; the engine is restarting"
+    finally:
+        await stack.close()

@@ -179,13 +179,14 @@ class WebChat:
 
     async def info(self, request: web.Request) -> web.Response:
         """Which model the engine runs (and whether it has random weights: blurry faces, edits that ignore their
-        words), whether it is online, who you are."""
+        words), whether it is online (or being restarted), who you are."""
         v, new = await self.visitor(request)
         engines = await self.core.queue.engines_online()
         engine, model = next(iter(engines.items()), (None, None))
         tiny = engine is not None and await self.core.queue.random_weights(engine)
+        restarting = not engines and await self.core.queue.restarting()
         return self._json({"nickname": v.nickname, "engines": len(engines), "model": model,
-                           "tiny": tiny, "download": cli_command(DOWNLOAD_HINT),
+                           "restarting": restarting, "tiny": tiny, "download": cli_command(DOWNLOAD_HINT),
                            "max_photo_bytes": self.core.limits.max_photo_bytes,
                            "actions": {a: getattr(self.core.chat, f"{a}_emoji").split()[0] for a in ACTIONS}}, new)
 

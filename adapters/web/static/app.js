@@ -121,7 +121,8 @@ async function refreshInfo() {
       return info;
     }
     actions = info.actions;
-    badge.textContent = info.model ? "model: " + info.model : "engine offline: jobs wait";
+    badge.textContent = info.model ? "model: " + info.model :
+      info.restarting ? "engine restarting: jobs wait" : "engine offline: jobs wait";
     badge.title = "the model the engine runs";
     badge.classList.toggle("offline", !info.model);
     $("tiny").hidden = !info.tiny;
