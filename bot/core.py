@@ -309,8 +309,9 @@ class BotCore:
                 return Reply(f"@{shown(name)} has not allowed morphs with their face: they can send /share to allow "
                              "it")
             if await self.store.face(uid) is None:
-                who = "you" if uid == cmd.user_id else f"@{shown(name)}"
-                return Reply(f"there is no face for {who} yet: send a photo with /invert first")
+                if uid == cmd.user_id:
+                    return Reply("there is no face for you yet: send a photo with /invert first")
+                return Reply(f"there is no face for @{shown(name)} yet: they need to send a photo with /invert first")
             users.append(uid)
             names[uid] = "you" if uid == cmd.user_id else f"@{shown(name)}"
         if users[0] == users[1]:
@@ -348,7 +349,8 @@ class BotCore:
         if not went:
             return Reply("done: I kept nothing about you", forgotten=True)
         jobs = f", and stopped your {stopped} unfinished job{'s' * (stopped > 1)}" if stopped else ""
-        return Reply(f"done: deleted everything I kept about you ({went} items){jobs}", forgotten=True)
+        return Reply(f"done: deleted everything I kept about you ({went} item{'s' * (went > 1)}){jobs}",
+                     forgotten=True)
 
     async def cmd_status(self, cmd: Command, rest: str) -> Reply:
         """/status: the queue, the engine, and your face"""

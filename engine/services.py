@@ -109,7 +109,8 @@ class Services:
         who = "you" if user_id == job.user_id else job.params.get("names", {}).get(user_id, user_id)
         if lat is None:
             await self.fail(job, "that result has expired; react to a newer one" if result_id else
-                                 f"there is no face for {who} yet: send a photo with /invert first")
+                                 "there is no face for you yet: send a photo with /invert first" if who == "you" else
+                                 f"there is no face for {who} yet: they need to send a photo with /invert first")
             return None
         if not lat.finite:
             await self.fail(job, f"the stored face of {who} is damaged (it holds invalid numbers): "

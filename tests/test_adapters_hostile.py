@@ -89,7 +89,7 @@ async def test_a_nickname_that_is_not_text_is_refused_not_spelled_out(web, nickn
     """{"nickname": null} and {"nickname": true} were taken as the names "None" and "True"."""
     http, _ = web
     assert await one_line(await http.post("/nickname", json={"nickname": nickname}), 400) == \
-        "a nickname is 2 to 24 letters, digits or _"
+        "a nickname is 2 to 24 Latin letters (a-z), digits or _"
     assert (await (await http.get("/info")).json())["nickname"] == "eve"
 
 

@@ -105,11 +105,13 @@ async def test_edit_without_a_face_says_how_to_get_one(bot):
 
 async def test_morph_needs_the_other_persons_consent(bot):
     await give_face(bot, "alice")
-    await give_face(bot, "bob")
     await bot.handle(say("/help", user="bob"))  # bob has talked to the bot: @bob resolves
     reply = await bot.handle(say("/morph @me @bob"))
     assert reply.text == "@bob has not allowed morphs with their face: they can send /share to allow it"
     await bot.handle(say("/share", user="bob"))
+    reply = await bot.handle(say("/morph @me @bob"))  # the step left is bob's, and the answer says so
+    assert reply.text == "there is no face for @bob yet: they need to send a photo with /invert first"
+    await give_face(bot, "bob")
     reply = await bot.handle(say("/morph @me @bob 12"))
     assert reply.job_id and reply.text.startswith("morphing: ")
     await bot.handle(say("/unshare", user="bob"))

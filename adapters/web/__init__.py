@@ -199,7 +199,7 @@ class WebChat:
         name = body.get("nickname", "")
         name = name.strip().lstrip("@") if isinstance(name, str) else ""  # null, true, 7: not a name
         if not NICKNAME.fullmatch(name):
-            return self._json({"error": "a nickname is 2 to 24 letters, digits or _"}, new, 400)
+            return self._json({"error": "a nickname is 2 to 24 Latin letters (a-z), digits or _"}, new, 400)
         if name.lower() == "me" or await self.core.claim_name("web", v.user_id, name):  # atomic: one winner
             return self._json({"error": f"@{name} is taken: choose another nickname"}, new, 409)
         v.nickname, v.named = name, True
