@@ -284,8 +284,11 @@ SIZE_HELP = ("write each face PX pixels wide (default: the model's own size, e.g
 
 def display_size(text: str) -> int:
     """argparse type for --size: how many pixels wide a face is written, 16 to MAX_SIZE."""
-    n = positive_int(text)
-    if not 16 <= n <= MAX_SIZE:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a size is a whole number of pixels, got {text!r}") from None
+    if not 16 <= n <= MAX_SIZE:  # 0 and -5 get the same answer as 5
         raise argparse.ArgumentTypeError(f"a size goes from 16 to {MAX_SIZE} pixels, got {n}")
     return n
 
@@ -324,10 +327,10 @@ def check_writable(path: Path | None, suffixes: tuple[str, ...] = (), hint: str 
     makes no folders). `suffixes`: the endings allowed (any when empty), `hint`: what to say about another ending."""
     if path is None:
         return
+    if path.is_dir():  # before its ending: a folder is not a misnamed file
+        raise StylebotError(f"cannot write {path}: it is a folder; name a file in it")
     if suffixes and path.suffix.lower() not in suffixes:
         raise StylebotError(f"{path}: {hint}")
-    if path.is_dir():
-        raise StylebotError(f"cannot write {path}: it is a folder; name a file in it")
     blocker = next(p for p in (path.parent, *path.parent.parents) if p.exists())
     if blocker != path.parent and blocker.is_dir():
         raise StylebotError(f"cannot write {path}: there is no folder {path.parent}; make it first")

@@ -193,6 +193,9 @@ def test_counts_below_one_are_usage_errors(config_file, capsys, args):
      "must be at most 100,000 steps, got 1,000,000,000,000"),  # numpy would ask for 3.64 TiB
     (["edit", "me.npz", "smile", "--out", "x.png", "--steps", str(10**21)], "must be at most 100,000 steps"),
     (["engine", "--edit-steps", "100001"], "must be at most 100,000 steps, got 100,001"),
+    (["generate", "--out", "x.png", "--size", "0"], "a size goes from 16 to 4096 pixels, got 0"),  # as for 5
+    (["generate", "--out", "x.png", "--size", "5"], "a size goes from 16 to 4096 pixels, got 5"),
+    (["generate", "--out", "x.png", "--size", "abc"], "a size is a whole number of pixels, got 'abc'"),
 ])
 def test_numbers_out_of_range_are_usage_errors(config_file, capsys, args, message):
     """Seeds NumPy refuses, a seed range of ten billion (refused before it is built), GIF frame times that do not
@@ -259,9 +262,12 @@ def test_an_output_that_is_a_folder_or_has_a_wrong_ending_is_refused(tmp_path, c
     rc, err = cli("generate", "--out", tmp_path / "folder.png")
     folder = tmp_path / "folder.png"
     assert rc == 1 and one_line(err) == f"error: cannot write {folder}: it is a folder; name a file in it"
+    (tmp_path / "out").mkdir()  # a folder without the ending is a folder too, not a misnamed file
+    rc, err = cli("generate", "--out", tmp_path / "out")
+    assert rc == 1 and one_line(err) == f"error: cannot write {tmp_path / 'out'}: it is a folder; name a file in it"
     rc, err = cli("invert", OBAMA, "--out", tmp_path / "me.npz", "--image", tmp_path / "me.npz")
     assert rc == 1 and one_line(err) == f"error: {tmp_path / 'me.npz'}: end the image's file name with .png or .jpg"
-    assert files(tmp_path) == {"config.toml", "folder.png"}
+    assert files(tmp_path) == {"config.toml", "folder.png", "out"}
 
 
 def test_a_weights_cache_that_cannot_be_written_is_one_line(tmp_path, capsys):
