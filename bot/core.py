@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutErr
 from bot.config import ChatConfig, EditConfig, LimitsConfig
 from bot.photos import check_photo, human_size  # noqa: F401 - human_size is imported from here by the adapters
 from storage.connect import unreachable
-from storage.errors import StylebotError
+from storage.errors import StylebotError, no_face_yet
 from storage.keys import Keys
 from storage.latents import LatentStore
 from storage.queue import JobQueue
@@ -197,7 +197,7 @@ class BotCore:
         if not redo:
             return Reply("that result cannot be redone; send the command again")
         if redo["op"] in ("edit", "morph") and await self.store.face(reaction.user_id) is None:
-            return Reply("there is no face for you yet: send a photo with /invert first")
+            return Reply(no_face_yet("you"))
         if redo["op"] == "morph":
             for uid in (redo["params"]["a"], redo["params"]["b"]):
                 if uid != reaction.user_id and not await self.store.is_shared(uid):
@@ -309,9 +309,7 @@ class BotCore:
                 return Reply(f"@{shown(name)} has not allowed morphs with their face: they can send /share to allow "
                              "it")
             if await self.store.face(uid) is None:
-                if uid == cmd.user_id:
-                    return Reply("there is no face for you yet: send a photo with /invert first")
-                return Reply(f"there is no face for @{shown(name)} yet: they need to send a photo with /invert first")
+                return Reply(no_face_yet("you" if uid == cmd.user_id else f"@{shown(name)}"))
             users.append(uid)
             names[uid] = "you" if uid == cmd.user_id else f"@{shown(name)}"
         if users[0] == users[1]:
@@ -326,7 +324,7 @@ class BotCore:
         if len(prompt) > self.edit.max_prompt_chars:
             return Reply(f"the prompt is {len(prompt)} characters long; keep it under {self.edit.max_prompt_chars}")
         if await self.store.face(cmd.user_id) is None:
-            return Reply("there is no face for you yet: send a photo with /invert first")
+            return Reply(no_face_yet("you"))
         return await self._enqueue(cmd, "edit", {"prompt": prompt})
 
     async def cmd_share(self, cmd: Command, rest: str) -> Reply:

@@ -180,11 +180,11 @@ class Engine:
                 start.append(self.backlog.popleft())
         elif not self.isolated and self._quiet():
             if self.suspects[0].suspect > 1:
-                start = [self.suspects.popleft()]
+                start = [self.suspects[0]]
             else:
                 start = [j for j in self.suspects if j.suspect == 1][:s.settings.max_active]
-                self.suspects = deque(j for j in self.suspects if j.suspect != 1 or j not in start)
             self.isolated = {j.job_id: j for j in start}
+            self.suspects = deque(j for j in self.suspects if j.job_id not in self.isolated)
             log.info("%d job(s) running when an engine died: running %s", len(start),
                      "it alone" if len(start) == 1 else "them with nothing else beside them")
         if start:

@@ -19,6 +19,7 @@ from engine.edit import DEFAULT_EDIT_RECIPE, EDIT_RECIPES
 from engine.invert import DEFAULT_RECIPE, RECIPES
 from engine.latent_files import FAMILY_NAMES
 from engine.registry import registry_entries
+from storage.errors import no_face_yet
 from storage.latents import LatentStore, StoredLatent
 from storage.queue import JobQueue, Write
 from storage.records import Job, ResultEvent
@@ -108,9 +109,7 @@ class Services:
         lat = await (self.store.result(user_id, result_id) if result_id else self.store.face(user_id))
         who = "you" if user_id == job.user_id else job.params.get("names", {}).get(user_id, user_id)
         if lat is None:
-            await self.fail(job, "that result has expired; react to a newer one" if result_id else
-                                 "there is no face for you yet: send a photo with /invert first" if who == "you" else
-                                 f"there is no face for {who} yet: they need to send a photo with /invert first")
+            await self.fail(job, "that result has expired; react to a newer one" if result_id else no_face_yet(who))
             return None
         if not lat.finite:
             await self.fail(job, f"the stored face of {who} is damaged (it holds invalid numbers): "

@@ -1,6 +1,7 @@
 """The base of every error whose message is meant for a person: one line, shown without a traceback; and `command`,
 which names a stylebot command the way this user can run it. Every process raises these, so they live in the layer
-every other one stands on (`storage` imports no other package of ours)."""
+every other one stands on (`storage` imports no other package of ours). `no_face_yet` is a line both the front
+ends and the engine answer with."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ _prog = "stylebot"
 
 class StylebotError(Exception):
     """A refusal or failure the user can act on; str(e) is the whole message."""
+
+
+def no_face_yet(who: str) -> str:
+    """The answer when `who` ("you", or "@name" of someone else) has no stored face: the step left, and whose it is.
+    Said by the front ends (at once) and by the engine (when a face went meanwhile)."""
+    if who == "you":
+        return "there is no face for you yet: send a photo with /invert first"
+    return f"there is no face for {who} yet: they need to send a photo with /invert first"
 
 
 def command(rest: str) -> str:

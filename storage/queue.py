@@ -1,7 +1,8 @@
 """Jobs on a Redis Stream with a consumer group: admit (limits checked and the job queued in one atomic step), claim,
 acknowledge only after the result is stored, reclaim a dead engine's jobs (XAUTOCLAIM), fail a job that made its
-engine die or raise on its own (`FAULTS_TO_FAIL` times, see `lua.JUDGE`) with a reason the user sees. Results go back on a stream per adapter, stored at most once per job; progress
-goes out on a pub/sub channel and is never stored.
+engine die or raise on its own (`FAULTS_TO_FAIL` times, see `lua.JUDGE`) with a reason the user sees. Results go
+back on a stream per adapter, stored at most once per job; progress goes out on a pub/sub channel and is never
+stored.
 
 Users' data (see `storage.keys.Keys.epoch`): every job carries its user's epoch token, and everything the engine
 writes for a job (the face, the result's latents, the aligned crop, the answer) is written by one script that first
