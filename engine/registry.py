@@ -336,11 +336,7 @@ def import_file(src: str | Path, name: str, cache: WeightsCache) -> Path:
     if name in entries and entries[name].family == "encoder":  # a registry encoder (e4e, pSp) fetched by hand
         entry = entries[name]
         validate(entry, src)  # raises CheckpointError with the reason
-        cache.ensure_root()
-        part = cache.path(entry).with_name(entry.filename + ".part")
-        shutil.copyfile(src, part)
-        _accept(part, cache.path(entry), entry, cache, loaded=True)
-        return cache.path(entry)
+        return _copy_in(src, entry, cache)
     G = load_generator(src)  # raises CheckpointError with the reason
     if name in entries and entries[name].builtin:
         raise WeightsError(f"{name!r} is a built-in model; import under another name")
@@ -351,14 +347,20 @@ def import_file(src: str | Path, name: str, cache: WeightsCache) -> Path:
     else:
         entry = ModelEntry(name=name, family=G.cfg.family, about=f"imported from {src.name}",
                            resolution=G.img_resolution, format=_layout(src, G), filename=f"{name}{src.suffix}")
+    dest = _copy_in(src, entry, cache)
+    if name not in entries:
+        fields = {k: getattr(entry, k) for k in ("family", "about", "resolution", "format", "filename")}
+        cache._update_json("imported.json", {name: fields})
+    return dest
+
+
+def _copy_in(src: Path, entry: ModelEntry, cache: WeightsCache) -> Path:
+    """A file that loaded, copied into the cache under `entry`'s name (through a `.part` file, hash recorded)."""
     cache.ensure_root()
     dest = cache.path(entry)
     part = dest.with_name(dest.name + ".part")
     shutil.copyfile(src, part)
     _accept(part, dest, entry, cache, loaded=True)
-    if name not in entries:
-        fields = {k: getattr(entry, k) for k in ("family", "about", "resolution", "format", "filename")}
-        cache._update_json("imported.json", {name: fields})
     return dest
 
 

@@ -287,3 +287,21 @@ def test_an_encoder_is_downloaded_through_drives_confirmation_and_checked_before
         assert list(cache.root.iterdir()) == []
     finally:
         drive.httpd.shutdown()
+
+
+def test_an_encoder_fetched_by_hand_is_imported_under_its_registry_name_once_it_loads(tmp_path, generator):
+    import engine.registry as registry
+
+    _, state = generator
+    write_checkpoint(tmp_path / "e4e.pt", state)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    toml = tmp_path / "models.toml"
+    toml.write_text('[e4e-mini]\nfamily = "encoder"\nresolution = 32\nformat = "e4e"\ngenerator = "mini"\nurl = ""\n'
+                    'source = "a test"\nfilename = "e4e_mini.pt"\nsha256 = ""\n')
+    cache = registry.WeightsCache(tmp_path / "w", registry=toml)
+    with pytest.raises(CheckpointError):
+        registry.import_file(tmp_path / "junk.pt", "e4e-mini", cache)
+    assert not cache.path(cache.entry("e4e-mini")).exists()
+    path = registry.import_file(tmp_path / "e4e.pt", "e4e-mini", cache)
+    assert path == cache.path(cache.entry("e4e-mini")) and path.read_bytes() == (tmp_path / "e4e.pt").read_bytes()
+    assert load_encoder(path, generator=generator[0]).decoder_resolution == 32
