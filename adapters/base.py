@@ -45,6 +45,7 @@ class Result:
     model: str = ""                     # the generator that made it, e.g. "ffhq-1024"
     actions: tuple[str, ...] = ()       # the reruns that apply (buttons to show), see `bot.core.RESULT_ACTIONS`
     shows: str = ""                     # what the result shows: "face" | "edit" | "morph" ("" when unknown)
+    first: bool = False                 # a first answer: the job's refined answer will replace it in place
 
     @classmethod
     def of(cls, event: ResultEvent) -> "Result":
@@ -54,7 +55,7 @@ class Result:
                        model=event.model)
         return cls(event.job_id, event.user_id, True, event.text, media=event.media, payload=event.payload,
                    result_id=event.result_id or None, engine=event.engine, model=event.model, shows=event.shows,
-                   actions=result_actions(event.shows) if event.result_id else ())
+                   actions=result_actions(event.shows) if event.result_id else (), first=event.first)
 
     @property
     def filename(self) -> str:
@@ -68,7 +69,9 @@ class Platform(Protocol):
         """Show how far a job is (edit the status message `origin.status`, if any). May drop updates."""
 
     async def show_result(self, origin: Origin, result: Result) -> str | None:
-        """Post a result (or its failure) where `origin` says; return the posted message's ref for reactions."""
+        """Post a result (or its failure) where `origin` says; return the posted message's ref for reactions. A
+        result whose job was answered first (`origin.answer`: the message that shows the first answer) replaces that
+        message's image and caption in place (posted anew when that message is gone)."""
 
     async def show_notice(self, origin: Origin, text: str) -> None:
         """Post a line to someone where `origin` says (where they said /share), not as an answer to a job of theirs;
@@ -163,9 +166,10 @@ class EventPump:
         _raise_if_cancelled()  # what was read stays pending: the next pump posts it
         await self._show_progress_read(answering={e.job_id for _, e in events})
         done = 0
+        finals = {e.job_id for _, e in events if not e.first}
         for entry_id, event in events:
-            if await self._post_result(event):
-                await queue.ack_event(self.platform.name, entry_id, event.user_id, event.job_id)
+            if await self._post_result(event, superseded=event.first and event.job_id in finals):
+                await queue.ack_event(self.platform.name, entry_id, event.user_id, event.ref)
                 done += 1
         if events and not done:
             await asyncio.sleep(0.5)  # only results the platform refused: do not spin on them
@@ -209,17 +213,25 @@ class EventPump:
         except Exception:  # noqa: BLE001 - progress is best effort
             log.warning("%s: could not show progress of %s", self.platform.name, job_id, exc_info=True)
 
-    async def _post_result(self, event: ResultEvent) -> bool:
-        """True when the event is dealt with (posted, or given up on)."""
+    async def _post_result(self, event: ResultEvent, superseded: bool = False) -> bool:
+        """True when the event is dealt with (posted, or given up on). A first answer is posted and its message kept
+        in the job's origin (the refined answer replaces it there), unless the refined answer is here already
+        (`superseded`: read with it, or posted before it after the platform refused it at first)."""
         job_id = event.job_id
-        self._last_progress.pop(job_id, None)
-        self._previews.pop(job_id, None)
-        self._finished[job_id] = None
-        while len(self._finished) > 1000:
-            self._finished.popitem(last=False)
+        if event.first and (superseded or job_id in self._finished):
+            return True
+        if not event.first:  # the job's last answer: its progress ends
+            self._last_progress.pop(job_id, None)
+            self._previews.pop(job_id, None)
+            self._finished[job_id] = None
+            while len(self._finished) > 1000:
+                self._finished.popitem(last=False)
         origin = await self.core.origin(event.user_id, job_id)
         if origin is None:  # the user said /forget, or the origin expired: nobody to answer
             return True
+        if event.type != "done" and origin.answer:  # the refinement failed: the first answer stays
+            event = replace(event, error=f"refining the first answer failed ({event.error}); the first answer "
+                                         "stays your result")
         if event.type == "done" and event.others:  # a morph: the other person may have withdrawn since
             withdrawn = await self.core.withdrawn(event)
             if withdrawn:
@@ -238,7 +250,9 @@ class EventPump:
         self._attempts.pop(job_id, None)
         if ref is not None and result.result_id:
             await self.core.remember_result(self.platform.name, ref, result.user_id, result.result_id, event.epoch)
-        if result.ok:
+        if ref is not None and result.first:
+            await self.core.queue.set_answer(result.user_id, job_id, ref)
+        if result.ok and not result.first:
             await self._tell_others(event)
         return True
 

@@ -53,6 +53,17 @@ class WeightsConfig:
 
 
 @dataclass(frozen=True)
+class InvertConfig:
+    encoder: str = "auto"               # the first answer's encoder: auto (the one trained for the model, else a
+                                        # downloaded e4e / pSp of it) | none | a registry name (e4e-ffhq, psp-ffhq)
+    refine: str = "always"             # always (the optimisation refines the encoder's face) | never
+
+    def __post_init__(self):
+        if self.refine not in ("always", "never"):
+            raise ConfigError(f"[invert] refine must be \"always\" or \"never\", got {self.refine!r}")
+
+
+@dataclass(frozen=True)
 class EditConfig:
     clip_model: str = "ViT-B-32"        # open_clip architecture for /edit ("stylebot-tiny-clip" = tiny, random)
     clip_pretrained: str = "openai"     # open_clip pretrained tag (downloaded once into open_clip's cache)
@@ -129,6 +140,7 @@ class DiscordConfig:
 class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
+    invert: InvertConfig = field(default_factory=InvertConfig)
     edit: EditConfig = field(default_factory=EditConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -140,7 +152,7 @@ class Config:
     source: str = "defaults"            # the file this came from (not an option)
 
 
-SECTIONS = {"engine": EngineConfig, "weights": WeightsConfig, "edit": EditConfig, "redis": RedisConfig,
+SECTIONS = {"engine": EngineConfig, "weights": WeightsConfig, "invert": InvertConfig, "edit": EditConfig, "redis": RedisConfig,
             "queue": QueueConfig, "limits": LimitsConfig, "chat": ChatConfig, "web": WebConfig,
             "telegram": TelegramConfig, "discord": DiscordConfig}
 

@@ -629,7 +629,20 @@ def cmd_engine(args: argparse.Namespace, cfg: Config) -> int:
         max_active = auto_max_active(G, vgg, precision=precision)
     settings = EngineSettings(name=args.name, max_active=max_active, drain_s=cfg.engine.drain_s, precision=precision,
                               compile=use_compile(dev, cfg.engine.compile), heartbeat_ttl_s=cfg.queue.heartbeat_ttl_s,
-                              invert_steps=args.invert_steps, edit_steps=args.edit_steps)
+                              invert_steps=args.invert_steps, edit_steps=args.edit_steps,
+                              refine=cfg.invert.refine == "always")
+    from engine.encoders import load_encoder
+    from engine.registry import encoder_file
+    from engine.services import EncoderSlot
+
+    cache = _cache(cfg)
+    encoder_file(G.model_id, cache, cfg.invert.encoder)  # a named encoder that is not there: refused now, in one line
+    encoder = EncoderSlot(lambda: encoder_file(G.model_id, cache, cfg.invert.encoder),
+                          lambda path: load_encoder(path, device=dev, generator=G))
+    if encoder.get() is None:
+        logging.getLogger("stylebot.engine").info(
+            "no encoder for %s: /invert answers once, after the optimisation (`stylebot encoder train --model %s` "
+            "makes one)", G.model_id, G.model_id)
 
     async def serve() -> None:
         client = connect(args.redis or cfg.redis.url, max_connections=cfg.redis.max_connections,
@@ -643,7 +656,8 @@ def cmd_engine(args: argparse.Namespace, cfg: Config) -> int:
             loop.add_signal_handler(sig, stop.set)
         try:
             store = LatentStore(client, keys, result_ttl_s=cfg.chat.result_ttl_s)
-            await Engine(G, queue, store, vgg=vgg, clip_factory=clip_factory, settings=settings).run(stop)
+            await Engine(G, queue, store, vgg=vgg, clip_factory=clip_factory, encoder=encoder,
+                         settings=settings).run(stop)
         finally:
             await client.aclose()
 

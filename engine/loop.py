@@ -47,9 +47,9 @@ log = logging.getLogger("stylebot.engine")
 class Engine:
     """One engine process's loop (see the module's docstring)."""
 
-    def __init__(self, G, queue: JobQueue, store: LatentStore, *, vgg, clip_factory=None,
+    def __init__(self, G, queue: JobQueue, store: LatentStore, *, vgg, clip_factory=None, encoder=None,
                  settings: EngineSettings = EngineSettings()):
-        self.s = Services(G, queue, store, vgg=vgg, clip_factory=clip_factory, settings=settings)
+        self.s = Services(G, queue, store, vgg=vgg, clip_factory=clip_factory, encoder=encoder, settings=settings)
         self.pool = OptimisationPool(G, vgg=vgg, preview_every=settings.preview_every, precision=settings.precision)
         self.backlog: deque[Job] = deque()   # claimed, to be prepared
         self.suspects: deque[Job] = deque()  # claimed, running beside others when an engine died: run apart

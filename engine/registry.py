@@ -149,15 +149,38 @@ def load_model(name: str, cache: WeightsCache, *, device: str | torch.device = "
     return load_generator(path, model_id=name, device=device)
 
 
-def find_encoder(G: Generator, cache: WeightsCache, *, device: str | torch.device | None = None):
-    """The encoder trained for generator G (`stylebot encoder train --model G.model_id`), loaded and checked
-    against G's weights (an `EncoderCheckpoint`: `.encode(faces)`, faces at `.cfg.input_size` px from
-    `engine.images.encoder_input`), or None when none was trained. A file that is there but does not load, or
-    belongs to another generator (its fingerprint is not G's weights), raises a one-line CheckpointError."""
+def encoder_file(model: str, cache: WeightsCache, choice: str = "auto") -> Path | None:
+    """The file of generator `model`'s encoder that `[invert] encoder` names: "auto" = the one trained for it
+    (`stylebot encoder train`), else a downloaded published one made for it (registry order: e4e before pSp), else
+    None; "none" = None; a registry name = that file (a one-line WeightsError when it is not an encoder or not
+    downloaded). Cheap (a few `stat`s): the engine asks again before each first answer, so that an encoder trained
+    while it runs is used from then on."""
+    if choice == "none":
+        return None
+    if choice != "auto":
+        entry = cache.entry(choice)
+        if entry.family != "encoder":
+            raise WeightsError(f"[invert] encoder: {choice!r} is a {entry.family} model, not an encoder")
+        if not cache.path(entry).is_file():
+            raise WeightsError(f"encoder {choice!r} is not downloaded: {fetch_hint(entry)}")
+        return cache.path(entry)
+    trained = cache.encoder_path(model)
+    if trained.is_file():
+        return trained
+    return next((cache.path(e) for e in cache.entries().values()
+                 if e.family == "encoder" and e.generator == model and cache.path(e).is_file()), None)
+
+
+def find_encoder(G: Generator, cache: WeightsCache, *, choice: str = "auto",
+                 device: str | torch.device | None = None):
+    """The encoder of generator G that `choice` names (`encoder_file`), loaded and checked against G's weights (an
+    `EncoderCheckpoint`: `.encode(faces)`, faces at `.cfg.input_size` px from `engine.images.encoder_input`), or
+    None. A file that is there but does not load, or belongs to another generator (its fingerprint is not G's
+    weights), raises a one-line CheckpointError."""
     from engine.encoders import load_encoder
 
-    path = cache.encoder_path(G.model_id)
-    if not path.is_file():
+    path = encoder_file(G.model_id, cache, choice)
+    if path is None:
         return None
     return load_encoder(path, device=device or G.mapping.w_avg.device, generator=G)
 

@@ -10,7 +10,9 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -46,14 +48,50 @@ class EngineSettings:
     precision: str = "fp32"             # "fp32" | "tf32" | "bf16", resolved (engine.device)
     compile: bool = False               # compile the generator at start-up (CUDA) for the pool's sizes
     morph_chunk: int = 4                # morph frames rendered between two ticks (= morph()'s batch)
+    refine: bool = True                 # an /invert answered first by an encoder is then refined by the optimisation
+
+
+class EncoderSlot:
+    """The encoder of the engine's generator, for first answers: `get()` loads the file `find()` names (None: no
+    encoder) and loads it again whenever that file changes, so that an encoder trained while the engine runs (tiny's,
+    at the first start of `stylebot run`) is used from the next /invert on. A file that does not load is logged once
+    and not used (the engine answers after the optimisation, as without an encoder). Thread-safe: first answers
+    are prepared in threads."""
+
+    def __init__(self, find: Callable[[], Path | None], load: Callable[[Path], object]):
+        self.find, self.load = find, load
+        self._stamp: tuple | None = None
+        self._encoder = None
+        self._lock = threading.Lock()
+
+    def get(self):
+        """The encoder (an `engine.encoders.EncoderCheckpoint`), or None."""
+        with self._lock:
+            try:
+                path = self.find()
+                stamp = None if path is None else (str(path), path.stat().st_mtime_ns, path.stat().st_size)
+            except Exception as e:  # noqa: BLE001 - a choice that names nothing usable (logged once): no encoder
+                path, stamp = None, ("error", str(e))
+                if stamp != self._stamp:
+                    log.warning("no encoder for first answers: %s", e)
+            if stamp != self._stamp:
+                self._stamp, self._encoder = stamp, None
+                if path is not None:
+                    try:
+                        self._encoder = self.load(path)
+                        log.info("first answers by the encoder %s", path)
+                    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: logged, not used
+                        log.warning("the encoder %s is not used: %s", path, e)
+            return self._encoder
 
 
 class Services:
     """One engine process's parts (see the module's docstring)."""
 
     def __init__(self, G, queue: JobQueue, store: LatentStore, *, vgg, clip_factory: Callable | None = None,
-                 settings: EngineSettings = EngineSettings()):
+                 encoder: EncoderSlot | None = None, settings: EngineSettings = EngineSettings()):
         self.G, self.queue, self.store, self.vgg = G, queue, store, vgg
+        self.encoder = encoder or EncoderSlot(lambda: None, lambda path: None)  # first answers (none by default)
         self.settings = settings
         self.holder = f"{socket.gethostname()}:{os.getpid()}"  # this process, as its heartbeat says
         self.name = settings.name or self.holder
@@ -72,17 +110,23 @@ class Services:
     # -- answers -------------------------------------------------------------------------------------------------
 
     async def finish(self, job: Job, text: str, *, media: str, shows: str, payload: bytes, writes: list[Write] = (),
-                     refusal: str = "") -> None:
+                     refusal: str = "", first: bool = False) -> bool:
         """Store `writes` and post the job's result (rerunnable), in one step guarded by the user's epoch (a user who
         said /forget meanwhile gets nothing stored and no answer): `media` says what `payload` is ("image" or
         "animation"), `shows` what it shows ("face", "edit" or "morph"); `refusal` is the answer instead when the
-        other person of a morph stopped sharing."""
+        other person of a morph stopped sharing. With `first`, a first answer: stored and posted the same way (once,
+        however often the job runs), and the job goes on; the refined answer later stores under the same result id
+        and its message updates the first one's in place. False when the user's data went meanwhile (the job is
+        over)."""
         event = ResultEvent.done(job, text, media=media, shows=shows, result_id=job.job_id, model=self.G.model_id,
-                                 engine=self.name, payload=payload)
-        if await self.queue.finish(job, event, writes=writes, refusal=refusal) < 0:
+                                 engine=self.name, payload=payload, first=first)
+        stored = await self.queue.finish(job, event, writes=writes, refusal=refusal)
+        if stored < 0:
             log.info("job %s: its user's data went while it ran (they said /forget, or Redis lost its data); nothing "
                      "stored", job.job_id)
-        self.claimed.pop(job.job_id, None)
+        if not first or stored < 0:
+            self.claimed.pop(job.job_id, None)
+        return stored >= 0
 
     async def fail(self, job: Job, reason: str) -> None:
         """Answer the job with a one-line reason and acknowledge it."""

@@ -132,11 +132,13 @@ return {'ok', redis.call('XLEN', jobs)}
 # run twice after a crash is stored and posted once, a job whose user said /forget meanwhile stores nothing, and a
 # morph whose other person stopped sharing (or said /forget) is answered with `refusal` and stores nothing either.
 # Every write and the result's body are listed in the user's index and, for a morph, the other person's too (their
-# face is in it), and the result's entry in both outboxes: whichever of them says /forget, it goes. Returns 1 when
-# stored, 0 when stored before, -1 when nothing was (the user said /forget, or `post` is '0').
+# face is in it), and the result's entry in both outboxes: whichever of them says /forget, it goes. A first answer
+# (`final` '0': an encoder's face, before the optimisation refines it) is stored and posted the same way, once (its
+# own `done` key and body), but leaves the job running. Returns 1 when stored, 0 when stored before, -1 when nothing
+# was (the user said /forget, or `post` is '0').
 FINISH = Script(
     keys={
-        "done": "set once the job's result is stored",
+        "done": "set once the job's result (or, for a first answer, that answer) is stored",
         "results": "the results stream of the job's adapter",
         "jobs": "the jobs stream",
         "photo": "the job's input photo",
@@ -144,7 +146,7 @@ FINISH = Script(
         "index": "the user's index",
         "outbox": "the user's unposted results",
         "job_data": "the job's body",
-        "result_data": "the result's body (its event and payload)",
+        "result_data": "the answer's body (its event and payload)",
         "epoch": "the user's epoch token",
         "trial": "what the job's runs showed (its engines' deaths and raises)",
     },
@@ -165,6 +167,8 @@ FINISH = Script(
         "n_writes": "how many writes",
         "index_ttl": "TTL of an index (s)",
         "post": "'1', or '0': acknowledge the job, store and answer nothing",
+        "ref": "what the results stream entry names: the job's id, or for a first answer its own id",
+        "final": "'1': the job's answer (the job is acknowledged); '0': a first answer (the job goes on running)",
     },
     more_args="the other people's epoch tokens; then per write: TTL, #fields (0: a string value follows), fields",
     body="""
@@ -174,7 +178,10 @@ local function ack()
   redis.call('DEL', photo, job_data, trial)
   redis.call('HDEL', user_jobs, job_id)
 end
-if redis.call('EXISTS', done) == 1 then ack() return 0 end
+if redis.call('EXISTS', done) == 1 then
+  if final == '1' then ack() end
+  return 0
+end
 if guarded == '1' and (redis.call('GET', epoch) or '') ~= epoch_token then ack() return -1 end
 if post == '0' then ack() return -1 end
 local answer, image, allowed = event, payload, true
@@ -217,13 +224,13 @@ for _, each in ipairs(indexes) do
   if redis.call('TTL', each) < tonumber(index_ttl) then redis.call('EXPIRE', each, index_ttl) end
 end
 redis.call('SET', done, '1', 'EX', life)
-local id = redis.call('XADD', results, '*', 'ref', job_id)
+local id = redis.call('XADD', results, '*', 'ref', ref)
 redis.call('XTRIM', results, 'MINID', '~', oldest)
 for _, each in ipairs(outboxes) do
   redis.call('SADD', each, id)
   if redis.call('TTL', each) < life then redis.call('EXPIRE', each, life) end
 end
-ack()
+if final == '1' then ack() end
 return 1
 """)
 

@@ -360,7 +360,10 @@ class JobQueue:
         """Store the job's writes and its result `event` (with its image / GIF payload) once, acknowledge the job,
         drop its photo: 1 when this call stored it, 0 when it was stored before (a job run twice), -1 when its user
         said /forget since it was queued (nothing written). `refusal`: the answer instead of the result when the
-        other person of a morph no longer shares at this moment (then nothing else is written either)."""
+        other person of a morph no longer shares at this moment (then nothing else is written either).
+
+        With a first answer (`event.first`), the same once and guarded, but the job is not acknowledged: it goes on
+        (its refinement), and a job run again after a crash does not answer first twice."""
         return await self._store(job, event, writes, refusal, post=True)
 
     async def fail(self, job: Job, reason: str, engine: str = "") -> int:
@@ -382,16 +385,18 @@ class JobQueue:
             else:
                 specs += [w.ttl_s, 0, w.value]
         now = time.time()
+        ref = event.ref if event else job.job_id
         return int(await self._finish(
-            done=k.done(job.job_id), results=k.results(job.adapter), jobs=k.jobs, photo=k.photo(job.job_id),
+            done=k.done(ref), results=k.results(job.adapter), jobs=k.jobs, photo=k.photo(job.job_id),
             user_jobs=k.user_jobs(uid), index=k.index(uid), outbox=k.outbox(uid), job_data=k.job_data(job.job_id),
-            result_data=k.result_data(job.job_id), epoch=k.epoch(uid), trial=k.trial(job.job_id),
+            result_data=k.result_data(ref), epoch=k.epoch(uid), trial=k.trial(job.job_id),
             ttl=self.result_ttl_s, event=event.to_json() if event else "", group=ENGINE_GROUP,
             entry=job.message_id, job_id=job.job_id, payload=event.payload if event else b"",
             refusal=ResultEvent.failed(job, refusal, engine=event.engine).to_json() if event else "",
             oldest=f"{int((now - self.result_ttl_s) * 1000)}-0", now=now, guarded=int(uid in job.epochs),
             epoch_token=job.epochs.get(uid, ""), n_others=len(others), n_writes=len(writes),
-            index_ttl=self.index_ttl_s, post="1" if post else "0",
+            index_ttl=self.index_ttl_s, post="1" if post else "0", ref=ref,
+            final="0" if event is not None and event.first else "1",
             more_keys=per_other + [w.key for w in writes], more_args=[*others.values(), *specs]))
 
     async def progress(self, job: Job, step: int, total: int, preview: bytes | None = None,
@@ -440,15 +445,16 @@ class JobQueue:
         return out
 
     async def ack_event(self, adapter: str, entry_id: str, user_id: str | None = None,
-                        job_id: str | None = None) -> None:
-        """An adapter is done with a result (posted, or given up on): it leaves the stream, its body with it."""
+                        ref: str | None = None) -> None:
+        """An adapter is done with a result (posted, or given up on): it leaves the stream, its body (stored under
+        `ref`: `ResultEvent.ref`) with it."""
         async with self.r.pipeline(transaction=True) as p:
             p.xack(self.keys.results(adapter), ADAPTER_GROUP, entry_id)
             p.xdel(self.keys.results(adapter), entry_id)
             if user_id:
                 p.srem(self.keys.outbox(user_id), entry_id)
-            if job_id:
-                p.delete(self.keys.result_data(job_id))
+            if ref:
+                p.delete(self.keys.result_data(ref))
             await p.execute()
 
     async def listen_progress(self, adapter: str):
@@ -484,9 +490,18 @@ class JobQueue:
 
     async def set_status(self, user_id: str, job_id: str, ref: str) -> None:
         """The platform message `ref` acknowledged the job: its origin says so, and progress edits that message."""
+        await self._set_origin(user_id, job_id, status=ref)
+
+    async def set_answer(self, user_id: str, job_id: str, ref: str) -> None:
+        """The platform message `ref` shows the job's first answer: its origin says so, and the refined answer
+        updates that message in place."""
+        await self._set_origin(user_id, job_id, answer=ref)
+
+    async def _set_origin(self, user_id: str, job_id: str, **changes: str) -> None:
         origin = await self.origin(user_id, job_id)
         if origin is not None:  # XX: an origin deleted meanwhile (/forget) is not brought back
-            origin.status = ref
+            for name, value in changes.items():
+                setattr(origin, name, value)
             await self.r.set(self.keys.origin(user_id, job_id), origin.to_json(), keepttl=True, xx=True)
 
     async def remember(self, adapter: str, ref: str, user_id: str, result_id: str, epoch: str = "") -> bool:

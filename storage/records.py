@@ -88,14 +88,22 @@ class ResultEvent:
     engine: str = ""                    # the engine process that made it (for logs, not for users)
     epoch: str = ""                     # the user's epoch token when the job was queued ("" = from before epochs)
     others: list[str] = field(default_factory=list)  # the other people in it (a morph's), who may withdraw
+    first: bool = False                 # a first answer (one pass): the job's refined answer follows and replaces it
     payload: bytes = b""                # the image or GIF; stored beside the JSON, never in it
 
     @classmethod
     def done(cls, job: Job, text: str, *, media: str = "", shows: str = "", result_id: str = "", model: str = "",
-             engine: str = "", payload: bytes = b"") -> "ResultEvent":
-        """A job's result, with its user, epoch and other people taken from the job."""
+             engine: str = "", payload: bytes = b"", first: bool = False) -> "ResultEvent":
+        """A job's result (or, with `first`, its first answer), with its user, epoch and other people taken from the
+        job."""
         return cls(job.job_id, job.user_id, "done", text=text, media=media, shows=shows, result_id=result_id,
-                   model=model, engine=engine, payload=payload, **cls._about(job))
+                   model=model, engine=engine, payload=payload, first=first, **cls._about(job))
+
+    @property
+    def ref(self) -> str:
+        """The id its body is stored under (`Keys.result_data`) and its results stream entry names: the job's id, or
+        for a first answer an id of its own, so that the refined answer stored after it does not replace it unposted."""
+        return first_answer_ref(self.job_id) if self.first else self.job_id
 
     @classmethod
     def failed(cls, job: Job, error: str, *, engine: str = "") -> "ResultEvent":
@@ -117,6 +125,11 @@ class ResultEvent:
         if "kind" in d or "result_kind" in d:
             d["media"], d["shows"] = d.pop("kind", ""), d.pop("result_kind", "")
         return cls(**{**_known(cls, d), "payload": payload})
+
+
+def first_answer_ref(job_id: str) -> str:
+    """The id of a job's first answer (`ResultEvent.ref`)."""
+    return f"{job_id}.first"
 
 
 @dataclass
@@ -155,6 +168,7 @@ class Origin:
     job_id: str = ""
     doing: str = ""                     # what the job does, in words (`bot.core.job_words`)
     status: str = ""                    # the platform message that acknowledged the job (progress edits it)
+    answer: str = ""                    # the platform message that shows its first answer (the refined one edits it)
     # Telegram
     chat_id: int | None = None
     reply_to: int | None = None         # the message the answer replies to

@@ -174,7 +174,7 @@ class Stack:
     """A bot core and a running in-process engine (tiny models) on a fresh key prefix of the test Redis."""
 
     def __init__(self, client, *, chat=None, limits=None, invert_steps: int = 20, edit_steps: int = 10,
-                 model: str = "tiny", max_active: int = 8):
+                 model: str = "tiny", max_active: int = 8, encoder: bool = False, refine: bool = True):
         import uuid
 
         from bot.config import ChatConfig, LimitsConfig
@@ -195,11 +195,23 @@ class Stack:
         chat = chat or ChatConfig(progress_interval_s=0.0)
         self.core = BotCore(self.queue, self.store, limits or LimitsConfig(), chat=chat)
         G = build_builtin(registry_entries()[model])
+        self.encoder_file = None
+        slot = None
+        if encoder:  # first answers: an encoder trained a few steps for G, in the authors' layout, as the engine finds it
+            import tempfile
+            from pathlib import Path
+
+            from engine.encoders import load_encoder
+            from engine.services import EncoderSlot
+
+            self.encoder_file = Path(tempfile.mkdtemp()) / f"{model}.pt"
+            train_encoder(G, self.encoder_file)
+            slot = EncoderSlot(lambda: self.encoder_file, lambda path: load_encoder(path, generator=G))
         self.engine = Engine(G, self.queue, self.store, vgg=load_vgg16(width=0.125),
-                             clip_factory=lambda: ClipScorer(TINY_CLIP, None),
+                             clip_factory=lambda: ClipScorer(TINY_CLIP, None), encoder=slot,
                              settings=EngineSettings(name="test-engine", invert_steps=invert_steps,
                                                      edit_steps=edit_steps, progress_every=5, preview_every=10,
-                                                     max_active=max_active))
+                                                     max_active=max_active, refine=refine))
         self._stop = None
         self._task = None
 
@@ -225,6 +237,21 @@ class Stack:
             await asyncio.wait_for(self._task, 60)
         async for key in self.client.scan_iter(match=f"{self.keys.prefix}*"):
             await self.client.delete(key)
+        if self.encoder_file is not None:
+            import shutil
+
+            shutil.rmtree(self.encoder_file.parent, ignore_errors=True)
+
+
+def train_encoder(G, path, steps: int = 3) -> None:
+    """An e4e encoder for G trained `steps` steps (its latent loss) and saved at `path` as `stylebot encoder train`
+    saves one: a real encoder of G, which tests use for its mechanics (a few steps teach it little)."""
+    from engine.encoder_training import EncoderTrainer, TrainSettings, save_checkpoint
+
+    trainer = EncoderTrainer(G, None, settings=TrainSettings(batch_size=4, val_samples=4))
+    for _ in range(steps):
+        trainer.train_step()
+    save_checkpoint(trainer.checkpoint(), path)
 
 
 @pytest_asyncio.fixture

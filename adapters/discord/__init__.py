@@ -299,6 +299,12 @@ class StyleBot(discord.AutoShardedClient):
                 extra["view"] = self._buttons(result.result_id, result.actions)
             return extra
 
+        if origin.answer and upload and not result.first:  # the refined answer: the first answer's message shows it
+            try:
+                await self._edit_answer(origin, text, attached)
+                return origin.answer
+            except discord.HTTPException as e:  # deleted meanwhile, or its token expired: posted anew
+                log.info("discord: could not update the first answer %s (%s); posting anew", origin.answer, e)
         if self._fresh(origin):
             try:
                 sent = await self._webhook(origin).send(text[:2000], wait=True, **attached())
@@ -311,6 +317,24 @@ class StyleBot(discord.AutoShardedClient):
         channel = self.get_partial_messageable(int(origin.channel_id))
         sent = await channel.send(content[:2000], allowed_mentions=_only(mention) if mention else None, **attached())
         return _ref(sent.channel.id, sent.id)
+
+    async def _edit_answer(self, origin: Origin, text: str, attached) -> None:
+        """The message `origin.answer` (a follow-up of the interaction, or a channel message) shows `text` and the
+        file that `attached()` makes (a fresh one per attempt) instead of what it showed."""
+        channel_id, _, message_id = origin.answer.partition(":")
+        if self._fresh(origin):
+            extra = attached()
+            try:
+                await self._webhook(origin).edit_message(int(message_id), content=text[:2000],
+                                                         attachments=[extra.pop("file")], **extra)
+                return
+            except discord.HTTPException as e:
+                if e.status not in (401, 404):  # the token expired early: the message is edited in its channel
+                    raise
+        extra = attached()
+        content = f"<@{origin.mention}> {text}" if origin.mention else text
+        await self.get_partial_messageable(int(channel_id)).get_partial_message(int(message_id)).edit(
+            content=content[:2000], attachments=[extra.pop("file")], **extra)
 
     def _buttons(self, result_id: str, actions: tuple[str, ...]) -> discord.ui.View:
         view = discord.ui.View(timeout=None)

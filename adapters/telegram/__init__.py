@@ -17,7 +17,8 @@ import asyncio
 import logging
 from collections import OrderedDict
 
-from telegram import InlineKeyboardButton, InlineKeyboardMarkup, InputFile, Message, ReplyParameters, Update
+from telegram import (InlineKeyboardButton, InlineKeyboardMarkup, InputFile, InputMediaAnimation, InputMediaPhoto,
+                      Message, ReplyParameters, Update)
 from telegram.constants import ChatType
 from telegram.error import BadRequest
 from telegram.ext import (AIORateLimiter, Application, CallbackQueryHandler, ContextTypes, MessageHandler,
@@ -226,6 +227,15 @@ class TelegramBot:
                 f"{getattr(self.core.chat, f'{a}_emoji').split()[0]} {a}",
                 callback_data=f"{BUTTON}:{a}:{result.result_id}") for a in result.actions]])
         media = InputFile(result.payload, filename=result.filename)
+        if origin.answer and not result.first:  # the refined answer: the first answer's message shows it instead
+            kind = InputMediaAnimation if result.media == "animation" else InputMediaPhoto
+            answer_chat, _, message_id = origin.answer.partition(":")
+            try:
+                await bot.edit_message_media(kind(result.payload, caption=caption[:1024], filename=result.filename),
+                                             chat_id=int(answer_chat), message_id=int(message_id), reply_markup=markup)
+                return origin.answer
+            except BadRequest as e:  # deleted meanwhile: posted anew
+                log.info("telegram: could not update the first answer %s (%s); posting anew", origin.answer, e)
         send = bot.send_animation if result.media == "animation" else bot.send_photo
         sent = await send(chat, media, caption=caption[:1024], reply_parameters=reply_to, reply_markup=markup)
         return _ref(chat, sent.message_id)

@@ -347,18 +347,25 @@ class WebChat:
         status = v.find(origin.status) if origin.status else None
         if status is not None:  # the acknowledgement stops saying "waiting" or "step 20 of 40"
             doing = origin.doing or origin.op or "your job"
-            changed.append({**status, "text": f"{doing}: {'done' if result.ok else 'stopped'}", "progress": "",
-                            "preview": ""})
+            said = "first answer shown, refining it" if result.first else "done" if result.ok else "stopped"
+            changed.append({**status, "text": f"{doing}: {said}", "progress": "", "preview": ""})
+        # a job answered first has two answers in one bubble (the same id): the refined one replaces the first
         message_id = derived_id(result.job_id, "message", 12)
+        first = v.find(message_id) if origin.answer else None
         media: dict[str, bytes] = {}
         if not result.ok:
-            msg = v.new("bot", f"couldn't do that: {result.text}", message_id, error=True)
+            msg = v.new("bot", f"couldn't do that: {result.text}",
+                        derived_id(result.job_id, "failure", 12) if origin.answer else message_id, error=True)
         else:
-            extra = {}
+            extra: dict = {"first": True} if result.first else {}
+            shown_first = first and (first.get("first_media") or first.get("first") and first.get("media"))
+            if shown_first:  # the bubble keeps the first answer, small, beside the refined one
+                extra["first_media"] = shown_first
             if result.payload:
-                media[derived_id(result.job_id, "result", 32)] = result.payload
+                name = derived_id(result.job_id, "first" if result.first else "result", 32)
+                media[name] = result.payload
                 gif = ".gif" if result.media == "animation" else ""
-                extra["media"] = f"/media/{derived_id(result.job_id, 'result', 32)}{gif}"
+                extra["media"] = f"/media/{name}{gif}"
                 extra["filename"] = result.filename
             crop = (await self.core.aligned_crop(result.user_id, result.result_id)
                     if result.shows == "face" else None)

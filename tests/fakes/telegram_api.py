@@ -128,6 +128,31 @@ class FakeTelegram:
         anim = {"file_id": file_id, "file_unique_id": file_id, "width": 32, "height": 32, "duration": 1}
         return self._bot_message(p["chat_id"], animation=anim, caption=p.get("caption", ""))
 
+    async def m_editMessageMedia(self, p):
+        msg = self.sent.get(int(p["message_id"]))
+        if msg is None:
+            return _error(400, "Bad Request: message to edit not found")
+        media = p["media"]
+        attached = str(media.get("media", ""))
+        if not attached.startswith("attach://") or attached[len("attach://"):] not in p:
+            return _error(400, "Bad Request: wrong file identifier/HTTP URL specified")
+        data = p[attached[len("attach://"):]]["bytes"]
+        file_id = f"sent{len(self.files)}"
+        self.files[file_id] = data
+        for old in ("photo", "animation"):
+            msg.pop(old, None)
+        if media["type"] == "photo":
+            msg["photo"] = [{"file_id": file_id, "file_unique_id": file_id, "width": 32, "height": 32,
+                             "file_size": len(data)}]
+        else:
+            msg["animation"] = {"file_id": file_id, "file_unique_id": file_id, "width": 32, "height": 32,
+                                "duration": 1}
+        msg["caption"] = media.get("caption", "")
+        if "reply_markup" in p:
+            msg["reply_markup"] = p["reply_markup"]
+        msg["edit_date"] = int(time.time())
+        return msg
+
     async def m_answerCallbackQuery(self, p):
         return True
 

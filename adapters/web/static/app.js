@@ -33,7 +33,10 @@ function render(m) {
   if (m.media) {
     const row = el("div", "figures");
     if (m.aligned) row.appendChild(figure(m.aligned, "the face I found", "aligned"));
-    row.appendChild(figure(m.media, m.aligned ? "your face in " + (m.model || "the model") : "", "result"));
+    if (m.first_media) row.appendChild(figure(m.first_media, "first guess (encoder)", "first"));
+    const caption = m.first ? "first guess: refining…" : m.first_media ? "refined" :
+      m.aligned ? "your face in " + (m.model || "the model") : "";
+    row.appendChild(figure(m.media, caption, "result"));
     div.appendChild(row);
   }
   const applies = m.actions || [];

@@ -1,0 +1,187 @@
+"""Two answers to one /invert, against the real Redis and a running tiny engine with an encoder: the encoder's face at
+once (stored as the user's face, posted, marked as a first answer), then the optimisation from the encoder's W+,
+whose result replaces it in the same message (web chat bubble, Telegram's edit of the photo) and becomes the face.
+/forget between the two leaves nothing; a photo with no face fails alone in one line; a model without an encoder
+answers once, as before."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import numpy as np
+from PIL import Image
+
+from adapters.base import EventPump
+from adapters.telegram import serve as serve_telegram
+from adapters.web import WebChat
+from bot.config import Config, TelegramConfig
+from bot.core import Command
+from conftest import FIXTURES, ResultRecorder, Stack
+from fakes.telegram_api import FakeTelegram
+from storage.records import Origin
+from test_users_data import everything, traces, wait_for
+
+OBAMA = (FIXTURES / "faces" / "obama.jpg").read_bytes()
+NO_FACE = (FIXTURES / "faces" / "no_face.jpg").read_bytes() if (FIXTURES / "faces" / "no_face.jpg").exists() else None
+
+
+def say(text: str, user: str = "alice", photo: bytes | None = None) -> Command:
+    return Command("web", f"web:{user}", user, text, photo=photo, origin=Origin(user=f"web:{user}"))
+
+
+def blank_photo() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (320, 240), (200, 180, 160)).save(out, "JPEG")
+    return out.getvalue()
+
+
+async def pump_until(pump: EventPump, predicate, timeout: float = 120) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await pump.step(block_ms=100)
+
+
+async def test_an_invert_is_answered_by_the_encoder_at_once_then_refined_in_the_same_bubble(client):
+    stack = Stack(client, encoder=True, invert_steps=40)
+    await stack.start_engine()
+    try:
+        web = WebChat(stack.core)
+        pump = EventPump(stack.core, web)
+        await stack.queue.ensure_groups(adapters=("web",))
+        reply = await stack.core.handle(say("/invert", photo=OBAMA))
+        job = reply.job_id
+        visitor = await web._visitor("web:alice")
+
+        def bubbles() -> list[dict]:
+            return [m for m in visitor.log if m.get("media")]
+
+        await pump_until(pump, lambda: bubbles())
+        [first] = bubbles()
+        face = await stack.store.face("web:alice")
+        # the first answer: the encoder's face, stored as the user's face and as the result reactions rerun, while
+        # the job goes on (still pending: acknowledged only once refined)
+        assert first["first"] is True and "a first guess, the encoder's in one pass" in first["text"]
+        assert "refining it now (40 steps)" in first["text"]
+        assert face.meta["start"] == "encoder" and face.meta["steps"] == 0
+        assert (await stack.store.result("web:alice", job)).meta["steps"] == 0
+        assert await stack.queue.pending_count() == 1
+        first_png = await web.history.media("web:alice", first["media"].removeprefix("/media/"))
+        encoder_face = np.asarray(Image.open(io.BytesIO(first_png)))
+
+        await pump_until(pump, lambda: not bubbles()[0].get("first"))
+        [refined] = bubbles()  # one bubble: the refined answer took the first one's place
+        assert refined["id"] == first["id"]
+        assert "the encoder's first guess refined by 40 optimisation steps" in refined["text"]
+        assert refined["first_media"] == first["media"] and refined["media"] != first["media"]
+        face = await stack.store.face("web:alice")
+        assert face.meta["steps"] == 40 and face.meta["start"] == "encoder"
+        assert np.array_equal((await stack.store.result("web:alice", job)).ws, face.ws)
+        refined_png = await web.history.media("web:alice", refined["media"].removeprefix("/media/"))
+        assert not np.array_equal(np.asarray(Image.open(io.BytesIO(refined_png))), encoder_face)
+        assert await stack.queue.pending_count() == 0
+        # the page after a reload shows the same: one bubble with both faces, kept in Redis
+        kept = [m for m in await web.history.load("web:alice") if m.get("media")]
+        assert [m["id"] for m in kept] == [first["id"]] and kept[0]["first_media"] == first["media"]
+        # reactions on the message rerun what it shows now: a refine goes on from the refined face
+        ack = await stack.core.react_emoji("web", "web:alice", refined["id"], "👌", Origin(user="web:alice"))
+        assert ack is not None and ack.job_id
+    finally:
+        await stack.close()
+
+
+async def test_forget_between_the_two_answers_leaves_nothing_and_answers_nothing_more(client):
+    stack = Stack(client, encoder=True, invert_steps=400)
+    await stack.start_engine()
+    try:
+        rec = ResultRecorder()
+        pump = EventPump(stack.core, rec)
+        await stack.queue.ensure_groups(adapters=("web",))
+        reply = await stack.core.handle(say("/invert", photo=OBAMA))
+        await pump_until(pump, lambda: rec.results)
+        assert rec.results[0].first and rec.results[0].job_id == reply.job_id
+        assert stack.engine.rows  # the refinement runs
+        assert (await stack.core.handle(say("/forget"))).forgotten
+
+        async def engine_let_go() -> bool:
+            return not stack.engine.claimed and await stack.queue.pending_count() == 0
+        await wait_for(engine_let_go)
+        for _ in range(3):
+            await pump.step(block_ms=100)
+        assert len(rec.results) == 1  # no refined answer for someone who asked to be forgotten
+        left = traces(await everything(client, stack.keys.prefix), [b"web:alice", b"alice", OBAMA[2000:2064]])
+        assert left == []
+    finally:
+        await stack.close()
+
+
+async def test_a_photo_without_a_face_fails_alone_and_refine_never_answers_once(client):
+    """Beside a good photo, one with no face fails in one line; with `refine` off the encoder's face is the answer
+    (one message, the job acknowledged at once)."""
+    stack = Stack(client, encoder=True, refine=False)
+    await stack.start_engine()
+    try:
+        rec = ResultRecorder()
+        pump = EventPump(stack.core, rec)
+        await stack.queue.ensure_groups(adapters=("web",))
+        good, bad = await asyncio.gather(stack.core.handle(say("/invert", photo=OBAMA)),
+                                         stack.core.handle(say("/invert", user="bob", photo=blank_photo())))
+        await pump_until(pump, lambda: len(rec.results) == 2)
+        by_job = {r.job_id: r for r in rec.results}
+        assert not by_job[bad.job_id].ok and "\n" not in by_job[bad.job_id].text
+        assert "face" in by_job[bad.job_id].text
+        answer = by_job[good.job_id]
+        assert answer.ok and not answer.first and "by its encoder in one pass" in answer.text
+        assert "refining" not in answer.text
+        assert (await stack.store.face("web:alice")).meta["steps"] == 0
+        assert await stack.queue.pending_count() == 0
+    finally:
+        await stack.close()
+
+
+async def test_without_an_encoder_an_invert_is_answered_once_after_the_optimisation(client):
+    stack = Stack(client)
+    await stack.start_engine()
+    try:
+        rec = ResultRecorder()
+        pump = EventPump(stack.core, rec)
+        await stack.queue.ensure_groups(adapters=("web",))
+        await stack.core.handle(say("/invert", photo=OBAMA))
+        await pump_until(pump, lambda: rec.results)
+        await pump.step(block_ms=100)
+        [answer] = rec.results
+        assert answer.ok and not answer.first and "encoder" not in answer.text
+        assert "start" not in (await stack.store.face("web:alice")).meta
+    finally:
+        await stack.close()
+
+
+async def test_telegram_shows_the_refined_face_in_the_first_answers_message(client):
+    stack = Stack(client, encoder=True, invert_steps=40)
+    await stack.start_engine()
+    fake = FakeTelegram()
+    await fake.start()
+    cfg = Config(telegram=TelegramConfig(api_url=f"{fake.url}/bot", file_url=f"{fake.url}/file/bot"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve_telegram(cfg, stack.core, fake.token, stop))
+    try:
+        alice = fake.user(11, "alice")
+        await fake.say(alice, "/invert", photo=OBAMA)
+        _, first = await fake.wait_for(lambda m, p: m == "sendPhoto" and "first guess" in p.get("caption", ""))
+        message = next(m for m in fake.sent.values() if "first guess" in m.get("caption", ""))
+        _, edit = await fake.wait_for(lambda m, p: m == "editMessageMedia")
+        assert int(edit["message_id"]) == message["message_id"]
+        assert "refined by 40 optimisation steps" in edit["media"]["caption"]
+        assert [b["text"] for b in edit["reply_markup"]["inline_keyboard"][0]] == ["👌 refine", "🤔 redo"]
+        assert message["caption"] == edit["media"]["caption"]  # the message now shows the refined face
+        assert fake.files[message["photo"][0]["file_id"]] != first["photo"]["bytes"]
+        assert sum(1 for m, _ in fake.calls if m == "sendPhoto") == 1  # no second photo message
+        # a reaction on that message reruns the refined result
+        await fake.react(alice, message["message_id"], "👌")
+        await fake.wait_for(lambda m, p: m == "sendMessage" and p["text"].startswith("refining"))
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await fake.close()
+        await stack.close()
