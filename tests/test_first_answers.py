@@ -13,17 +13,18 @@ import numpy as np
 from PIL import Image
 
 from adapters.base import EventPump
+from adapters.discord import serve as serve_discord
 from adapters.telegram import serve as serve_telegram
 from adapters.web import WebChat
-from bot.config import Config, TelegramConfig
+from bot.config import Config, DiscordConfig, TelegramConfig
 from bot.core import Command
 from conftest import FIXTURES, ResultRecorder, Stack
+from fakes.discord_api import FakeDiscord
 from fakes.telegram_api import FakeTelegram
 from storage.records import Origin
 from test_users_data import everything, traces, wait_for
 
 OBAMA = (FIXTURES / "faces" / "obama.jpg").read_bytes()
-NO_FACE = (FIXTURES / "faces" / "no_face.jpg").read_bytes() if (FIXTURES / "faces" / "no_face.jpg").exists() else None
 
 
 def say(text: str, user: str = "alice", photo: bytes | None = None) -> Command:
@@ -180,6 +181,38 @@ async def test_telegram_shows_the_refined_face_in_the_first_answers_message(clie
         # a reaction on that message reruns the refined result
         await fake.react(alice, message["message_id"], "👌")
         await fake.wait_for(lambda m, p: m == "sendMessage" and p["text"].startswith("refining"))
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await fake.close()
+        await stack.close()
+
+
+async def test_discord_shows_the_refined_face_in_the_first_answers_follow_up(client):
+    stack = Stack(client, encoder=True, invert_steps=40)
+    await stack.start_engine()
+    fake = FakeDiscord()
+    await fake.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve_discord(Config(discord=DiscordConfig(api_url=fake.api_url)), stack.core,
+                                             fake.token, stop))
+    try:
+        await asyncio.wait_for(fake.ready.wait(), 30)
+        alice = fake.user(11, "alice")
+        ix = await fake.slash(alice, "invert", photo=fake.attachment("obama.jpg", "image/jpeg", OBAMA))
+        first = await fake.wait_for(lambda c: c.method == "POST" and c.path.endswith(f"/{ix['token']}")
+                                    and "first guess" in c.content)
+        message_id = first.response["id"]
+        edit = await fake.wait_for(lambda c: c.method == "PATCH" and c.path.endswith(f"/messages/{message_id}")
+                                   and c.files)
+        assert "refined by 40 optimisation steps" in edit.content and "react 👌 refine" in edit.content
+        [(_, refined_png)], [(_, first_png)] = edit.files, first.files
+        assert refined_png != first_png and Image.open(io.BytesIO(refined_png)).size == (32, 32)
+        shown = fake.messages[message_id]
+        assert shown["content"] == edit.content and len(shown["attachments"]) == 1
+        assert [b["label"] for row in shown["components"] for b in row["components"]] == ["👌 refine", "🤔 redo"]
+        posted = [c for c in fake.calls if c.method == "POST" and c.files]
+        assert posted == [first]  # the refined face went into the same message, not a second one
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
