@@ -56,11 +56,14 @@ class WeightsConfig:
 class InvertConfig:
     encoder: str = "auto"               # the first answer's encoder: auto (the one trained for the model, else a
                                         # downloaded e4e / pSp of it) | none | a registry name (e4e-ffhq, psp-ffhq)
-    refine: str = "always"             # always (the optimisation refines the encoder's face) | never
+    refine: str = "always"              # always (the optimisation refines the encoder's face) | never
+    train_minutes: float = 2.0          # `stylebot run` trains a built-in model's missing encoder this long; 0: never
 
     def __post_init__(self):
         if self.refine not in ("always", "never"):
             raise ConfigError(f"[invert] refine must be \"always\" or \"never\", got {self.refine!r}")
+        if self.train_minutes < 0:
+            raise ConfigError("[invert] train_minutes must be at least 0")
 
 
 @dataclass(frozen=True)

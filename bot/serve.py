@@ -258,20 +258,25 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
             engine_cmd += [flag, str(value)]
     engine = EngineSupervisor(engine_cmd, url, Keys(cfg.redis.prefix))
     engine.start()
+    trainer = EncoderPreparer(engine, [*engine_cmd[:engine_cmd.index("engine")], "encoder", "train"],
+                              minutes=cfg.invert.train_minutes if cfg.invert.encoder == "auto" else 0)
 
     async def main(stop: asyncio.Event) -> int:
-        watcher = asyncio.create_task(engine.supervise(stop))
+        watchers = [asyncio.create_task(engine.supervise(stop)), asyncio.create_task(trainer.run(stop))]
         try:
             await frontends(cfg, url, host, port, stop)
         finally:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+            for watcher in watchers:
+                watcher.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
         return 1 if engine.failed else 0
 
     try:
         return _serve(main, host, port)
     finally:
         print("stopping: the engine finishes the batch in hand...", flush=True)
+        if trainer.proc is not None:
+            _stop(trainer.proc, 30)  # it saves what it has learnt: the next start goes on from there
         if engine.proc is not None:
             _stop(engine.proc, 60)
         if redis_proc is not None:
@@ -352,6 +357,60 @@ class EngineSupervisor:
             log.warning("could not tell Redis about the engine (%s)", e)
         finally:
             await client.aclose()
+
+
+class EncoderPreparer:
+    """The embedded default answers /invert first with an encoder too: once the engine is online, if its model is a
+    built-in one (random weights: `tiny`, `stylegan1-tiny`) that has no encoder yet, `stylebot encoder train --model
+    NAME --minutes M` (`[invert] train_minutes`) runs in the background (niced, one thread, so that the engine keeps
+    most of the CPU), and the web chat says until when (`JobQueue.set_preparing`). The trainer saves every few
+    hundred steps and at its end; the engine loads each save (`EncoderSlot`). A real model's encoder is trained by
+    hand (`stylebot encoder train`): hours, not minutes. Stopping `run` stops the trainer, which saves: the encoder
+    it leaves is used from then on."""
+
+    def __init__(self, engine: "EngineSupervisor", cmd: list[str], *, minutes: float):
+        self.engine, self.cmd, self.minutes = engine, cmd, minutes
+        self.proc: subprocess.Popen | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if not self.minutes:
+            return
+        import redis.asyncio as aioredis
+
+        client = aioredis.from_url(self.engine.redis_url, password=os.environ.get("STYLEBOT_REDIS_PASSWORD") or None,
+                                   socket_connect_timeout=5, socket_timeout=5)
+        queue = JobQueue(client, self.engine.keys)
+        try:
+            model = await self._engine_model(queue, stop)
+            if model is None or await queue.first_answers(self.engine.name) or \
+                    not await queue.random_weights(self.engine.name):
+                return
+            ready = time.strftime("%H:%M", time.localtime(time.time() + self.minutes * 60 + 30))
+            log.info("training %s's encoder in the background for %g minutes (first guesses to /invert)", model,
+                     self.minutes)
+            env = dict(os.environ, OMP_NUM_THREADS="1")
+            self.proc = subprocess.Popen([*self.cmd, "--model", model, "--minutes", f"{self.minutes:g}"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                         start_new_session=True, preexec_fn=lambda: os.nice(10))
+            while self.proc.poll() is None and not await _stopped(stop, 1.0):
+                await queue.set_preparing(f"{model}'s encoder is training, ready about {ready}", 30)
+            code = self.proc.poll()
+            if code not in (None, 0):
+                log.warning("training %s's encoder stopped (exit %d): /invert answers after the optimisation", model,
+                            code)
+            await queue.set_preparing("", 0)
+        except (aioredis.RedisError, OSError) as e:
+            log.warning("could not prepare the encoder (%s)", e)
+        finally:
+            await client.aclose()
+
+    async def _engine_model(self, queue: JobQueue, stop: asyncio.Event) -> str | None:
+        """The model of the supervised engine once it is online (and has beaten once), or None when told to stop."""
+        while not await _stopped(stop, 1.0):
+            model = (await queue.engines_online()).get(self.engine.name)
+            if model:
+                return model
+        return None
 
 
 async def _stopped(stop: asyncio.Event, timeout: float) -> bool:

@@ -389,8 +389,9 @@ class Engine:
         s = self.s
         while True:
             try:
+                first = await asyncio.to_thread(s.encoder.get) is not None  # an encoder trained meanwhile: loaded
                 await s.queue.beat(s.name, s.G.model_id, s.settings.heartbeat_ttl_s, s.holder,
-                                   random_weights=s.random_weights)
+                                   random_weights=s.random_weights, first_answers=first)
                 held = list(s.claimed.values())
                 await s.queue.touch(s.name, held)
                 self.forgotten.update(j.job_id for j, ok in zip(held, await s.queue.wanted(held)) if not ok)

@@ -74,6 +74,16 @@ class Keys:
         return f"{self.prefix}engines:random"
 
     @property
+    def engine_first(self) -> str:
+        """Hash: engine name -> 1 when it answers /invert first with an encoder (its model has one), else 0."""
+        return f"{self.prefix}engines:first"
+
+    @property
+    def preparing(self) -> str:
+        """String, with a TTL: what `stylebot run` is preparing in the background (tiny's encoder) and until when."""
+        return f"{self.prefix}engines:preparing"
+
+    @property
     def restarting(self) -> str:
         """String, with a TTL: set by `stylebot run`'s supervisor when its engine died and is being started again."""
         return f"{self.prefix}engines:restarting"

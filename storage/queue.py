@@ -301,10 +301,12 @@ class JobQueue:
     async def photo(self, job: Job) -> bytes | None:
         return await self.r.get(self.keys.photo(job.job_id))
 
-    async def beat(self, engine: str, model: str, ttl_s: float, holder: str = "", random_weights: bool = False) -> None:
+    async def beat(self, engine: str, model: str, ttl_s: float, holder: str = "", random_weights: bool = False,
+                   first_answers: bool = False) -> None:
         """An engine's heartbeat: it is online for `ttl_s` more seconds (engines silent for 10 TTLs are pruned);
         `holder` ("host:pid") says which process beats under that name; `random_weights`: its model is a built-in
-        one with random weights (its faces look like nothing)."""
+        one with random weights (its faces look like nothing); `first_answers`: it answers /invert first with an
+        encoder."""
         now = time.time()
         gone = [as_str(n) for n in await self.r.zrangebyscore(self.keys.engines, "-inf", now - 10 * ttl_s)]
         async with self.r.pipeline(transaction=True) as p:
@@ -312,9 +314,11 @@ class JobQueue:
             p.hset(self.keys.engine_models, engine, model)
             p.hset(self.keys.engine_holders, engine, holder)
             p.hset(self.keys.engine_random, engine, int(random_weights))
+            p.hset(self.keys.engine_first, engine, int(first_answers))
             if gone:
                 p.zrem(self.keys.engines, *gone)
-                for info in (self.keys.engine_models, self.keys.engine_holders, self.keys.engine_random):
+                for info in (self.keys.engine_models, self.keys.engine_holders, self.keys.engine_random,
+                             self.keys.engine_first):
                     p.hdel(info, *gone)
             await p.execute()
 
@@ -323,7 +327,8 @@ class JobQueue:
         supervisor also says, for that long, that it is starting it again."""
         async with self.r.pipeline(transaction=True) as p:
             p.zrem(self.keys.engines, engine)
-            for info in (self.keys.engine_models, self.keys.engine_holders, self.keys.engine_random):
+            for info in (self.keys.engine_models, self.keys.engine_holders, self.keys.engine_random,
+                         self.keys.engine_first):
                 p.hdel(info, engine)
             if restarting_s:  # and the notice of an earlier restart ("restarted at ...") is no longer true
                 p.set(self.keys.restarting, engine, ex=max(1, round(restarting_s)))
@@ -343,6 +348,21 @@ class JobQueue:
     async def random_weights(self, engine: str) -> bool:
         """Whether the model an engine serves has random weights (a built-in one), as its heartbeat says."""
         return as_str(await self.r.hget(self.keys.engine_random, engine) or b"0") == "1"
+
+    async def first_answers(self, engine: str) -> bool:
+        """Whether an engine answers /invert first with an encoder, as its heartbeat says."""
+        return as_str(await self.r.hget(self.keys.engine_first, engine) or b"0") == "1"
+
+    async def set_preparing(self, text: str, ttl_s: float) -> None:
+        """Say, for `ttl_s` seconds, what is being prepared in the background ("" stops saying it)."""
+        if text:
+            await self.r.set(self.keys.preparing, text, ex=max(1, round(ttl_s)))
+        else:
+            await self.r.delete(self.keys.preparing)
+
+    async def preparing(self) -> str:
+        """What is being prepared in the background (`set_preparing`), or ""."""
+        return as_str(await self.r.get(self.keys.preparing) or b"")
 
     async def post_notice(self, text: str, ttl_s: int) -> None:
         """A short notice for every user, shown under the bot's answers for `ttl_s` seconds."""

@@ -22,10 +22,10 @@ from storage.errors import StylebotError
 from conftest import FIXTURES, ROOT
 
 
-def _config(tmp_path, redis_port: int):
+def _config(tmp_path, redis_port: int, train_minutes: float = 0):
     p = tmp_path / "config.toml"
     p.write_text(f'[engine]\ndevice = "cpu"\nmodel = "auto"\n[weights]\ndir = "{tmp_path / "weights"}"\n'
-                 f'[redis]\nurl = "redis://127.0.0.1:{redis_port}/0"\n')
+                 f'[invert]\ntrain_minutes = {train_minutes}\n[redis]\nurl = "redis://127.0.0.1:{redis_port}/0"\n')
     return p
 
 
@@ -39,8 +39,9 @@ async def _line(proc, pattern: str, timeout: float = 120) -> re.Match:
             return m
 
 
-async def _chat_round_trip(proc) -> None:
-    """The web page of `stylebot run` answers, the engine comes up and answers a photo with its reconstruction."""
+async def _chat_round_trip(proc, first_guess: bool = False) -> None:
+    """The web page of `stylebot run` answers, the engine comes up and answers a photo with its reconstruction; with
+    `first_guess`, once tiny's encoder trained in the background is ready, first with the encoder's face."""
     url = (await _line(proc, r"open (http://127\.0\.0\.1:\d+/)")).group(1)
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:  # an IP host
         page = await http.get(url)
@@ -51,29 +52,45 @@ async def _chat_round_trip(proc) -> None:
                 break
             await asyncio.sleep(0.25)
         assert info["engines"] and info["model"] == "tiny" and info["tiny"]
+        if first_guess:  # the page says that the encoder is training, then that first guesses are ready
+            said = {info["preparing"]}
+            for _ in range(600):
+                info = await (await http.get(url + "info")).json()
+                said.add(info["preparing"])
+                if info["first_answers"]:
+                    break
+                await asyncio.sleep(0.25)
+            assert info["first_answers"], said
+            assert any(re.fullmatch(r"tiny's encoder is training, ready about \d\d:\d\d", s) for s in said), said
         assert info["download"].endswith("stylebot weights download ffhq-256")  # as this CLI was started
         await http.post(url + "nickname", json={"nickname": "newcomer"})
         form = aiohttp.FormData()
         form.add_field("photo", (FIXTURES / "faces" / "obama.jpg").read_bytes(), filename="me.jpg")
         reply = await (await http.post(url + "command", data=form)).json()
         assert reply["reply"] == "finding your face: starting now"  # position 1 (Redis 6.2 has no XINFO lag)
+        answers = []
         async with http.get(url + "events") as events:
-            result = None
             async for raw in events.content:
                 if raw.startswith(b"data: "):
                     ev = json.loads(raw[6:])
                     msgs = ev.get("messages", []) + ([ev["message"]] if "message" in ev else [])
-                    result = next((m for m in msgs if m.get("media")), None)
-                    if result:
+                    answers += [m for m in msgs if m.get("media")]
+                    if answers and not answers[-1].get("first"):
                         break
+        result = answers[-1]
         assert result["text"].startswith("your face as the tiny model draws it") and "dB PSNR" in result["text"]
+        if first_guess:  # the encoder answered first, then the refined face took its place in the same bubble
+            assert answers[0]["first"] and "a first guess, the encoder's in one pass" in answers[0]["text"]
+            assert result["id"] == answers[0]["id"] and result["first_media"] == answers[0]["media"]
         image = await http.get(url + result["media"].lstrip("/"))
         assert image.content_type == "image/png" and len(await image.read()) > 100
 
 
 async def test_run_starts_redis_engine_and_web_chat_and_stops_on_ctrl_c(tmp_path):
+    """... and, at its first start, trains tiny's encoder in the background (here 0.1 minutes), says so on the page,
+    and answers a photo first with the encoder's face once it is ready, which the engine then uses unasked."""
     redis_port = free_port()
-    cfg = _config(tmp_path, redis_port)
+    cfg = _config(tmp_path, redis_port, train_minutes=0.1)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bot.cli", "--config", str(cfg), "run", "--port", "0", "--invert-steps", "20",
         "--redis-data", str(tmp_path / "redis"), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
@@ -81,7 +98,7 @@ async def test_run_starts_redis_engine_and_web_chat_and_stops_on_ctrl_c(tmp_path
     try:
         started = await _line(proc, r"started redis-server on 127\.0\.0\.1:(\d+)")
         ours = f"redis://127.0.0.1:{started.group(1)}/0"
-        await _chat_round_trip(proc)
+        await _chat_round_trip(proc, first_guess=True)
     finally:
         proc.send_signal(signal.SIGINT)
         out = (await asyncio.wait_for(proc.stdout.read(), 90)).decode()

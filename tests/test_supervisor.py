@@ -55,7 +55,7 @@ async def test_a_killed_engine_is_restarted_and_the_web_chat_stays_up(tmp_path, 
     prefix = f"test-{uuid.uuid4().hex[:8]}:"
     cfg = tmp_path / "config.toml"
     cfg.write_text(f'[engine]\ndevice = "cpu"\nmodel = "tiny"\nmax_active = 4\n'  # not timed at every restart
-                   f'[weights]\ndir = "{tmp_path / "weights"}"\n'
+                   f'[weights]\ndir = "{tmp_path / "weights"}"\n[invert]\ntrain_minutes = 0\n'
                    f'[redis]\nurl = "{REDIS_URL}"\nprefix = "{prefix}"\n')
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("STYLEBOT_REDIS_URL", None)

@@ -184,9 +184,11 @@ class WebChat:
         engines = await self.core.queue.engines_online()
         engine, model = next(iter(engines.items()), (None, None))
         tiny = engine is not None and await self.core.queue.random_weights(engine)
+        first = engine is not None and await self.core.queue.first_answers(engine)
         restarting = not engines and await self.core.queue.restarting()
         return self._json({"nickname": v.nickname, "engines": len(engines), "model": model,
                            "restarting": restarting, "tiny": tiny, "download": cli_command(DOWNLOAD_HINT),
+                           "first_answers": first, "preparing": "" if first else await self.core.queue.preparing(),
                            "max_photo_bytes": self.core.limits.max_photo_bytes,
                            "actions": {a: getattr(self.core.chat, f"{a}_emoji").split()[0] for a in ACTIONS}}, new)
 

@@ -128,6 +128,10 @@ async function refreshInfo() {
       info.restarting ? "engine restarting: jobs wait" : "engine offline: jobs wait";
     badge.title = "the model the engine runs";
     badge.classList.toggle("offline", !info.model);
+    const first = info.first_answers ? "first guesses: ready" :
+      info.preparing && info.model ? "first guesses: " + info.preparing : "";
+    $("first").hidden = !first;
+    if ($("first").textContent !== first) $("first").textContent = first;
     $("tiny").hidden = !info.tiny;
     $("download").textContent = info.download;
     $("join").hidden = !!info.nickname;
