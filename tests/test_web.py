@@ -2,14 +2,17 @@
 tiny engine: upload a face, see it come back, edit it, click "stronger", morph with a second tab's face.
 
 With STYLEBOT_SCREENSHOT=path.png set, the first test also saves the page as it shows the first face (a phone-sized
-window): that is how docs/images/web-chat.png is made."""
+window): that is how docs/images/web-chat.png is made; with STYLEBOT_SCREENSHOTS=folder, the test of first answers
+saves web-chat-first-guess.png and web-chat-refined.png there (docs/images)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 from aiohttp import FormData
@@ -29,6 +32,13 @@ BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backgr
 
 @pytest.fixture
 async def web(stack):
+    async with browsing(stack) as served:
+        yield served
+
+
+@contextlib.asynccontextmanager
+async def browsing(stack):
+    """The web chat of `stack` served on a free port, and chromium: (url, browser)."""
     if not shutil.which(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: `apt-get install chromium` (README's test command does it)")
     stop = asyncio.Event()
@@ -316,3 +326,42 @@ async def test_another_visitor_is_answered_while_a_photo_is_checked(client, monk
     finally:
         answered.set()
         await s.close()
+
+
+async def test_a_first_guess_shows_at_once_and_its_refinement_takes_its_place(client):
+    """With an encoder, the photo's bubble shows the encoder's face at once, captioned as a first guess being refined;
+    the refined face then replaces it in the same bubble, the first guess kept small beside it."""
+    stack = Stack(client, encoder=True, invert_steps=200)
+    await stack.start_engine()
+    try:
+        async with browsing(stack) as (url, browser):
+            alice = await join(browser, url, "alice")
+            await expect(alice.locator("#first")).to_have_text("first guesses: ready", timeout=15_000)
+            await send(alice, "", photo=OBAMA)
+            bubble = alice.locator(".msg.bot:has(img.result)")
+            await expect(bubble).to_have_count(1, timeout=60_000)
+            await expect(bubble.locator("figure.result figcaption")).to_have_text("first guess: refining…")
+            await expect(bubble).to_contain_text("a first guess, the encoder's in one pass")
+            await expect(bubble).to_contain_text("refining it now (200 steps): this message will show the result")
+            assert await bubble.locator("figure.first").count() == 0
+            await alice.wait_for_function(LAST_IN_VIEW, timeout=5_000)
+            shots = os.environ.get("STYLEBOT_SCREENSHOTS")
+            ARTIFACTS.mkdir(exist_ok=True)
+            for folder in filter(None, (ARTIFACTS, shots)):
+                await alice.screenshot(path=str(Path(folder) / "web-chat-first-guess.png"))
+            first_src = await bubble.locator("img.result").get_attribute("src")
+
+            await expect(bubble.locator("figure.first figcaption")).to_have_text("first guess (encoder)",
+                                                                                timeout=120_000)
+            await expect(bubble).to_have_count(1)  # the same bubble, not a second one
+            await expect(bubble.locator("figure.result figcaption")).to_have_text("refined")
+            await expect(bubble).to_contain_text("the encoder's first guess refined by 200 optimisation steps")
+            assert await bubble.locator("img.first").get_attribute("src") == first_src
+            assert await bubble.locator("img.result").get_attribute("src") != first_src
+            await expect(alice.locator(".msg.bot").filter(has_text="finding your face: done")).to_have_count(1)
+            assert await buttons(bubble) == ["refine", "redo"]
+            await alice.wait_for_function(LAST_IN_VIEW, timeout=5_000)
+            for folder in filter(None, (ARTIFACTS, shots)):
+                await alice.screenshot(path=str(Path(folder) / "web-chat-refined.png"))
+    finally:
+        await stack.close()
