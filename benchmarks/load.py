@@ -45,6 +45,7 @@ from benchmarks.gpu import build  # noqa: E402
 from bot.config import ChatConfig, LimitsConfig  # noqa: E402
 from bot.core import BotCore, Command, Reaction  # noqa: E402
 from engine.checkpoints import save_safetensors  # noqa: E402
+from engine.encoder_training import EncoderTrainer, TrainSettings, save_checkpoint  # noqa: E402
 from engine.registry import WeightsCache, import_file  # noqa: E402
 from storage.connect import connect  # noqa: E402
 from storage.keys import Keys  # noqa: E402
@@ -63,6 +64,7 @@ class Bench:
         self.keys = Keys(f"bench-{uuid.uuid4().hex[:6]}:")
         self.sent: dict[str, tuple[str, float]] = {}        # job id -> (kind, sent at)
         self.answered: dict[str, float] = {}               # job id -> answered at
+        self.first: dict[str, float] = {}                  # job id -> first answer at (an encoder's face)
         self.failed: list[str] = []
 
     async def __aenter__(self) -> "Bench":
@@ -76,10 +78,17 @@ class Bench:
             model, shape = "ffhq-256-random", (G.num_ws, G.w_dim)
             import_file(folder / "ffhq-256.safetensors", model, WeightsCache(folder / "weights"))
             edit = '[edit]\nclip_model = "ViT-B-32"\nclip_pretrained = ""\n\n'  # random weights: offline
+        else:
+            G = build("tiny", "cpu")
+        if self.args.encoder:  # first answers: an e4e encoder of the model, untrained (a pass costs the same)
+            trainer = EncoderTrainer(G, None, settings=TrainSettings(batch_size=2, val_samples=2))
+            (folder / "weights" / "encoders").mkdir(parents=True, exist_ok=True)
+            save_checkpoint(trainer.checkpoint(), folder / "weights" / "encoders" / f"{model}.pt")
         cfg = folder / "config.toml"
         cfg.write_text(f'[engine]\ndevice = "cpu"\nmodel = "{model}"\n'
                        f'max_active = {json.dumps(self.args.max_active)}\n\n'
                        f'[weights]\ndir = "{folder / "weights"}"\n\n{edit}'
+                       f'[invert]\nencoder = "{"auto" if self.args.encoder else "none"}"\n\n'
                        f'[redis]\nurl = "{self.url}"\nprefix = "{self.keys.prefix}"\n')
         self.client = connect(self.url)
         self.queue = JobQueue(self.client, self.keys)
@@ -122,7 +131,10 @@ class Bench:
     async def _read_answers(self) -> None:
         while True:
             for entry_id, event in await self.queue.read_events(ADAPTER, "bench", count=200, block_ms=200):
-                await self.queue.ack_event(ADAPTER, entry_id)
+                await self.queue.ack_event(ADAPTER, entry_id, ref=event.ref)
+                if event.first:
+                    self.first[event.job_id] = time.perf_counter()
+                    continue
                 self.answered[event.job_id] = time.perf_counter()
                 if event.type != "done":
                     self.failed.append(event.error or "?")
@@ -151,17 +163,24 @@ class Bench:
     def latency(self, job_id: str) -> float:
         return self.answered[job_id] - self.sent[job_id][1]
 
+    def first_latency(self, job_id: str) -> float:
+        """Time to the first answer: the encoder's face, else the only answer."""
+        return self.first.get(job_id, self.answered[job_id]) - self.sent[job_id][1]
+
 
 async def lone_times(bench: Bench, kinds: list[str]) -> dict[str, float]:
-    """Each kind of job alone on an idle engine (median of 3)."""
+    """Each kind of job alone on an idle engine (median of 3); "invert first" too: its first answer."""
     out = {}
     for kind in kinds:
-        times = []
+        times, first = [], []
         for i in range(3):
             job = await bench.send(kind, i)
             await bench.wait([job])
             times.append(bench.latency(job))
+            first.append(bench.first_latency(job))
         out[kind] = statistics.median(times)
+        if kind == "invert":
+            out["invert first"] = statistics.median(first)
     return out
 
 
@@ -178,6 +197,7 @@ async def load(bench: Bench, mix: dict[str, float], rate: float, duration: float
     jobs = await asyncio.gather(*tasks)
     await bench.wait(jobs)
     out = {kind: percentiles([bench.latency(j) for j in jobs if bench.sent[j][0] == kind]) for kind in kinds}
+    out["invert first"] = percentiles([bench.first_latency(j) for j in jobs if bench.sent[j][0] == "invert"])
     first = min(bench.sent[j][1] for j in jobs)
     out["throughput"] = len(jobs) / (max(bench.answered[j] for j in jobs) - first)
     out["arrivals"] = sorted((bench.sent[j][1], bench.sent[j][0]) for j in jobs)
@@ -249,6 +269,9 @@ async def main() -> None:
     ap.add_argument("--max-active", default="auto", type=auto_or_count,
                     help="the engine's [engine] max_active: auto or a number")
     ap.add_argument("--in-flight", type=int, default=8, help="inversions in flight for the stronger test (0: skip)")
+    ap.add_argument("--encoder", action="store_true",
+                    help="the engine answers /invert first with an encoder of the model (untrained: a pass costs the "
+                         "same); prints the first answers' times as \"invert first\"")
     args = ap.parse_args()
     mix = {k: float(v) for k, v in (part.split("=") for part in args.mix.split(","))}
     steps = f"invert steps {args.invert_steps or 'as the recipe'}, edit steps {args.edit_steps or 'as the recipe'}"
@@ -268,12 +291,12 @@ async def main() -> None:
             print(f"  {len(bench.failed)} failed: {bench.failed[:3]}")
 
     floor = one_at_a_time(result["arrivals"], lone)  # the same arrivals, each alone at its lone time, back to back
-    print(f"\n{'kind':10} {'served by':12} {'n':>4} {'p50 s':>7} {'p95 s':>7} {'p95 / lone':>10}")
-    for kind in mix:
+    print(f"\n{'kind':12} {'served by':12} {'n':>4} {'p50 s':>7} {'p95 s':>7} {'p95 / lone':>10}")
+    for kind in [*mix, *(["invert first"] if args.encoder and "invert" in mix else [])]:
         for name, table in (("engine", result), ("one-by-one", floor)):
             if table.get(kind):
                 n, p50, p95 = table[kind]
-                print(f"{kind:10} {name:12} {n:4d} {p50:7.2f} {p95:7.2f} {p95 / lone[kind]:10.2f}")
+                print(f"{kind:12} {name:12} {n:4d} {p50:7.2f} {p95:7.2f} {p95 / lone[kind]:10.2f}")
     print("(one-by-one: each job of the run alone at its lone time, back to back in the order sent)")
     e, f = result["throughput"], floor["throughput"]
     print(f"throughput: engine {e:.3f} jobs/s, one-by-one {f:.3f} jobs/s (ratio {e / f:.2f})")

@@ -367,6 +367,9 @@ class BotCore:
         lines.append(f"{how}: " + "; ".join(
             f"{getattr(self.chat, f'{a}_emoji').split()[0]} {what}" for a, what in ACTIONS.items()))
         lines.append("only the person who asked for a result can rerun it")
+        lines.append("where the model has an encoder, /invert answers twice: a first guess at once, then the refined "
+                     "face in the same message; a command sent in between uses whichever of the two is your face "
+                     "when the engine starts it")
         return Reply("\n".join(lines))
 
     # -- helpers ---------------------------------------------------------------------------------------------

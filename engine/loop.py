@@ -43,6 +43,8 @@ from storage.records import Job
 
 log = logging.getLogger("stylebot.engine")
 
+HOLD_ANSWERED = 4  # answered first and waiting for a row: at most this many per row of the pool are held, not claimed
+
 
 class Engine:
     """One engine process's loop (see the module's docstring)."""
@@ -142,12 +144,17 @@ class Engine:
     # -- claim and admit -----------------------------------------------------------------------------------------
 
     async def _claim(self) -> None:
-        """Take new jobs while there is room (at most every 0.1 s while busy)."""
+        """Take new jobs while there is room (at most every 0.1 s while busy). Jobs answered first (an encoder's face)
+        that wait for a row do not count against the room, up to `HOLD_ANSWERED` per row of the pool, so that a new
+        photo's first answer comes whatever the refinements queued before it."""
         s, max_active = self.s, self.s.settings.max_active
-        waiting = len(self.backlog) + len(self.suspects) + len(self.preparing) + len(self.joining)
+        held = sum(1 for _, work in self.joining if work.answered)
+        waiting = len(self.backlog) + len(self.suspects) + len(self.preparing) + len(self.joining) - held
         room = max_active - len(self.pool) - waiting
         if room <= 0:  # full: still take one at a time (up to max_active waiting), so that a stronger / weaker
             room = 1 if waiting < max_active else 0  # behind queued inversions is not stuck there
+        if held >= HOLD_ANSWERED * max_active:
+            room = 0
         busy = bool(len(self.pool) or self.passes or self.preparing or self.joining)
         if busy and time.monotonic() - self.last_claim < 0.1:
             return

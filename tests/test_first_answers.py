@@ -218,3 +218,22 @@ async def test_discord_shows_the_refined_face_in_the_first_answers_follow_up(cli
         await asyncio.wait_for(task, 30)
         await fake.close()
         await stack.close()
+
+
+async def test_new_photos_are_answered_first_while_earlier_refinements_hold_the_pool(client):
+    """One row in the pool, four photos sent together: all four first answers come before any refinement ends (the
+    refinements wait for the row, held by the engine, and do not hold back the claims of the photos behind them)."""
+    stack = Stack(client, encoder=True, invert_steps=3000, max_active=1)
+    await stack.start_engine()
+    try:
+        rec = ResultRecorder()
+        pump = EventPump(stack.core, rec)
+        await stack.queue.ensure_groups(adapters=("web",))
+        replies = await asyncio.gather(*(stack.core.handle(say("/invert", user=u, photo=OBAMA))
+                                         for u in ("ann", "ben", "cat", "dan")))
+        await pump_until(pump, lambda: len(rec.results) == 4, timeout=60)
+        assert all(r.first for r in rec.results)
+        assert {r.job_id for r in rec.results} == {r.job_id for r in replies}
+        assert len(stack.engine.pool) == 1 and len(stack.engine.claimed) == 4  # no refinement has ended
+    finally:
+        await stack.close()

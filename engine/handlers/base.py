@@ -27,6 +27,8 @@ class Rows:
 
     join: Callable[[OptimisationPool], None]
     context: dict = field(default_factory=dict)
+    answered: bool = False              # answered first already (an encoder's face): waiting for its row, it does not
+                                        # hold back the claims of new jobs, whose first answers come first
 
 
 @dataclass

@@ -41,7 +41,7 @@ class Invert:
                                 encoder=True, first=refine, refining=steps):
             return None  # answered for good (the encoder's face, or its failure), or the user said /forget
         return Rows(lambda pool: pool.add_inversion(job, face.image, steps=steps, init_ws=ws),
-                    {**ctx, "encoder": True})
+                    {**ctx, "encoder": True}, answered=True)
 
     async def store(self, job: Job, s: Services, work: Rows, done: Finished) -> None:
         ctx = work.context
