@@ -166,7 +166,7 @@ class EventPump:
         _raise_if_cancelled()  # what was read stays pending: the next pump posts it
         await self._show_progress_read(answering={e.job_id for _, e in events})
         done = 0
-        finals = {e.job_id for _, e in events if not e.first}
+        finals = {e.job_id for _, e in events if not e.first and e.type == "done"}  # a failure shows the first answer
         for entry_id, event in events:
             if await self._post_result(event, superseded=event.first and event.job_id in finals):
                 await queue.ack_event(self.platform.name, entry_id, event.user_id, event.ref)
@@ -229,6 +229,8 @@ class EventPump:
         origin = await self.core.origin(event.user_id, job_id)
         if origin is None:  # the user said /forget, or the origin expired: nobody to answer
             return True
+        if event.first and origin.answer:  # posted before the pump could acknowledge it: not twice
+            return True
         if event.type != "done" and origin.answer:  # the refinement failed: the first answer stays
             event = replace(event, error=f"refining the first answer failed ({event.error}); the first answer "
                                          "stays your result")
@@ -240,14 +242,15 @@ class EventPump:
         try:
             ref = await self.platform.show_result(origin, result)
         except Exception:  # noqa: BLE001 - a platform error: retry a few times, then give up loudly
-            attempts = self._attempts[job_id] = self._attempts.get(job_id, 0) + 1
-            log.warning("%s: posting result of %s failed (attempt %d)", self.platform.name, job_id, attempts,
+            attempts = self._attempts[event.ref] = self._attempts.get(event.ref, 0) + 1
+            log.warning("%s: posting result of %s failed (attempt %d)", self.platform.name, event.ref, attempts,
                         exc_info=True)
             if attempts < self.max_attempts:
                 return False
-            log.error("%s: gave up posting result of %s", self.platform.name, job_id)
+            log.error("%s: gave up posting result of %s", self.platform.name, event.ref)
+            self._attempts.pop(event.ref, None)
             return True
-        self._attempts.pop(job_id, None)
+        self._attempts.pop(event.ref, None)
         if ref is not None and result.result_id:
             await self.core.remember_result(self.platform.name, ref, result.user_id, result.result_id, event.epoch)
         if ref is not None and result.first:

@@ -258,7 +258,8 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
             engine_cmd += [flag, str(value)]
     engine = EngineSupervisor(engine_cmd, url, Keys(cfg.redis.prefix))
     engine.start()
-    trainer = EncoderPreparer(engine, [*engine_cmd[:engine_cmd.index("engine")], "encoder", "train"],
+    train_cmd = [sys.executable, "-m", "bot.cli"] + ([] if cfg.source == "defaults" else ["--config", cfg.source])
+    trainer = EncoderPreparer(engine, [*train_cmd, "encoder", "train"], Path(cfg.weights.dir).expanduser(),
                               minutes=cfg.invert.train_minutes if cfg.invert.encoder == "auto" else 0)
 
     async def main(stop: asyncio.Event) -> int:
@@ -368,8 +369,9 @@ class EncoderPreparer:
     hand (`stylebot encoder train`): hours, not minutes. Stopping `run` stops the trainer, which saves: the encoder
     it leaves is used from then on."""
 
-    def __init__(self, engine: "EngineSupervisor", cmd: list[str], *, minutes: float):
+    def __init__(self, engine: "EngineSupervisor", cmd: list[str], weights_dir: Path, *, minutes: float):
         self.engine, self.cmd, self.minutes = engine, cmd, minutes
+        self.log_dir = weights_dir / "encoders"  # the trainer's output: <model>.train.log beside its encoder
         self.proc: subprocess.Popen | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -389,15 +391,18 @@ class EncoderPreparer:
             log.info("training %s's encoder in the background for %g minutes (first guesses to /invert)", model,
                      self.minutes)
             env = dict(os.environ, OMP_NUM_THREADS="1")
-            self.proc = subprocess.Popen([*self.cmd, "--model", model, "--minutes", f"{self.minutes:g}"],
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                                         start_new_session=True, preexec_fn=lambda: os.nice(10))
+            nice = ["nice", "-n", "10"] if shutil.which("nice") else []
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            log_path = self.log_dir / f"{model}.train.log"
+            with log_path.open("wb") as out:
+                self.proc = subprocess.Popen([*nice, *self.cmd, "--model", model, "--minutes", f"{self.minutes:g}"],
+                                             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             while self.proc.poll() is None and not await _stopped(stop, 1.0):
                 await queue.set_preparing(f"{model}'s encoder is training, ready about {ready}", 30)
             code = self.proc.poll()
             if code not in (None, 0):
-                log.warning("training %s's encoder stopped (exit %d): /invert answers after the optimisation", model,
-                            code)
+                log.warning("training %s's encoder stopped (exit %d; its output: %s): /invert answers after the "
+                            "optimisation", model, code, log_path)
             await queue.set_preparing("", 0)
         except (aioredis.RedisError, OSError) as e:
             log.warning("could not prepare the encoder (%s)", e)

@@ -43,7 +43,7 @@ from storage.records import Job
 
 log = logging.getLogger("stylebot.engine")
 
-HOLD_ANSWERED = 4  # answered first and waiting for a row: at most this many per row of the pool are held, not claimed
+HOLD_ANSWERED = 2  # answered first and waiting for a row: at most this many per row of the pool are held, not claimed
 FIRST_ANSWER_WAIT_S = 2.0  # the longest a tick waits for the photos being prepared for a first answer
 
 
@@ -165,6 +165,8 @@ class Engine:
         for job in exhausted:
             await s.fail(job, given_up(job))
         for job in jobs:
+            if job.job_id in s.claimed:  # handed out again to this engine (its idle time ran out before the keeper
+                continue                 # touched it, on a busy CPU): it is here already, not a second job
             s.claimed[job.job_id] = job
             self.backlog.append(job)
 
@@ -300,7 +302,7 @@ class Engine:
         tick waits for them, up to FIRST_ANSWER_WAIT_S (on 2 cores a tick beside them slowed a first answer from
         0.24 to 0.43 s at the 95th percentile on tiny: benchmarks/load.py --encoder). Claims go on meanwhile."""
         photos = [task for job, task in self.preparing.values() if job.op == "invert"]
-        if not photos or self.s.encoder.get() is None:
+        if not photos or not self.s.encoder.ready:
             return
         deadline = time.monotonic() + FIRST_ANSWER_WAIT_S
         while photos and time.monotonic() < deadline:
@@ -412,12 +414,12 @@ class Engine:
         s = self.s
         while True:
             try:
-                first = await asyncio.to_thread(s.encoder.get) is not None  # an encoder trained meanwhile: loaded
                 await s.queue.beat(s.name, s.G.model_id, s.settings.heartbeat_ttl_s, s.holder,
-                                   random_weights=s.random_weights, first_answers=first)
+                                   random_weights=s.random_weights, first_answers=s.encoder.ready)
                 held = list(s.claimed.values())
                 await s.queue.touch(s.name, held)
                 self.forgotten.update(j.job_id for j, ok in zip(held, await s.queue.wanted(held)) if not ok)
+                await asyncio.to_thread(s.encoder.get)  # an encoder trained meanwhile: loaded, said at the next beat
             except redis.RedisError as e:
                 log.warning("heartbeat failed (%s)", e)
             await asyncio.sleep(min(s.settings.heartbeat_ttl_s, s.queue.reclaim_idle_ms / 1000) / 3)

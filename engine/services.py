@@ -64,8 +64,14 @@ class EncoderSlot:
         self._encoder = None
         self._lock = threading.Lock()
 
+    @property
+    def ready(self) -> bool:
+        """Whether the last `get()` had an encoder (no I/O: for the event loop)."""
+        return self._encoder is not None
+
     def get(self):
-        """The encoder (an `engine.encoders.EncoderCheckpoint`), or None."""
+        """The encoder (an `engine.encoders.EncoderCheckpoint`), or None. Blocking (a `stat`, and a load when the file
+        changed): call it in a thread."""
         with self._lock:
             try:
                 path = self.find()

@@ -82,9 +82,12 @@ class LatentStore:
         self.latent_ttl_s, self.result_ttl_s = latent_ttl_s, result_ttl_s
         self._claim_name = lua.CLAIM_NAME.register(client)
 
-    def face_write(self, user_id: str, latent: StoredLatent) -> Write:
-        """The user's face, as one of a job's guarded writes (`JobQueue.finish`)."""
-        return Write(self.keys.latent(user_id), _pack(latent), self.latent_ttl_s)
+    def face_write(self, user_id: str, latent: StoredLatent, result_id: str = "", *, replaces: str = "") -> Write:
+        """The user's face, as one of a job's guarded writes (`JobQueue.finish`); `result_id`: the result it is
+        (kept in the hash); `replaces`: written only while the face is still that result's (a refined face replaces
+        its own first answer, not the first answer of a photo sent after it) or there is none."""
+        value = _pack(latent) | ({"result": result_id} if result_id else {})
+        return Write(self.keys.latent(user_id), value, self.latent_ttl_s, ("result", replaces) if replaces else None)
 
     def result_write(self, user_id: str, result_id: str, latent: StoredLatent) -> Write:
         """The latents behind one of the user's results, as one of a job's guarded writes."""

@@ -170,7 +170,8 @@ FINISH = Script(
         "ref": "what the results stream entry names: the job's id, or for a first answer its own id",
         "final": "'1': the job's answer (the job is acknowledged); '0': a first answer (the job goes on running)",
     },
-    more_args="the other people's epoch tokens; then per write: TTL, #fields (0: a string value follows), fields",
+    more_args="the other people's epoch tokens; then per write: TTL, #fields (0: a string value follows), the field and "
+              "value it is written only if (absent key, or that field holding that value; '' '' = always), fields",
     body="""
 local function ack()
   redis.call('XACK', jobs, group, entry)
@@ -198,9 +199,10 @@ end
 local t, life = tonumber(now), tonumber(ttl)
 local stored = {}
 for i = 1, tonumber(n_writes) do
-  local wttl, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  a = a + 2
-  if allowed then
+  local wttl, n, if_field, if_value = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3]
+  a = a + 4
+  local wanted = if_field == '' or redis.call('EXISTS', KEYS[k]) == 0 or redis.call('HGET', KEYS[k], if_field) == if_value
+  if allowed and wanted then
     redis.call('DEL', KEYS[k])
     if n == 0 then
       redis.call('SET', KEYS[k], ARGV[a], 'EX', wttl)

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 
 import redis.asyncio as redis
-from redis.exceptions import ResponseError
+from redis.exceptions import ResponseError, WatchError
 
 from storage import lua
 from storage.errors import StylebotError
@@ -65,6 +65,8 @@ class Write:
     key: str
     value: dict | bytes | str
     ttl_s: int
+    only_if: tuple[str, str] | None = None  # (field, value): written only while the key is absent or that field of
+                                            # its hash holds that value (a face still this job's first answer)
 
 
 @dataclass(frozen=True)
@@ -400,10 +402,8 @@ class JobQueue:
         per_other = [key for u in others for key in (k.epoch(u), k.shared(u), k.index(u), k.outbox(u))]
         specs: list = []
         for w in writes:
-            if isinstance(w.value, dict):
-                specs += [w.ttl_s, len(w.value)] + [x for kv in w.value.items() for x in kv]
-            else:
-                specs += [w.ttl_s, 0, w.value]
+            specs += [w.ttl_s, len(w.value) if isinstance(w.value, dict) else 0, *(w.only_if or ("", ""))]
+            specs += [x for kv in w.value.items() for x in kv] if isinstance(w.value, dict) else [w.value]
         now = time.time()
         ref = event.ref if event else job.job_id
         return int(await self._finish(
@@ -518,11 +518,25 @@ class JobQueue:
         await self._set_origin(user_id, job_id, answer=ref)
 
     async def _set_origin(self, user_id: str, job_id: str, **changes: str) -> None:
-        origin = await self.origin(user_id, job_id)
-        if origin is not None:  # XX: an origin deleted meanwhile (/forget) is not brought back
-            for name, value in changes.items():
-                setattr(origin, name, value)
-            await self.r.set(self.keys.origin(user_id, job_id), origin.to_json(), keepttl=True, xx=True)
+        """Change fields of a job's origin, read and written in one transaction (the front end sets `status` and the
+        pump `answer` at nearly the same moment: neither change is lost)."""
+        key = self.keys.origin(user_id, job_id)
+        async with self.r.pipeline(transaction=True) as p:
+            while True:
+                try:
+                    await p.watch(key)
+                    raw = await p.get(key)
+                    if not raw:  # deleted meanwhile (/forget): not brought back
+                        return
+                    origin = Origin.from_json(raw)
+                    for name, value in changes.items():
+                        setattr(origin, name, value)
+                    p.multi()
+                    p.set(key, origin.to_json(), keepttl=True, xx=True)
+                    await p.execute()
+                    return
+                except WatchError:
+                    continue
 
     async def remember(self, adapter: str, ref: str, user_id: str, result_id: str, epoch: str = "") -> bool:
         """A platform message shows a result: reactions on it rerun it (unless the user said /forget since). The

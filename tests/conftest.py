@@ -174,7 +174,7 @@ class Stack:
     """A bot core and a running in-process engine (tiny models) on a fresh key prefix of the test Redis."""
 
     def __init__(self, client, *, chat=None, limits=None, invert_steps: int = 20, edit_steps: int = 10,
-                 model: str = "tiny", max_active: int = 8, encoder: bool = False, refine: bool = True):
+                 model: str = "tiny", max_active: int = 8, encoder=False, refine: bool = True):
         import uuid
 
         from bot.config import ChatConfig, LimitsConfig
@@ -197,16 +197,20 @@ class Stack:
         G = build_builtin(registry_entries()[model])
         self.encoder_file = None
         slot = None
-        if encoder:  # first answers: an encoder trained a few steps for G, in the authors' layout, as the engine finds it
+        # first answers: an encoder trained a few steps for G (or the file `encoder` names), as the engine finds it
+        if encoder:
             import tempfile
             from pathlib import Path
 
             from engine.encoders import load_encoder
             from engine.services import EncoderSlot
 
-            self.encoder_file = Path(tempfile.mkdtemp()) / f"{model}.pt"
-            train_encoder(G, self.encoder_file)
-            slot = EncoderSlot(lambda: self.encoder_file, lambda path: load_encoder(path, generator=G))
+            if isinstance(encoder, Path):  # one trained for longer (the screenshots of docs/images)
+                trained = encoder
+            else:
+                self.encoder_file = trained = Path(tempfile.mkdtemp()) / f"{model}.pt"
+                train_encoder(G, trained)
+            slot = EncoderSlot(lambda: trained, lambda path: load_encoder(path, generator=G))
         self.engine = Engine(G, self.queue, self.store, vgg=load_vgg16(width=0.125),
                              clip_factory=lambda: ClipScorer(TINY_CLIP, None), encoder=slot,
                              settings=EngineSettings(name="test-engine", invert_steps=invert_steps,

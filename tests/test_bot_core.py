@@ -169,7 +169,10 @@ async def test_help_lists_every_command(bot):
     text = (await bot.handle(say("/help"))).text
     for name in ("/invert", "/morph", "/edit", "/share", "/unshare", "/forget", "/status", "/help"):
         assert name in text
-    assert text.endswith("\nonly the person who asked for a result can rerun it")
+    assert "\nonly the person who asked for a result can rerun it\n" in text
+    assert text.endswith("\nwhere the model has an encoder, /invert answers twice: a first guess at once, then the "
+                         "refined face in the same message; a command sent in between uses whichever of the two is "
+                         "your face when the engine starts it")
     status = (await bot.handle(say("/status"))).text
     assert status.startswith("engines online: 0; jobs in the queue: 0")
 

@@ -221,9 +221,9 @@ async def test_discord_shows_the_refined_face_in_the_first_answers_follow_up(cli
 
 
 async def test_new_photos_are_answered_first_while_earlier_refinements_hold_the_pool(client):
-    """One row in the pool, four photos sent together: all four first answers come before any refinement ends (the
-    refinements wait for the row, held by the engine, and do not hold back the claims of the photos behind them)."""
-    stack = Stack(client, encoder=True, invert_steps=3000, max_active=1)
+    """Two rows in the pool, four photos sent together: all four first answers come before any refinement ends (two
+    refinements wait for a row, held by the engine, and do not hold back the claims of the photos behind them)."""
+    stack = Stack(client, encoder=True, invert_steps=3000, max_active=2)
     await stack.start_engine()
     try:
         rec = ResultRecorder()
@@ -234,6 +234,58 @@ async def test_new_photos_are_answered_first_while_earlier_refinements_hold_the_
         await pump_until(pump, lambda: len(rec.results) == 4, timeout=60)
         assert all(r.first for r in rec.results)
         assert {r.job_id for r in rec.results} == {r.job_id for r in replies}
-        assert len(stack.engine.pool) == 1 and len(stack.engine.claimed) == 4  # no refinement has ended
+        assert len(stack.engine.pool) == 2 and len(stack.engine.claimed) == 4  # no refinement has ended
+    finally:
+        await stack.close()
+
+
+async def test_a_refined_face_does_not_replace_a_newer_photos_face(client):
+    """Photo A, then photo B while A is refined: B's first answer becomes the face at once, A's refinement (which
+    ends first: one row) is stored as A's result but leaves B as the face, and B's refinement then replaces B's
+    first answer."""
+    stack = Stack(client, encoder=True, invert_steps=200, max_active=1)
+    await stack.start_engine()
+    try:
+        rec = ResultRecorder()
+        pump = EventPump(stack.core, rec)
+        await stack.queue.ensure_groups(adapters=("web",))
+        a = await stack.core.handle(say("/invert", photo=OBAMA))
+        await pump_until(pump, lambda: rec.results)
+        b = await stack.core.handle(say("/invert", photo=(FIXTURES / "faces" / "biden.jpg").read_bytes()))
+        await pump_until(pump, lambda: [(r.job_id, r.first) for r in rec.results] ==
+                         [(a.job_id, True), (b.job_id, True), (a.job_id, False)])
+        face = await stack.store.face("web:alice")
+        b_first = await stack.store.result("web:alice", b.job_id)
+        assert np.array_equal(face.ws, b_first.ws) and face.meta["steps"] == 0  # still B's first answer
+        assert (await stack.store.result("web:alice", a.job_id)).meta["steps"] == 200  # A's refined result is kept
+        await pump_until(pump, lambda: len(rec.results) == 4)
+        face = await stack.store.face("web:alice")
+        assert face.meta["steps"] == 200
+        assert np.array_equal(face.ws, (await stack.store.result("web:alice", b.job_id)).ws)
+    finally:
+        await stack.close()
+
+
+async def test_a_refinement_that_fails_leaves_the_first_answer_posted_and_says_so(client):
+    """The first answer and the refinement's failure read in one batch (the front end was down meanwhile): the first
+    answer is posted all the same (it is the user's face), then the failure, which says the first answer stays."""
+    stack = Stack(client)
+    try:
+        rec = ResultRecorder()
+        pump = EventPump(stack.core, rec)
+        await stack.queue.ensure_groups(adapters=("web",))
+        reply = await stack.core.handle(say("/invert", photo=OBAMA))
+        [job], _ = await stack.queue.claim("e", 1, block_ms=None)
+        assert job.job_id == reply.job_id
+        services = stack.engine.s
+        assert await services.finish(job, "a first guess", media="image", shows="face", payload=b"png", first=True)
+        await services.fail(job, "the optimisation went wrong on this one")
+        await pump.step(block_ms=100)
+        first, failure = rec.results
+        assert first.first and first.ok and first.text == "a first guess"
+        assert not failure.ok and failure.text.startswith("refining the first answer failed (the optimisation went "
+                                                          "wrong on this one); the first answer stays your result")
+        await pump.step(block_ms=100)
+        assert len(rec.results) == 2
     finally:
         await stack.close()

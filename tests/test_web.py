@@ -3,7 +3,9 @@ tiny engine: upload a face, see it come back, edit it, click "stronger", morph w
 
 With STYLEBOT_SCREENSHOT=path.png set, the first test also saves the page as it shows the first face (a phone-sized
 window): that is how docs/images/web-chat.png is made; with STYLEBOT_SCREENSHOTS=folder, the test of first answers
-saves web-chat-first-guess.png and web-chat-refined.png there (docs/images)."""
+saves web-chat-first-guess.png and web-chat-refined.png there, with the encoder STYLEBOT_ENCODER names if set
+(docs/images: `stylebot encoder train --model tiny --minutes 2`, then STYLEBOT_ENCODER=<weights dir>/encoders/tiny.pt
+STYLEBOT_SCREENSHOTS=docs/images pytest tests/test_web.py -k first_guess)."""
 
 from __future__ import annotations
 
@@ -331,7 +333,8 @@ async def test_another_visitor_is_answered_while_a_photo_is_checked(client, monk
 async def test_a_first_guess_shows_at_once_and_its_refinement_takes_its_place(client):
     """With an encoder, the photo's bubble shows the encoder's face at once, captioned as a first guess being refined;
     the refined face then replaces it in the same bubble, the first guess kept small beside it."""
-    stack = Stack(client, encoder=True, invert_steps=200)
+    encoder = os.environ.get("STYLEBOT_ENCODER")  # the docs' pictures: tiny's encoder trained 2 minutes
+    stack = Stack(client, encoder=Path(encoder) if encoder else True, invert_steps=200)
     await stack.start_engine()
     try:
         async with browsing(stack) as (url, browser):

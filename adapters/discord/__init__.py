@@ -303,8 +303,8 @@ class StyleBot(discord.AutoShardedClient):
             try:
                 await self._edit_answer(origin, text, attached)
                 return origin.answer
-            except discord.HTTPException as e:  # deleted meanwhile, or its token expired: posted anew
-                log.info("discord: could not update the first answer %s (%s); posting anew", origin.answer, e)
+            except discord.NotFound as e:  # deleted meanwhile: posted anew (other errors: the pump tries again)
+                log.info("discord: the first answer %s is gone (%s); posting anew", origin.answer, e)
         if self._fresh(origin):
             try:
                 sent = await self._webhook(origin).send(text[:2000], wait=True, **attached())
@@ -332,7 +332,8 @@ class StyleBot(discord.AutoShardedClient):
                 if e.status not in (401, 404):  # the token expired early: the message is edited in its channel
                     raise
         extra = attached()
-        content = f"<@{origin.mention}> {text}" if origin.mention else text
+        posted_by_webhook = self._fresh(origin)  # a follow-up mentions nobody; a channel message mentions its user
+        content = f"<@{origin.mention}> {text}" if origin.mention and not posted_by_webhook else text
         await self.get_partial_messageable(int(channel_id)).get_partial_message(int(message_id)).edit(
             content=content[:2000], attachments=[extra.pop("file")], **extra)
 

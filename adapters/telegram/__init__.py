@@ -234,8 +234,12 @@ class TelegramBot:
                 await bot.edit_message_media(kind(result.payload, caption=caption[:1024], filename=result.filename),
                                              chat_id=int(answer_chat), message_id=int(message_id), reply_markup=markup)
                 return origin.answer
-            except BadRequest as e:  # deleted meanwhile: posted anew
-                log.info("telegram: could not update the first answer %s (%s); posting anew", origin.answer, e)
+            except BadRequest as e:
+                if "not modified" in str(e).lower():  # an earlier try did it (its answer was lost)
+                    return origin.answer
+                if "not found" not in str(e).lower():
+                    raise
+                log.info("telegram: the first answer %s is gone (%s); posting anew", origin.answer, e)
         send = bot.send_animation if result.media == "animation" else bot.send_photo
         sent = await send(chat, media, caption=caption[:1024], reply_parameters=reply_to, reply_markup=markup)
         return _ref(chat, sent.message_id)

@@ -358,6 +358,9 @@ class WebChat:
         if not result.ok:
             msg = v.new("bot", f"couldn't do that: {result.text}",
                         derived_id(result.job_id, "failure", 12) if origin.answer else message_id, error=True)
+            if first is not None and first.get("first"):  # the first answer stays: it no longer says "refining"
+                text = re.sub(r"\nrefining it now \(.*$", "\nthe refinement stopped (below)", first["text"])
+                changed.append({**first, "text": text, "first": False, "stopped": True})
         else:
             extra: dict = {"first": True} if result.first else {}
             shown_first = first and (first.get("first_media") or first.get("first") and first.get("media"))

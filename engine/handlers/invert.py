@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 
 import numpy as np
 import torch
@@ -26,13 +27,15 @@ from engine.services import Services
 from storage.latents import StoredLatent
 from storage.records import Job
 
+log = logging.getLogger("stylebot.engine")
+
 
 class Invert:
     async def prepare(self, job: Job, s: Services) -> Rows:
         face = await asyncio.to_thread(align_photo, await s.queue.photo(job), s.G.img_resolution)
         steps = s.invert_steps()
         ctx = {"target": face.image, "steps": steps, "warnings": face.warnings, "refined": 0}
-        guess = await asyncio.to_thread(first_guess, s.encoder.get(), s.G, face.image)
+        guess = await asyncio.to_thread(encoded, s, face.image)
         if guess is None:  # no encoder for this model: one answer, after the optimisation from the recipe's start
             return Rows(lambda pool: pool.add_inversion(job, face.image, steps=steps), ctx)
         ws, image = guess
@@ -47,6 +50,17 @@ class Invert:
         ctx = work.context
         await store_face(s, job, ctx["target"], done.ws, done.image, done.psnr, ctx["steps"], ctx["warnings"],
                          ctx["refined"], encoder=ctx.get("encoder", False))
+
+
+def encoded(s: Services, face: np.ndarray) -> tuple[torch.Tensor, np.ndarray] | None:
+    """The first guess of the engine's encoder (`first_guess`; blocking: the encoder is looked up, and loaded when
+    its file changed), or None without one; an encoder that fails (out of memory beside a busy pool) is logged and
+    the job goes on without a first answer."""
+    try:
+        return first_guess(s.encoder.get(), s.G, face)
+    except Exception:  # noqa: BLE001 - the first answer is a bonus: the optimisation still answers
+        log.exception("the encoder failed on a photo; answering after the optimisation")
+        return None
 
 
 def first_guess(encoder, G, face: np.ndarray) -> tuple[torch.Tensor, np.ndarray] | None:
@@ -76,7 +90,9 @@ async def store_face(s: Services, job: Job, target: np.ndarray, ws: torch.Tensor
     if encoder:
         meta["start"] = "encoder"
     latent = StoredLatent(ws.numpy(), s.G.model_id, meta=meta)
-    writes = [s.store.face_write(job.user_id, latent), s.store.result_write(job.user_id, job.job_id, latent),
+    # a refined face replaces its own first answer as the user's face, not a newer photo's (first answers come first)
+    face = s.store.face_write(job.user_id, latent, job.job_id, replaces=job.job_id if encoder and steps else "")
+    writes = [face, s.store.result_write(job.user_id, job.job_id, latent),
               s.store.crop_write(job.user_id, job.job_id, aligned_crop_bytes(target))]
     text = f"your face as the {s.G.model_id} model draws it"
     if encoder and not steps:

@@ -34,7 +34,7 @@ function render(m) {
     const row = el("div", "figures");
     if (m.aligned) row.appendChild(figure(m.aligned, "the face I found", "aligned"));
     if (m.first_media) row.appendChild(figure(m.first_media, "first guess (encoder)", "first"));
-    const caption = m.first ? "first guess: refining…" : m.first_media ? "refined" :
+    const caption = m.first ? "first guess: refining…" : m.stopped ? "first guess (encoder)" : m.first_media ? "refined" :
       m.aligned ? "your face in " + (m.model || "the model") : "";
     row.appendChild(figure(m.media, caption, "result"));
     div.appendChild(row);
