@@ -7,6 +7,7 @@ answers once, as before."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 
 import numpy as np
@@ -35,6 +36,32 @@ def blank_photo() -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (320, 240), (200, 180, 160)).save(out, "JPEG")
     return out.getvalue()
+
+
+@contextlib.asynccontextmanager
+async def engine_and_pump(client, **stack):
+    """A `Stack` (keyword arguments: its options) with its engine running, and a pump posting to a recorder:
+    (stack, recorder, pump)."""
+    s = Stack(client, **stack)
+    await s.start_engine()
+    try:
+        rec = ResultRecorder()
+        await s.queue.ensure_groups(adapters=("web",))
+        yield s, rec, EventPump(s.core, rec)
+    finally:
+        await s.close()
+
+
+@contextlib.asynccontextmanager
+async def front_end(serve, cfg, stack: Stack, token: str):
+    """A chat front end (`adapters.<platform>.serve`) running on `stack`'s core until the block ends."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(cfg, stack.core, token, stop))
+    try:
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
 
 
 async def pump_until(pump: EventPump, predicate, timeout: float = 120) -> None:
@@ -93,12 +120,7 @@ async def test_an_invert_is_answered_by_the_encoder_at_once_then_refined_in_the_
 
 
 async def test_forget_between_the_two_answers_leaves_nothing_and_answers_nothing_more(client):
-    stack = Stack(client, encoder=True, invert_steps=400)
-    await stack.start_engine()
-    try:
-        rec = ResultRecorder()
-        pump = EventPump(stack.core, rec)
-        await stack.queue.ensure_groups(adapters=("web",))
+    async with engine_and_pump(client, encoder=True, invert_steps=400) as (stack, rec, pump):
         reply = await stack.core.handle(say("/invert", photo=OBAMA))
         await pump_until(pump, lambda: rec.results)
         assert rec.results[0].first and rec.results[0].job_id == reply.job_id
@@ -113,19 +135,12 @@ async def test_forget_between_the_two_answers_leaves_nothing_and_answers_nothing
         assert len(rec.results) == 1  # no refined answer for someone who asked to be forgotten
         left = traces(await everything(client, stack.keys.prefix), [b"web:alice", b"alice", OBAMA[2000:2064]])
         assert left == []
-    finally:
-        await stack.close()
 
 
 async def test_a_photo_without_a_face_fails_alone_and_refine_never_answers_once(client):
     """Beside a good photo, one with no face fails in one line; with `refine` off the encoder's face is the answer
     (one message, the job acknowledged at once)."""
-    stack = Stack(client, encoder=True, refine=False)
-    await stack.start_engine()
-    try:
-        rec = ResultRecorder()
-        pump = EventPump(stack.core, rec)
-        await stack.queue.ensure_groups(adapters=("web",))
+    async with engine_and_pump(client, encoder=True, refine=False) as (stack, rec, pump):
         good, bad = await asyncio.gather(stack.core.handle(say("/invert", photo=OBAMA)),
                                          stack.core.handle(say("/invert", user="bob", photo=blank_photo())))
         await pump_until(pump, lambda: len(rec.results) == 2)
@@ -137,118 +152,87 @@ async def test_a_photo_without_a_face_fails_alone_and_refine_never_answers_once(
         assert "refining" not in answer.text
         assert (await stack.store.face("web:alice")).meta["steps"] == 0
         assert await stack.queue.pending_count() == 0
-    finally:
-        await stack.close()
 
 
 async def test_without_an_encoder_an_invert_is_answered_once_after_the_optimisation(client):
-    stack = Stack(client)
-    await stack.start_engine()
-    try:
-        rec = ResultRecorder()
-        pump = EventPump(stack.core, rec)
-        await stack.queue.ensure_groups(adapters=("web",))
+    async with engine_and_pump(client) as (stack, rec, pump):
         await stack.core.handle(say("/invert", photo=OBAMA))
         await pump_until(pump, lambda: rec.results)
         await pump.step(block_ms=100)
         [answer] = rec.results
         assert answer.ok and not answer.first and "encoder" not in answer.text
         assert "start" not in (await stack.store.face("web:alice")).meta
-    finally:
-        await stack.close()
 
 
 async def test_telegram_shows_the_refined_face_in_the_first_answers_message(client):
-    stack = Stack(client, encoder=True, invert_steps=40)
-    await stack.start_engine()
     fake = FakeTelegram()
     await fake.start()
     cfg = Config(telegram=TelegramConfig(api_url=f"{fake.url}/bot", file_url=f"{fake.url}/file/bot"))
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve_telegram(cfg, stack.core, fake.token, stop))
     try:
-        alice = fake.user(11, "alice")
-        await fake.say(alice, "/invert", photo=OBAMA)
-        _, first = await fake.wait_for(lambda m, p: m == "sendPhoto" and "first guess" in p.get("caption", ""))
-        message = next(m for m in fake.sent.values() if "first guess" in m.get("caption", ""))
-        _, edit = await fake.wait_for(lambda m, p: m == "editMessageMedia")
-        assert int(edit["message_id"]) == message["message_id"]
-        assert "refined by 40 optimisation steps" in edit["media"]["caption"]
-        assert [b["text"] for b in edit["reply_markup"]["inline_keyboard"][0]] == ["👌 refine", "🤔 redo"]
-        assert message["caption"] == edit["media"]["caption"]  # the message now shows the refined face
-        assert fake.files[message["photo"][0]["file_id"]] != first["photo"]["bytes"]
-        assert sum(1 for m, _ in fake.calls if m == "sendPhoto") == 1  # no second photo message
-        # a reaction on that message reruns the refined result
-        await fake.react(alice, message["message_id"], "👌")
-        await fake.wait_for(lambda m, p: m == "sendMessage" and p["text"].startswith("refining"))
+        async with engine_and_pump(client, encoder=True, invert_steps=40) as (stack, _, _), \
+                front_end(serve_telegram, cfg, stack, fake.token):
+            alice = fake.user(11, "alice")
+            await fake.say(alice, "/invert", photo=OBAMA)
+            _, first = await fake.wait_for(lambda m, p: m == "sendPhoto" and "first guess" in p.get("caption", ""))
+            message = next(m for m in fake.sent.values() if "first guess" in m.get("caption", ""))
+            _, edit = await fake.wait_for(lambda m, p: m == "editMessageMedia")
+            assert int(edit["message_id"]) == message["message_id"]
+            assert "refined by 40 optimisation steps" in edit["media"]["caption"]
+            assert [b["text"] for b in edit["reply_markup"]["inline_keyboard"][0]] == ["👌 refine", "🤔 redo"]
+            assert message["caption"] == edit["media"]["caption"]  # the message now shows the refined face
+            assert fake.files[message["photo"][0]["file_id"]] != first["photo"]["bytes"]
+            assert sum(1 for m, _ in fake.calls if m == "sendPhoto") == 1  # no second photo message
+            # a reaction on that message reruns the refined result
+            await fake.react(alice, message["message_id"], "👌")
+            await fake.wait_for(lambda m, p: m == "sendMessage" and p["text"].startswith("refining"))
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
         await fake.close()
-        await stack.close()
 
 
 async def test_discord_shows_the_refined_face_in_the_first_answers_follow_up(client):
-    stack = Stack(client, encoder=True, invert_steps=40)
-    await stack.start_engine()
     fake = FakeDiscord()
     await fake.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve_discord(Config(discord=DiscordConfig(api_url=fake.api_url)), stack.core,
-                                             fake.token, stop))
+    cfg = Config(discord=DiscordConfig(api_url=fake.api_url))
     try:
-        await asyncio.wait_for(fake.ready.wait(), 30)
-        alice = fake.user(11, "alice")
-        ix = await fake.slash(alice, "invert", photo=fake.attachment("obama.jpg", "image/jpeg", OBAMA))
-        first = await fake.wait_for(lambda c: c.method == "POST" and c.path.endswith(f"/{ix['token']}")
-                                    and "first guess" in c.content)
-        message_id = first.response["id"]
-        edit = await fake.wait_for(lambda c: c.method == "PATCH" and c.path.endswith(f"/messages/{message_id}")
-                                   and c.files)
-        assert "refined by 40 optimisation steps" in edit.content and "react 👌 refine" in edit.content
-        [(_, refined_png)], [(_, first_png)] = edit.files, first.files
-        assert refined_png != first_png and Image.open(io.BytesIO(refined_png)).size == (32, 32)
-        shown = fake.messages[message_id]
-        assert shown["content"] == edit.content and len(shown["attachments"]) == 1
-        assert [b["label"] for row in shown["components"] for b in row["components"]] == ["👌 refine", "🤔 redo"]
-        posted = [c for c in fake.calls if c.method == "POST" and c.files]
-        assert posted == [first]  # the refined face went into the same message, not a second one
+        async with engine_and_pump(client, encoder=True, invert_steps=40) as (stack, _, _), \
+                front_end(serve_discord, cfg, stack, fake.token):
+            await asyncio.wait_for(fake.ready.wait(), 30)
+            alice = fake.user(11, "alice")
+            ix = await fake.slash(alice, "invert", photo=fake.attachment("obama.jpg", "image/jpeg", OBAMA))
+            first = await fake.wait_for(lambda c: c.method == "POST" and c.path.endswith(f"/{ix['token']}")
+                                        and "first guess" in c.content)
+            message_id = first.response["id"]
+            edit = await fake.wait_for(lambda c: c.method == "PATCH" and c.path.endswith(f"/messages/{message_id}")
+                                       and c.files)
+            assert "refined by 40 optimisation steps" in edit.content and "react 👌 refine" in edit.content
+            [(_, refined_png)], [(_, first_png)] = edit.files, first.files
+            assert refined_png != first_png and Image.open(io.BytesIO(refined_png)).size == (32, 32)
+            shown = fake.messages[message_id]
+            assert shown["content"] == edit.content and len(shown["attachments"]) == 1
+            assert [b["label"] for row in shown["components"] for b in row["components"]] == ["👌 refine", "🤔 redo"]
+            posted = [c for c in fake.calls if c.method == "POST" and c.files]
+            assert posted == [first]  # the refined face went into the same message, not a second one
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
         await fake.close()
-        await stack.close()
 
 
 async def test_new_photos_are_answered_first_while_earlier_refinements_hold_the_pool(client):
     """Two rows in the pool, four photos sent together: all four first answers come before any refinement ends (two
     refinements wait for a row, held by the engine, and do not hold back the claims of the photos behind them)."""
-    stack = Stack(client, encoder=True, invert_steps=3000, max_active=2)
-    await stack.start_engine()
-    try:
-        rec = ResultRecorder()
-        pump = EventPump(stack.core, rec)
-        await stack.queue.ensure_groups(adapters=("web",))
+    async with engine_and_pump(client, encoder=True, invert_steps=3000, max_active=2) as (stack, rec, pump):
         replies = await asyncio.gather(*(stack.core.handle(say("/invert", user=u, photo=OBAMA))
                                          for u in ("ann", "ben", "cat", "dan")))
         await pump_until(pump, lambda: len(rec.results) == 4, timeout=60)
         assert all(r.first for r in rec.results)
         assert {r.job_id for r in rec.results} == {r.job_id for r in replies}
         assert len(stack.engine.pool) == 2 and len(stack.engine.claimed) == 4  # no refinement has ended
-    finally:
-        await stack.close()
 
 
 async def test_a_refined_face_does_not_replace_a_newer_photos_face(client):
     """Photo A, then photo B while A is refined: B's first answer becomes the face at once, A's refinement (which
     ends first: one row) is stored as A's result but leaves B as the face, and B's refinement then replaces B's
     first answer."""
-    stack = Stack(client, encoder=True, invert_steps=200, max_active=1)
-    await stack.start_engine()
-    try:
-        rec = ResultRecorder()
-        pump = EventPump(stack.core, rec)
-        await stack.queue.ensure_groups(adapters=("web",))
+    async with engine_and_pump(client, encoder=True, invert_steps=200, max_active=1) as (stack, rec, pump):
         a = await stack.core.handle(say("/invert", photo=OBAMA))
         await pump_until(pump, lambda: rec.results)
         b = await stack.core.handle(say("/invert", photo=(FIXTURES / "faces" / "biden.jpg").read_bytes()))
@@ -262,8 +246,6 @@ async def test_a_refined_face_does_not_replace_a_newer_photos_face(client):
         face = await stack.store.face("web:alice")
         assert face.meta["steps"] == 200
         assert np.array_equal(face.ws, (await stack.store.result("web:alice", b.job_id)).ws)
-    finally:
-        await stack.close()
 
 
 async def test_a_refinement_that_fails_leaves_the_first_answer_posted_and_says_so(client):
