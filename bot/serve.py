@@ -47,7 +47,9 @@ def add_commands(sub) -> None:
                                    "on a free port when none answers (with an append-only file); the engine, started "
                                    "again with backoff if it dies; the web chat; and Telegram / "
                                    f"Discord when ${TOKENS['telegram']} / ${TOKENS['discord']} are set. "
-                                   "Prints the URL to open. Ctrl-C stops all of it.")
+                                   "On a built-in model without an encoder it also trains one in the background "
+                                   "([invert] train_minutes, 2 by default), after which photos get a first answer "
+                                   "at once. Prints the URL to open. Ctrl-C stops all of it.")
     p.add_argument("--host", help="web chat address; default: config [web] host (127.0.0.1)")
     p.add_argument("--port", type=int, help="web chat port; default: config [web] port (8080); 0 = any free port")
     p.add_argument("--model", help="generator for the engine; default: config [engine] model")

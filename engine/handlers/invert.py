@@ -31,7 +31,7 @@ log = logging.getLogger("stylebot.engine")
 
 
 class Invert:
-    async def prepare(self, job: Job, s: Services) -> Rows:
+    async def prepare(self, job: Job, s: Services) -> Rows | None:
         face = await asyncio.to_thread(align_photo, await s.queue.photo(job), s.G.img_resolution)
         steps = s.invert_steps()
         ctx = {"target": face.image, "steps": steps, "warnings": face.warnings, "refined": 0}
