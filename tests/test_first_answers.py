@@ -225,7 +225,7 @@ async def test_new_photos_are_answered_first_while_earlier_refinements_hold_the_
         await pump_until(pump, lambda: len(rec.results) == 4, timeout=60)
         assert all(r.first for r in rec.results)
         assert {r.job_id for r in rec.results} == {r.job_id for r in replies}
-        assert len(stack.engine.pool) == 2 and len(stack.engine.claimed) == 4  # no refinement has ended
+        assert len(stack.engine.claimed) == 4  # no refinement has ended: all four still held
 
 
 async def test_a_refined_face_does_not_replace_a_newer_photos_face(client):
