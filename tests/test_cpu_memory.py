@@ -42,5 +42,8 @@ def test_freed_tensor_memory_is_reused_from_any_thread():
                          cwd=Path(__file__).resolve().parents[1]).stdout
     applied, kept, big = json.loads(out)
     assert applied is True
-    assert kept < 16384, f"{kept} page faults in 9 rounds: the freed pages were not reused"
+    # at most 3 of the 9 rounds' worth of faults: without the setting every round faults (9 x 16,384); with it, a
+    # fresh clone's CI run once saw 2 rounds' worth (32,768: the heap still growing after the warm-up), every other
+    # run 0
+    assert kept < 3 * 16384, f"{kept} page faults in 9 rounds: the freed pages were not reused"
     assert big == [float(80 << 20)] * 3  # 320 MiB tensors from three threads at once: nothing refused
