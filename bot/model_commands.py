@@ -150,8 +150,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Train an e4e encoder for MODEL on the model's own samples: W+ drawn from its mapping network "
                     "(style mixing, truncation), rendered, and recovered by the encoder (latent loss, then L2 and "
                     "LPIPS of the image; docs/models.md). It is saved in e4e's checkpoint layout, by default in the "
-                    "weights folder under MODEL's name (/invert does not use encoders yet: issue 27), after each "
-                    "validation, at the end and on Ctrl-C; run the same command again to go on from the saved step. The validation PSNR (64 held-out samples) is "
+                    "weights folder under MODEL's name, where the engine finds it and answers /invert with it first "
+                    "(it loads each save as it comes), after each validation, at the end and on Ctrl-C; run the same "
+                    "command again to go on from the saved step. The validation PSNR (64 held-out samples) is "
                     "printed beside the PSNR of the average face. On 2 CPU cores `tiny` reaches about "
                     f"{TINY_TWO_MINUTES} in 2 minutes.")
     et.add_argument("--model", help="model name; default: config [engine] model")
@@ -163,7 +164,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         help=f"train until the encoder has N steps in all (at most {MAX_STEPS:,}); an encoder that "
                              "has them already is left as it is")
     et.add_argument("--out", type=Path, help="encoder file to write or go on with (.pt); default: "
-                                             "<weights dir>/encoders/MODEL.pt, where the engine will look for it")
+                                             "<weights dir>/encoders/MODEL.pt, where the engine looks for it")
     et.add_argument("--batch", type=batch_size, help="samples a step (1 to 256; default 8, as e4e's training)")
     et.add_argument("--val-every", type=step_count, default=250, metavar="N",
                     help="validate (and save) every N steps (default 250), and at the end")

@@ -252,16 +252,15 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     host = args.host or cfg.web.host
     port = cfg.web.port if args.port is None else args.port
     url, redis_proc = start_redis(cfg.redis.url, args.redis_data)
-    engine_cmd = [sys.executable, "-m", "bot.cli"] + ([] if cfg.source == "defaults" else ["--config", cfg.source])
-    engine_cmd += ["engine", "--redis", url]
+    cli = [sys.executable, "-m", "bot.cli"] + ([] if cfg.source == "defaults" else ["--config", cfg.source])
+    engine_cmd = [*cli, "engine", "--redis", url]
     for flag, value in (("--model", args.model), ("--device", args.device), ("--invert-steps", args.invert_steps),
                         ("--edit-steps", args.edit_steps)):
         if value is not None:
             engine_cmd += [flag, str(value)]
     engine = EngineSupervisor(engine_cmd, url, Keys(cfg.redis.prefix))
     engine.start()
-    train_cmd = [sys.executable, "-m", "bot.cli"] + ([] if cfg.source == "defaults" else ["--config", cfg.source])
-    trainer = EncoderPreparer(engine, [*train_cmd, "encoder", "train"], Path(cfg.weights.dir).expanduser(),
+    trainer = EncoderPreparer(engine, [*cli, "encoder", "train"], Path(cfg.weights.dir).expanduser(),
                               minutes=cfg.invert.train_minutes if cfg.invert.encoder == "auto" else 0)
 
     async def main(stop: asyncio.Event) -> int:

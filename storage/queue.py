@@ -319,8 +319,7 @@ class JobQueue:
             p.hset(self.keys.engine_first, engine, int(first_answers))
             if gone:
                 p.zrem(self.keys.engines, *gone)
-                for info in (self.keys.engine_models, self.keys.engine_holders, self.keys.engine_random,
-                             self.keys.engine_first):
+                for info in self._engine_info:
                     p.hdel(info, *gone)
             await p.execute()
 
@@ -329,8 +328,7 @@ class JobQueue:
         supervisor also says, for that long, that it is starting it again."""
         async with self.r.pipeline(transaction=True) as p:
             p.zrem(self.keys.engines, engine)
-            for info in (self.keys.engine_models, self.keys.engine_holders, self.keys.engine_random,
-                         self.keys.engine_first):
+            for info in self._engine_info:
                 p.hdel(info, engine)
             if restarting_s:  # and the notice of an earlier restart ("restarted at ...") is no longer true
                 p.set(self.keys.restarting, engine, ex=max(1, round(restarting_s)))
@@ -347,13 +345,21 @@ class JobQueue:
         models = await self.r.hmget(self.keys.engine_models, names) if names else []
         return {n: as_str(m or b"") for n, m in zip(names, models)}
 
+    @property
+    def _engine_info(self) -> tuple[str, ...]:
+        """The hashes a heartbeat writes per engine (beside the sorted set of engines), which a leaving one clears."""
+        return self.keys.engine_models, self.keys.engine_holders, self.keys.engine_random, self.keys.engine_first
+
+    async def _engine_flag(self, flags: str, engine: str) -> bool:
+        return as_str(await self.r.hget(flags, engine) or b"0") == "1"
+
     async def random_weights(self, engine: str) -> bool:
         """Whether the model an engine serves has random weights (a built-in one), as its heartbeat says."""
-        return as_str(await self.r.hget(self.keys.engine_random, engine) or b"0") == "1"
+        return await self._engine_flag(self.keys.engine_random, engine)
 
     async def first_answers(self, engine: str) -> bool:
         """Whether an engine answers /invert first with an encoder, as its heartbeat says."""
-        return as_str(await self.r.hget(self.keys.engine_first, engine) or b"0") == "1"
+        return await self._engine_flag(self.keys.engine_first, engine)
 
     async def set_preparing(self, text: str, ttl_s: float) -> None:
         """Say, for `ttl_s` seconds, what is being prepared in the background ("" stops saying it)."""
